@@ -1,0 +1,127 @@
+"""Run configuration in three layers: dataclass defaults -> preset YAML -> explicit CLI flags.
+
+A preset is `build_configs/<name>.yaml`; its keys are the fields of `RunConfig`. The resolved
+config (every field, after all layers) is what outputs record next to themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvzap_trt.errors import KvzapError
+
+DTYPES = ("float32", "bfloat16", "float16")
+SURROGATE_KINDS = ("linear", "mlp")
+
+
+@dataclass
+class RunConfig:
+    """Everything a generation run depends on, apart from the prompt.
+
+    model:      preset name, HF model directory, .gguf file, `pkg://DIST/FILE` (a file shipped
+                by an installed Python distribution) or a Hugging Face model id.
+    surrogate:  surrogate directory, Hugging Face id, `random:KIND:SEED` (random weights, for
+                tests and placeholders) or None for no eviction at all (dense).
+    threshold:  tau; a KV pair whose log-score is < tau is evicted once it leaves the window.
+    window:     the most recent `window` tokens are never evicted.
+    compress_decoding: also evict tokens generated while decoding (kvpress `decoding=True`).
+    block_size: tokens per cache block; one block belongs to one (layer, seq, kv_head).
+    """
+
+    preset: str | None = None
+    model: str = "smollm2-135m"
+    surrogate: str | None = None
+    surrogate_kind: str | None = None
+    threshold: float = -4.0
+    window: int = 128
+    compress_decoding: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    tp: int = 1
+    block_size: int = 16
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "RunConfig":
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+            raise KvzapError(f"threshold must be a finite number, got {self.threshold!r}")
+        if self.window < 0:
+            raise KvzapError(f"window must be >= 0, got {self.window}")
+        if self.block_size < 1:
+            raise KvzapError(f"block_size must be >= 1, got {self.block_size}")
+        if self.dtype not in DTYPES:
+            raise KvzapError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.surrogate_kind is not None and self.surrogate_kind not in SURROGATE_KINDS:
+            raise KvzapError(f"surrogate_kind must be linear or mlp, got {self.surrogate_kind!r}")
+        if self.max_new_tokens < 0:
+            raise KvzapError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise KvzapError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise KvzapError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise KvzapError(f"top_k must be >= 0, got {self.top_k}")
+        if self.tp < 1:
+            raise KvzapError(f"tp must be >= 1, got {self.tp}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_configs_dir() -> Path:
+    """`build_configs/` of this checkout, or $KVZAP_TRT_BUILD_CONFIGS."""
+    env = os.environ.get("KVZAP_TRT_BUILD_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "build_configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in build_configs_dir().glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The YAML of preset `name` as a dict of RunConfig fields (unknown keys are an error)."""
+    path = build_configs_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise KvzapError(f"unknown preset {name!r}; presets: {', '.join(preset_names()) or 'none'}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise KvzapError(f"preset {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise KvzapError(f"preset {path} has unknown keys: {', '.join(unknown)}")
+    return data
+
+
+def is_preset(model: str) -> bool:
+    return "/" not in model and not model.endswith(".gguf") and (build_configs_dir() / f"{model}.yaml").is_file()
+
+
+def resolve_config(model: str | None = None, **overrides: Any) -> RunConfig:
+    """Defaults, then the preset named by `model` (if it is one), then the non-None overrides."""
+    cfg: dict[str, Any] = dataclasses.asdict(RunConfig())
+    model = model or cfg["model"]
+    if is_preset(model):
+        cfg.update(load_preset(model))
+        cfg["preset"] = model
+    else:
+        cfg["model"] = model
+        # A bare name that is neither a path nor a Hub id (owner/name) can only mean a preset.
+        if "/" not in model and not Path(model).exists():
+            raise KvzapError(f"unknown preset {model!r}; presets: {', '.join(preset_names())}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(**cfg).validate()

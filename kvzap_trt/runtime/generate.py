@@ -1,0 +1,101 @@
+"""Load a model + surrogate from a resolved `RunConfig` and generate for several prompts at once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
+from kvzap_trt.config import RunConfig
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.models.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_model_dir
+from kvzap_trt.runtime.engine import Engine, EvictionPolicy
+from kvzap_trt.runtime.sampler import SamplingParams
+from kvzap_trt.surrogate import Surrogate, load_surrogate
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str | None
+    prompt_tokens: int
+    finish_reason: str
+    kv: dict[str, Any]
+
+
+class Runtime:
+    """A loaded model, its surrogate and tokenizer, ready to generate under `cfg`."""
+
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel, surrogate: Surrogate | None):
+        self.cfg, self.loaded, self.surrogate = cfg, loaded, surrogate
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "Runtime":
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise KvzapError("--device cuda was asked for but PyTorch sees no CUDA device")
+        model_dir = resolve_model_dir(cfg.model)
+        loaded = load_model(model_dir, cfg.dtype, cfg.device)
+        surrogate = None
+        if cfg.surrogate is not None:
+            surrogate = load_surrogate(cfg.surrogate, loaded.config, f"model {cfg.preset or cfg.model}")
+            if cfg.surrogate_kind is not None and surrogate.kind != cfg.surrogate_kind:
+                raise KvzapError(f"surrogate {cfg.surrogate} is {surrogate.kind}, the config says {cfg.surrogate_kind}")
+            surrogate = surrogate.to(cfg.device)
+        return cls(cfg, loaded, surrogate)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def stop_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.loaded.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    def sampling(self, **overrides: Any) -> SamplingParams:
+        c = self.cfg
+        p = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                 seed=c.seed, stop_token_ids=self.stop_token_ids())
+        p.update(overrides)
+        return SamplingParams(**p)
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise KvzapError(f"model {self.loaded.model_dir} has no tokenizer: pass --prompt-ids-file")
+        if chat:
+            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                           add_generation_prompt=True, tokenize=True, return_dict=False))
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def make_cache(self, max_seq_len: int, max_seqs: int, num_blocks: int) -> PagedKVCache:
+        m = self.loaded.config
+        spec = CacheSpec(m.num_layers, m.num_kv_heads, m.head_dim, self.cfg.window, self.cfg.block_size,
+                         num_blocks, max_seqs, max_seq_len, TORCH_DTYPES[self.cfg.dtype])
+        return PagedKVCache(spec, self.cfg.device)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+                 positions: bool = False) -> list[GenerationResult]:
+        """Generate for all prompts in one continuous batch; the pool holds them all uncompressed."""
+        sampling = sampling or self.sampling()
+        m = self.loaded.config
+        max_seq_len = m.max_position_embeddings
+        for p in prompts:
+            if len(p) > max_seq_len:
+                raise KvzapError(f"prompt has {len(p)} tokens, the model's maximum is {max_seq_len}")
+        lens = [min(len(p) + sampling.max_new_tokens, max_seq_len) for p in prompts]
+        heads = m.num_layers * m.num_kv_heads
+        num_blocks = sum(heads * (math.ceil(n / self.cfg.block_size) + 1) for n in lens)
+        cache = self.make_cache(max(lens), len(prompts), num_blocks)
+        policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
+        engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions)
+        reqs = [engine.submit(p, sampling) for p in prompts]
+        engine.run()
+        return [GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv)
+                for r in reqs]
