@@ -1,0 +1,132 @@
+"""`kvzap-trt`: the command line. Bad input exits with code 2 and one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kvzap_trt.config import DTYPES, preset_names, resolve_config
+from kvzap_trt.errors import KvzapError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text with KVzap eviction over the paged cache",
+        description="Generate with KVzap: tokens whose surrogate log-score is below the threshold are "
+        "evicted from the per-head paged KV cache once they leave the sliding window. "
+        f"Presets: {', '.join(preset_names())}.",
+    )
+    p.add_argument("--model", default=None, help="preset name, HF model directory, .gguf file or HF id (default: smollm2-135m)")
+    p.add_argument("--surrogate", default=None, help="surrogate directory, HF id or random:KIND:SEED (default: the preset's)")
+    p.add_argument("--threshold", type=float, default=None, help="tau: evict KV pairs with log-score < tau (default: the preset's)")
+    p.add_argument("--window", type=int, default=None, help="most recent tokens never evicted (default: 128)")
+    p.add_argument("--no-compress-decoding", dest="compress_decoding", action="store_false", default=None,
+                   help="evict only during prefill, as kvpress decoding=False")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
+    src.add_argument("--prompt-ids-file", type=Path, help="file holding a JSON list of token ids")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=None, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
+    p.add_argument("--positions", action="store_true", help="with --json: list the kept positions per layer and head")
+    p.set_defaults(func=run_generate)
+
+
+def read_prompt_ids(path: Path) -> list[int]:
+    try:
+        ids = json.loads(path.read_text())
+    except OSError as e:
+        raise KvzapError(f"cannot read prompt ids file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise KvzapError(f"prompt ids file {path} is not JSON: {e}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise KvzapError(f"prompt ids file {path} must hold a JSON list of integers")
+    return ids
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KvzapError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from kvzap_trt.runtime.generate import Runtime
+
+    cfg = resolve_config(
+        args.model, surrogate=args.surrogate, threshold=args.threshold, window=args.window,
+        compress_decoding=args.compress_decoding, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        block_size=args.block_size, device=args.device, dtype=args.dtype,
+    )
+    if args.prompt_ids_file is not None:
+        prompt_ids = read_prompt_ids(args.prompt_ids_file)
+    text = args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else None
+    if text is not None and not text.strip():
+        raise KvzapError("the prompt is empty")
+    rt = Runtime.from_config(cfg)
+    if text is not None:
+        prompt_ids = rt.encode(text, chat=args.chat)
+    result = rt.generate([prompt_ids], positions=args.positions)[0]
+    if args.json:
+        out = {
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "prompt_tokens": result.prompt_tokens,
+            "finish_reason": result.finish_reason,
+            "kv": result.kv,
+            "config": cfg.to_dict(),
+        }
+        print(json.dumps(out))
+    else:
+        print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
+        kv = result.kv
+        print(
+            f"[kvzap] {kv['tokens']} tokens in cache, compression {kv['compression_ratio']:.1%}, "
+            f"{kv['bytes_allocated'] / 2**20:.2f} MiB allocated vs {kv['bytes_dense'] / 2**20:.2f} MiB dense",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kvzap-trt", description="KVzap KV-cache pruning with real memory savings.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KvzapError as e:
+        print(f"kvzap-trt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

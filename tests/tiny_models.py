@@ -1,0 +1,35 @@
+"""Tiny random-weight Hugging Face models, built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=1024)
+
+
+def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random `llama` (Llama-3 RoPE scaling) or `qwen3` model to `out`; returns `out`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    kw = {**TINY, **overrides}
+    if family == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        cfg = LlamaConfig(rope_parameters=rope, tie_word_embeddings=False, **kw)
+        model = LlamaForCausalLM(cfg)
+    elif family == "qwen3":
+        cfg = Qwen3Config(tie_word_embeddings=True, **kw)
+        model = Qwen3ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    # Random init leaves norm gains at 1; perturb them so the tests see them applied.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    model.eval().save_pretrained(out)
+    return out
