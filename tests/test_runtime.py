@@ -1,0 +1,116 @@
+"""The runtime: continuous batching equals one-by-one, sampling, stop tokens, limits, blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvzap_trt.config import RunConfig
+from kvzap_trt.runtime.generate import Runtime
+from kvzap_trt.runtime.sampler import SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_dirs):
+    cfg = RunConfig(model=str(tiny_dirs["llama"]), surrogate="random:mlp:3", threshold=0.0, window=16,
+                    max_new_tokens=10, block_size=8).validate()
+    return Runtime.from_config(cfg)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 160, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_batch_of_uneven_prompts_equals_one_by_one(runtime):
+    ps = prompts([5, 40, 90, 17])
+    sp = runtime.sampling(stop_token_ids=())
+    together = runtime.generate(ps, sp, positions=True)
+    for p, got in zip(ps, together):
+        alone = runtime.generate([p], sp, positions=True)[0]
+        assert got.token_ids == alone.token_ids
+        assert got.kv == alone.kv
+    assert any(r.kv["compression_ratio"] > 0 for r in together)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(runtime):
+    p = prompts([30])
+    runs = {seed: runtime.generate(p, runtime.sampling(temperature=1.5, seed=seed, stop_token_ids=()))[0].token_ids
+            for seed in range(4)}
+    again = runtime.generate(p, runtime.sampling(temperature=1.5, seed=2, stop_token_ids=()))[0].token_ids
+    assert again == runs[2]
+    assert len({tuple(v) for v in runs.values()}) > 1
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(runtime):
+    p = prompts([25], seed=1)
+    greedy = runtime.generate(p, runtime.sampling(stop_token_ids=()))[0].token_ids
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        got = runtime.generate(p, runtime.sampling(temperature=2.0, seed=5, stop_token_ids=(), **kw))[0].token_ids
+        assert got == greedy
+
+
+def test_stop_token_ends_generation(runtime):
+    p = prompts([25], seed=2)
+    greedy = runtime.generate(p, runtime.sampling(stop_token_ids=()))[0].token_ids
+    stop = greedy[3]
+    got = runtime.generate(p, runtime.sampling(stop_token_ids=(stop,)))[0]
+    assert got.token_ids == greedy[: greedy.index(stop) + 1]
+    assert got.finish_reason == "stop"
+
+
+def test_context_limit_ends_generation(runtime):
+    limit = runtime.loaded.config.max_position_embeddings
+    got = runtime.generate(prompts([limit - 3]), runtime.sampling(max_new_tokens=50, stop_token_ids=()))[0]
+    assert len(got.token_ids) == 3 and got.finish_reason == "length"
+    assert got.kv["tokens"] == limit - 1  # the last sampled token is never fed
+
+
+def test_kv_report_is_consistent_with_the_cache_layout(runtime):
+    got = runtime.generate(prompts([120]), runtime.sampling(stop_token_ids=()), positions=True)[0]
+    kv, cfg, m = got.kv, runtime.cfg, runtime.loaded.config
+    tokens = 120 + len(got.token_ids) - 1
+    assert kv["tokens"] == tokens
+    assert kv["kept"] == [[len(h) for h in layer] for layer in kv["positions"]]
+    in_window = min(tokens, cfg.window)
+    blocks = sum(math.ceil((k - in_window) / cfg.block_size) for layer in kv["kept"] for k in layer)
+    elem = 4  # float32
+    block_bytes = cfg.block_size * (2 * m.head_dim * elem + 4)
+    ring_bytes = m.num_layers * m.num_kv_heads * cfg.window * (2 * m.head_dim * elem + 4)
+    assert kv["bytes_allocated"] == blocks * block_bytes + ring_bytes
+    assert kv["bytes_dense"] == tokens * m.num_layers * m.num_kv_heads * 2 * m.head_dim * elem
+    ratio = 1 - sum(map(sum, kv["kept"])) / (m.num_layers * m.num_kv_heads * tokens)
+    assert kv["compression_ratio"] == pytest.approx(ratio)
+
+
+def test_dense_policy_keeps_everything(tiny_dirs):
+    cfg = RunConfig(model=str(tiny_dirs["qwen3"]), surrogate=None, window=4, max_new_tokens=3).validate()
+    got = Runtime.from_config(cfg).generate(prompts([50]), positions=True)[0]
+    assert got.kv["compression_ratio"] == 0
+    assert all(h == list(range(got.kv["tokens"])) for layer in got.kv["positions"] for h in layer)
+
+
+def test_all_blocks_return_to_the_pool(runtime):
+    from kvzap_trt.runtime.engine import Engine, EvictionPolicy
+
+    cache = runtime.make_cache(max_seq_len=200, max_seqs=2, num_blocks=2000)
+    engine = Engine(runtime.loaded.model, cache, EvictionPolicy(runtime.surrogate, 0.0), 1024)
+    for p in prompts([60, 100, 30, 7]):  # four requests through two slots
+        engine.submit(p, SamplingParams(max_new_tokens=6))
+    peak = 0
+    while engine.has_work():
+        engine.step()
+        peak = max(peak, cache.allocator.num_used)
+        assert len(engine.running) <= 2
+    assert peak > 0 and cache.allocator.num_free == 2000 and len(cache.free_slots) == 2
+
+
+def test_sampler_cuts():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    g = torch.Generator().manual_seed(0)
+    seen_p = {sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    seen_k = {sample(logits, SamplingParams(temperature=1.0, top_k=3), g) for _ in range(300)}
+    assert seen_p == {0, 1}
+    assert seen_k == {0, 1, 2}
