@@ -20,7 +20,7 @@ from kvzap_trt.atomic import atomic_dir
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.hub import hub_snapshot, looks_like_hub_id
 from kvzap_trt.models.config import ModelConfig
-from kvzap_trt.ops.surrogate_score import surrogate_score
+from kvzap_trt.tensor_files import read_safetensors_dir
 
 
 @dataclass
@@ -111,9 +111,6 @@ def _tensor_names(kind: str, i: int) -> dict[str, str]:
 
 def read_surrogate_dir(path: Path) -> Surrogate:
     """Read the released format from a local directory."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     cfg_path = path / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -123,15 +120,7 @@ def read_surrogate_dir(path: Path) -> Surrogate:
         raise KvzapError(f"cannot read surrogate config {cfg_path}: {e.strerror}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise KvzapError(f"surrogate config {cfg_path} is malformed: {e}") from None
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise KvzapError(f"surrogate directory {path} has no .safetensors file")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(f))
-        except (SafetensorError, OSError) as e:
-            raise KvzapError(f"cannot read surrogate weights {f}: {e}") from None
+    tensors = read_safetensors_dir(path, "surrogate")
     kind = "linear" if hidden is None else "mlp"
     h1 = out_dim if hidden is None else int(hidden)
     shapes = {"w1": (h1, in_dim), "b1": (h1,), "w2": (out_dim, h1), "b2": (out_dim,)}

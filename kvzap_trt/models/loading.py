@@ -17,6 +17,7 @@ from kvzap_trt.errors import KvzapError
 from kvzap_trt.hub import hub_snapshot, looks_like_hub_id
 from kvzap_trt.models.config import ModelConfig
 from kvzap_trt.models.transformer import Transformer, rope_inv_freq
+from kvzap_trt.tensor_files import read_safetensors_dir
 
 HUB_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenizer*", "special_tokens_map.json"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,20 +92,7 @@ def resolve_model_dir(spec: str) -> Path:
 
 def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of the directory's safetensors files, HF names with the `model.` prefix removed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise KvzapError(f"model directory {model_dir} has no .safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors = load_file(f)
-        except (SafetensorError, OSError) as e:
-            raise KvzapError(f"cannot read {f}: {e}") from None
-        state.update({k.removeprefix("model."): t for k, t in tensors.items()})
-    return state
+    return {k.removeprefix("model."): t for k, t in read_safetensors_dir(model_dir, "model").items()}
 
 
 @dataclass

@@ -1,0 +1,26 @@
+"""Read every safetensors file of a directory, with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvzap_trt.errors import KvzapError
+
+
+def read_safetensors_dir(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """All tensors of `path/*.safetensors` by name; `what` names the directory in errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise KvzapError(f"{what} directory {path} has no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise KvzapError(f"cannot read {what} weights {f}: {e}") from None
+    return tensors
