@@ -114,3 +114,64 @@ def test_sampler_cuts():
     seen_k = {sample(logits, SamplingParams(temperature=1.0, top_k=3), g) for _ in range(300)}
     assert seen_p == {0, 1}
     assert seen_k == {0, 1, 2}
+
+
+def run_engine(runtime, ps, num_blocks, max_seqs, max_new=12):
+    from kvzap_trt.runtime.engine import Engine, EvictionPolicy
+
+    cache = runtime.make_cache(max_seq_len=256, max_seqs=max_seqs, num_blocks=num_blocks)
+    engine = Engine(runtime.loaded.model, cache, EvictionPolicy(runtime.surrogate, 0.0), 1024)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=max_new)) for p in ps]
+    engine.run()
+    assert cache.allocator.num_free == num_blocks
+    return reqs
+
+
+def test_preemption_under_a_tight_pool_keeps_outputs(runtime):
+    ps = prompts([70, 90, 60, 80], seed=4)
+    roomy = run_engine(runtime, ps, num_blocks=4000, max_seqs=4, max_new=40)
+    tight = run_engine(runtime, ps, num_blocks=180, max_seqs=4, max_new=40)
+    assert [r.output_ids for r in tight] == [r.output_ids for r in roomy]
+    assert sum(r.preemptions for r in tight) > 0  # the pool really was too small for all at once
+
+
+def test_exact_step_bound_is_never_exceeded(runtime):
+    from kvzap_trt.runtime.engine import Engine, EvictionPolicy
+
+    cache = runtime.make_cache(max_seq_len=256, max_seqs=3, num_blocks=3000)
+    engine = Engine(runtime.loaded.model, cache, EvictionPolicy(None, 0.0), 1024)  # dense: every leaver kept
+    for p in prompts([20, 33, 47], seed=5):
+        engine.submit(p, SamplingParams(max_new_tokens=30))
+    engine.step()  # prefill all three
+    tight_steps = 0
+    while engine.running:
+        predicted = sum(cache.blocks_needed(r.slot, 1) for r in engine.running)
+        before = cache.allocator.num_free
+        finished = engine.step()
+        if not finished:
+            taken = before - cache.allocator.num_free
+            assert taken <= predicted
+            tight_steps += taken == predicted > 0
+    assert tight_steps > 0  # with nothing evicted the bound is met exactly when blocks fill
+
+
+def test_a_request_the_pool_can_never_finish_fails_alone(runtime):
+    # 60 prompt tokens fit the pool; 200 more, half of them kept, do not.
+    (r,) = run_engine(runtime, prompts([60], seed=4), num_blocks=100, max_seqs=1, max_new=200)
+    assert r.finish_reason == "error" and "cannot hold this request past" in r.error
+    assert 0 < len(r.output_ids) < 200
+
+
+def test_abort_returns_blocks(runtime):
+    from kvzap_trt.runtime.engine import Engine, EvictionPolicy
+
+    cache = runtime.make_cache(max_seq_len=256, max_seqs=2, num_blocks=500)
+    engine = Engine(runtime.loaded.model, cache, EvictionPolicy(runtime.surrogate, 0.0), 1024)
+    a, b, c = (engine.submit(p, SamplingParams(max_new_tokens=50)) for p in prompts([80, 90, 10], seed=6))
+    engine.step()
+    assert cache.allocator.num_used > 0 and c in engine.waiting
+    engine.abort(a)
+    engine.abort(c)
+    assert a.finish_reason == c.finish_reason == "cancelled" and c not in engine.waiting
+    engine.run()
+    assert b.finish_reason == "length" and cache.allocator.num_free == 500

@@ -59,9 +59,10 @@ class CacheSpec:
         """K + V of `tokens` tokens in an uncompressed cache."""
         return tokens * self.num_layers * self.num_kv_heads * 2 * self.head_dim * self.elem_bytes
 
-    def worst_case_blocks(self, new_tokens: int) -> int:
-        """Blocks one sequence may take in a step that writes `new_tokens` tokens."""
-        return self.num_layers * self.num_kv_heads * (math.ceil(new_tokens / self.block_size) + 1)
+    def prefill_blocks(self, prompt_tokens: int) -> int:
+        """Blocks a fresh sequence may take in its prefill: every token leaving the window kept."""
+        leaving = max(0, prompt_tokens - self.window)
+        return self.num_layers * self.num_kv_heads * math.ceil(leaving / self.block_size)
 
 
 @dataclass
@@ -117,6 +118,15 @@ class PagedKVCache:
         self.kept_len[:, slot] = 0
         self.ctx_len[slot] = 0
         self.free_slots.append(slot)
+
+    def blocks_needed(self, slot: int, new_tokens: int) -> int:
+        """Most blocks `slot` can take when it next writes `new_tokens` tokens (all leavers kept)."""
+        c, W, bs = self.ctx_len[slot], self.spec.window, self.spec.block_size
+        leaving = max(0, c + new_tokens - W) - max(0, c - W)
+        if leaving == 0:
+            return 0
+        kept = self.kept_len[:, slot].long()  # [L, H]
+        return int((-(-(kept + leaving) // bs) - (-(-kept // bs))).sum())
 
     def blocks_held(self, slot: int) -> int:
         return int((self.block_table[:, slot] >= 0).sum().item())

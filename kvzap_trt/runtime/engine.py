@@ -3,7 +3,9 @@
 Every `step()` runs one packed forward pass over the running sequences (one new token each) and
 the sequences admitted in this step (their whole prompt), then samples one token per sequence.
 Sequences join as slots and free blocks allow and leave as soon as they finish, returning their
-blocks. Per layer the forward scores the new tokens with the surrogate, attends over kept pages
+blocks. Admission counts exact worst cases from the cache's own state (a head can only need a
+block when its last one is full and a token leaves its window), so what KVzap evicts is room
+for more sequences; when the running set outgrows the pool, the youngest are restarted later. Per layer the forward scores the new tokens with the surrogate, attends over kept pages
 + window + new tokens, then evicts (kvpress order: eviction after attention).
 """
 
@@ -32,8 +34,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     kv: dict[str, Any] | None = None  # cache statistics after the request's last forward pass
+    preemptions: int = 0  # times the request was restarted to free blocks for others
+    error: str | None = None  # set with finish_reason "error"
     generator: torch.Generator = field(default_factory=torch.Generator)
 
 
@@ -66,6 +70,7 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Request:
+        """Queue a request; errors that no amount of waiting would cure are raised here."""
         if not prompt_ids:
             raise KvzapError("the prompt is empty")
         if len(prompt_ids) > self.max_seq_len:
@@ -74,7 +79,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise KvzapError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        need = self.cache.spec.worst_case_blocks(len(prompt_ids))
+        need = self.cache.spec.prefill_blocks(len(prompt_ids))
         if need > self.cache.spec.num_blocks:
             raise CacheFullError(
                 f"a {len(prompt_ids)}-token prompt may need {need} KV blocks; the pool has {self.cache.spec.num_blocks}"
@@ -84,6 +89,16 @@ class Engine:
         self.waiting.append(req)
         return req
 
+    def abort(self, r: Request) -> None:
+        """Drop a waiting or running request (client gone); its blocks return to the pool."""
+        if r in self.waiting:
+            self.waiting.remove(r)
+        elif r in self.running:
+            self.cache.release(r.slot)
+            self.running.remove(r)
+            r.slot = None
+        r.finished, r.finish_reason = True, r.finish_reason or "cancelled"
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -92,33 +107,57 @@ class Engine:
             self.step()
 
     # -- one step ---------------------------------------------------------------------------
-    def _admit(self) -> list[Request]:
-        """Waiting requests that fit now, in arrival order; the rest keep waiting."""
-        spec = self.cache.spec
-        budget = self.cache.allocator.num_free - len(self.running) * spec.worst_case_blocks(1)
+    def _preempt(self, r: Request) -> None:
+        """Restart `r` from its prompt later: release its blocks, forget its tokens.
+
+        A restart recomputes exactly what an uninterrupted run computes (same prompt, same
+        seed), so a preempted request's output is unchanged; `preemptions` lets a streaming
+        front end skip the tokens it already sent.
+        """
+        self.cache.release(r.slot)
+        self.running.remove(r)
+        r.slot, r.output_ids = None, []
+        r.generator.manual_seed(r.sampling.seed)
+        r.preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _schedule(self) -> list[Request]:
+        """Make the running set's next step fit in the free blocks, then admit what else fits.
+
+        Running sequences go first; when even their worst case does not fit, the youngest are
+        preempted. Waiting requests are admitted in arrival order while their prefill's worst
+        case fits. Returns the admitted requests.
+        """
+        need = {r.request_id: self.cache.blocks_needed(r.slot, 1) for r in self.running}
+        while len(self.running) > 1 and sum(need.values()) > self.cache.allocator.num_free:
+            victim = max(self.running, key=lambda r: r.request_id)
+            need.pop(victim.request_id)
+            self._preempt(victim)
+        free = self.cache.allocator.num_free
+        if self.running and sum(need.values()) > free:
+            (r,) = self.running  # alone and still too big: this pool can never finish it
+            r.error = f"the KV pool ({self.cache.spec.num_blocks} blocks) cannot hold this request past {len(r.output_ids)} tokens"
+            self.finish(r, "error")
+            self._failed.append(r)
+            need.clear()
+        budget = free - sum(need.values())
         admitted = []
         while self.waiting and self.cache.free_slots:
-            need = spec.worst_case_blocks(len(self.waiting[0].prompt_ids))
-            if need > budget:
+            cost = self.cache.spec.prefill_blocks(len(self.waiting[0].prompt_ids))
+            if cost > budget:
                 break
             req = self.waiting.popleft()
             req.slot = self.cache.add_sequence()
-            budget -= need
+            budget -= cost
             admitted.append(req)
         return admitted
 
     def step(self) -> list[Request]:
-        """One forward pass; returns the requests that finished in it."""
-        if self.running and self.cache.allocator.num_free < len(self.running) * self.cache.spec.worst_case_blocks(1):
-            raise CacheFullError(
-                f"KV block pool too small to continue: {self.cache.allocator.num_free} blocks free "
-                f"for {len(self.running)} running sequences"
-            )
-        prefills = self._admit()
+        """One forward pass; returns the requests that finished in it (finish_reason "error" too)."""
+        self._failed: list[Request] = []
+        prefills = self._schedule()
         if not self.running and not prefills:
-            if self.waiting:
-                raise CacheFullError("no sequence slot or KV blocks free to admit the next request")
-            return []
+            return self._failed
         batch = self.running + prefills
         feeds = [[r.output_ids[-1]] for r in self.running] + [r.prompt_ids for r in prefills]
         is_decode = [True] * len(self.running) + [False] * len(prefills)
@@ -137,14 +176,16 @@ class Engine:
                 done.append(r)
         for r in done:
             self.finish(r)
-        return done
+        return self._failed + done
 
-    def finish(self, r: Request) -> None:
+    def finish(self, r: Request, reason: str | None = None) -> None:
         """Record the request's cache statistics and return its slot and blocks."""
+        r.finish_reason = reason or r.finish_reason
         r.kv = self.cache.stats(r.slot, positions=self.record_positions)
         r.finished = True
         self.cache.release(r.slot)
         self.running.remove(r)
+        r.slot = None
 
     def _forward(self, batch: list[Request], feeds: list[list[int]], is_decode: list[bool]) -> torch.Tensor:
         dev, cache, policy = self.cache.device, self.cache, self.policy
