@@ -20,6 +20,34 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override the preset: the third layer of the configuration."""
+    p.add_argument("--model", default=None, help="preset name, HF model directory, .gguf file or HF id (default: smollm2-135m)")
+    p.add_argument("--surrogate", default=None, help="surrogate directory, HF id or random:KIND:SEED (default: the preset's)")
+    p.add_argument("--threshold", type=float, default=None, help="tau: evict KV pairs with log-score < tau (default: the preset's)")
+    p.add_argument("--window", type=int, default=None, help="most recent tokens never evicted (default: 128)")
+    p.add_argument("--no-compress-decoding", dest="compress_decoding", action="store_false", default=None,
+                   help="evict only during prefill, as kvpress decoding=False")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+
+
+CONFIG_FLAGS = ("surrogate", "threshold", "window", "compress_decoding", "block_size", "device", "dtype",
+                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_seqs", "kv_cache_mb")
+
+
+def config_from_args(args: argparse.Namespace):
+    return resolve_config(args.model, **{k: getattr(args, k, None) for k in CONFIG_FLAGS})
+
+
+def add_serving_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-name", default="ensemble",
+                   help="Triton model name (default: ensemble); the streaming model is <name>_stream")
+    p.add_argument("--max-seqs", type=int, default=None, help="sequences served at once (default: 32)")
+    p.add_argument("--kv-cache-mb", type=float, default=None, help="KV block pool size in MiB (default: 256)")
+
+
 def add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
@@ -28,12 +56,7 @@ def add_generate(sub: Any) -> None:
         "evicted from the per-head paged KV cache once they leave the sliding window. "
         f"Presets: {', '.join(preset_names())}.",
     )
-    p.add_argument("--model", default=None, help="preset name, HF model directory, .gguf file or HF id (default: smollm2-135m)")
-    p.add_argument("--surrogate", default=None, help="surrogate directory, HF id or random:KIND:SEED (default: the preset's)")
-    p.add_argument("--threshold", type=float, default=None, help="tau: evict KV pairs with log-score < tau (default: the preset's)")
-    p.add_argument("--window", type=int, default=None, help="most recent tokens never evicted (default: 128)")
-    p.add_argument("--no-compress-decoding", dest="compress_decoding", action="store_false", default=None,
-                   help="evict only during prefill, as kvpress decoding=False")
+    add_config_flags(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
@@ -44,12 +67,44 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
     p.add_argument("--positions", action="store_true", help="with --json: list the kept positions per layer and head")
     p.set_defaults(func=run_generate)
+
+
+def add_build(sub: Any) -> None:
+    p = sub.add_parser(
+        "build",
+        help="write a Triton model repository (Python backend) for a model",
+        description="Write a Triton Inference Server model repository serving the model with KVzap "
+        "eviction through this package's PyTorch executor: <name> (infer, generate) and <name>_stream "
+        "(generate_stream, token by token). Any tritonserver with the Python backend loads it where "
+        "kvzap_trt is installed. TensorRT engines for the large presets are not built yet.",
+    )
+    add_config_flags(p)
+    add_serving_flags(p)
+    p.add_argument("--out", type=Path, default=None, help="repository directory (default: build/triton/<model>)")
+    p.set_defaults(func=run_build)
+
+
+def add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP with Triton Inference Server (PyTriton's bundled tritonserver)",
+        description="Start Triton Inference Server with continuous batching over the KVzap cache. "
+        "Endpoints: /v2/models/<name>/infer and /generate, /v2/models/<name>_stream/generate_stream, "
+        "/v2/health/ready; Prometheus metrics on the metrics port.",
+    )
+    add_config_flags(p)
+    add_serving_flags(p)
+    p.add_argument("--repository", type=Path, default=None,
+                   help="serve this repository (from `kvzap-trt build`) instead of writing one")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--verbose", action="store_true", help="show tritonserver's log")
+    p.set_defaults(func=run_serve)
 
 
 def read_prompt_ids(path: Path) -> list[int]:
@@ -74,12 +129,7 @@ def read_text(path: Path) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     from kvzap_trt.runtime.generate import Runtime
 
-    cfg = resolve_config(
-        args.model, surrogate=args.surrogate, threshold=args.threshold, window=args.window,
-        compress_decoding=args.compress_decoding, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        block_size=args.block_size, device=args.device, dtype=args.dtype,
-    )
+    cfg = config_from_args(args)
     if args.prompt_ids_file is not None:
         prompt_ids = read_prompt_ids(args.prompt_ids_file)
     text = args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else None
@@ -110,10 +160,48 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_build(args: argparse.Namespace) -> int:
+    from kvzap_trt.serve.repository import write_repository
+
+    cfg = config_from_args(args)
+    out = args.out or Path("build") / "triton" / (cfg.preset or Path(cfg.model).name)
+    write_repository(cfg, out, args.model_name)
+    print(out)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kvzap_trt.serve.repository import write_repository
+    from kvzap_trt.serve.server import serve_forever, start_server, wait_until_ready
+
+    repo = args.repository
+    if repo is None:
+        repo = write_repository(config_from_args(args), Path(tempfile.mkdtemp(prefix="kvzap-triton-")) / "repo",
+                                args.model_name)
+    elif not (repo / args.model_name / "config.pbtxt").is_file():
+        raise KvzapError(f"{repo} has no model {args.model_name!r}; write one with `kvzap-trt build`")
+    triton = start_server(repo, args.host, args.http_port, args.grpc_port, args.metrics_port, args.verbose)
+    url = f"{args.host}:{args.http_port}"
+    try:
+        wait_until_ready(url, f"{args.model_name}_stream")
+        wait_until_ready(url, args.model_name)
+    except KvzapError:
+        triton.stop()
+        raise
+    print(f"kvzap-trt: serving {args.model_name} at http://{url} (metrics on port {args.metrics_port})",
+          file=sys.stderr, flush=True)
+    serve_forever(triton)
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="kvzap-trt", description="KVzap KV-cache pruning with real memory savings.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate(sub)
+    add_build(sub)
+    add_serve(sub)
     return parser
 
 

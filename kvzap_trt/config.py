@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class RunConfig:
     window:     the most recent `window` tokens are never evicted.
     compress_decoding: also evict tokens generated while decoding (kvpress `decoding=True`).
     block_size: tokens per cache block; one block belongs to one (layer, seq, kv_head).
+    max_seqs, kv_cache_mb: what a server holds at once: sequence slots and the block pool.
     """
 
     preset: str | None = None
@@ -51,8 +52,9 @@ class RunConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    # serving: sequence slots, and the KV block pool's size (the window rings come on top)
+    max_seqs: int = 32
+    kv_cache_mb: float = 256.0
 
     def validate(self) -> "RunConfig":
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
@@ -73,6 +75,10 @@ class RunConfig:
             raise KvzapError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise KvzapError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_seqs < 1:
+            raise KvzapError(f"max_seqs must be >= 1, got {self.max_seqs}")
+        if not self.kv_cache_mb > 0:
+            raise KvzapError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         if self.tp < 1:
             raise KvzapError(f"tp must be >= 1, got {self.tp}")
         return self

@@ -71,6 +71,14 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Request:
         """Queue a request; errors that no amount of waiting would cure are raised here."""
+        self.validate_prompt(prompt_ids)
+        req = Request(list(prompt_ids), sampling, next(self._ids))
+        req.generator.manual_seed(sampling.seed)
+        self.waiting.append(req)
+        return req
+
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        """KvzapError if this prompt can never run here (reads only constant engine state)."""
         if not prompt_ids:
             raise KvzapError("the prompt is empty")
         if len(prompt_ids) > self.max_seq_len:
@@ -84,10 +92,6 @@ class Engine:
             raise CacheFullError(
                 f"a {len(prompt_ids)}-token prompt may need {need} KV blocks; the pool has {self.cache.spec.num_blocks}"
             )
-        req = Request(list(prompt_ids), sampling, next(self._ids))
-        req.generator.manual_seed(sampling.seed)
-        self.waiting.append(req)
-        return req
 
     def abort(self, r: Request) -> None:
         """Drop a waiting or running request (client gone); its blocks return to the pool."""

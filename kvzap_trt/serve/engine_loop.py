@@ -1,0 +1,183 @@
+"""Continuous batching behind a server: one thread owns the engine, others submit jobs.
+
+A job is a parsed request plus an `emit(Event)` callback and an `is_cancelled()` probe (Triton's
+response sender provides both). Each engine step, every job gets its new text (stream mode) or,
+once finished, one final event with the KV figures. Cancelled jobs are aborted and their blocks
+return to the pool before the next step. Nothing here imports Triton: it is tested directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
+from kvzap_trt.runtime.generate import Runtime
+from kvzap_trt.serve.protocol import BadRequest, GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    text: str  # stream: the new text; otherwise the whole answer
+    final: bool
+    compression_ratio: float = 0.0
+    kv_bytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    params: GenerationParams
+    prompt_ids: list[int]
+    emit: Callable[[Event], None]
+    is_cancelled: Callable[[], bool] = lambda: False
+    request: Request | None = None
+    sent: str = ""  # text already emitted in stream mode
+
+    @property
+    def done(self) -> bool:
+        return self.request is not None and self.request.finished
+
+
+@dataclass
+class Metrics:
+    queue_length: int = 0
+    running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    compression_ratio: float = 0.0  # mean over the running requests
+    finished: int = 0
+    preemptions: int = 0
+
+
+def cut_at_stop_word(text: str, stop_words: list[str]) -> tuple[str, bool]:
+    """Text before the first stop word, and whether one occurred."""
+    hits = [i for i in (text.find(w) for w in stop_words) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class EngineLoop:
+    def __init__(self, runtime: Runtime, engine: Engine):
+        self.runtime, self.engine = runtime, engine
+        self.inbox: queue.Queue[Job] = queue.Queue()
+        self.jobs: list[Job] = []
+        self.metrics = Metrics(kv_blocks_free=engine.cache.allocator.num_free)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvzap-engine", daemon=True)
+
+    @classmethod
+    def from_runtime(cls, runtime: Runtime) -> "EngineLoop":
+        """A KV pool of `kv_cache_mb` and `max_seqs` sequence slots, as the config says."""
+        cfg, m = runtime.cfg, runtime.loaded.config
+        max_seq_len = m.max_position_embeddings
+        probe = runtime.make_cache(max_seq_len, 1, 1).spec
+        num_blocks = int(cfg.kv_cache_mb * 2**20 // probe.block_bytes)
+        cache = runtime.make_cache(max_seq_len, cfg.max_seqs, num_blocks)
+        policy = EvictionPolicy(runtime.surrogate, cfg.threshold, cfg.compress_decoding)
+        return cls(runtime, Engine(runtime.loaded.model, cache, policy, max_seq_len))
+
+    # -- called from request threads --------------------------------------------------------
+    def prepare(self, params: GenerationParams) -> list[int]:
+        """Tokenise and check a request; BadRequest for anything waiting would not cure."""
+        ids = self.runtime.encode(params.prompt)
+        limit = self.engine.max_seq_len
+        if not ids:
+            raise BadRequest("text_input has no tokens")
+        if len(ids) + params.max_tokens > limit:
+            raise BadRequest(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit of {limit}"
+            )
+        try:
+            self.engine.validate_prompt(ids)
+        except KvzapError as e:
+            raise BadRequest(str(e)) from None
+        return ids
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(job)
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take_new(block=not self.engine.has_work())
+            for job in [j for j in self.jobs if j.is_cancelled()]:
+                self.engine.abort(job.request)
+                self.jobs.remove(job)
+            if self.engine.has_work():
+                try:
+                    self.engine.step()
+                except Exception as e:  # noqa: BLE001 - a bug must not kill the server silently
+                    log.exception("engine step failed")
+                    self._fail_all(f"internal error: {e}")
+                for job in list(self.jobs):
+                    self._progress(job)
+            self._update_metrics()
+
+    def _take_new(self, block: bool) -> None:
+        try:
+            job = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            p = job.params
+            sampling = self.runtime.sampling(max_new_tokens=p.max_tokens, temperature=p.temperature,
+                                             top_p=p.top_p, top_k=p.top_k, seed=p.seed)
+            try:
+                job.request = self.engine.submit(job.prompt_ids, sampling)
+                self.jobs.append(job)
+            except KvzapError as e:
+                job.emit(Event("", True, error=str(e)))
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _progress(self, job: Job) -> None:
+        r = job.request
+        text, stopped = cut_at_stop_word(self.runtime.decode(r.output_ids) or "", job.params.stop_words)
+        if stopped and not r.finished:
+            self.engine.finish(r, "stop")
+        if r.finished:
+            self.jobs.remove(job)
+            self.metrics.finished += 1
+            if r.finish_reason == "error":
+                job.emit(Event("", True, error=r.error))
+                return
+            kv = r.kv
+            rest = text[len(job.sent):] if job.params.stream else text
+            job.emit(Event(rest, True, kv["compression_ratio"], kv["bytes_allocated"]))
+        elif job.params.stream and len(text) > len(job.sent) and not text.endswith("\ufffd"):
+            # After a preemption the request regenerates the same tokens: nothing is resent.
+            job.emit(Event(text[len(job.sent):], False))
+            job.sent = text
+
+    def _fail_all(self, message: str) -> None:
+        for job in self.jobs:
+            self.engine.abort(job.request)
+            job.emit(Event("", True, error=message))
+        self.jobs.clear()
+
+    def _update_metrics(self) -> None:
+        e, cache = self.engine, self.engine.cache
+        ratios = [cache.stats(r.slot)["compression_ratio"] for r in e.running]
+        m = self.metrics
+        m.queue_length = len(e.waiting) + self.inbox.qsize()
+        m.running = len(e.running)
+        m.kv_blocks_free = cache.allocator.num_free
+        m.kv_blocks_used = cache.allocator.num_used
+        m.compression_ratio = sum(ratios) / len(ratios) if ratios else 0.0
+        m.preemptions = sum(r.preemptions for r in e.running)

@@ -1,0 +1,111 @@
+"""The model's Triton interface: drop-in for clients of TensorRT-LLM's `ensemble` model.
+
+One table (`INPUTS`, `OUTPUTS`) drives both request parsing here and `config.pbtxt`
+(`repository.py`). Like TensorRT-LLM's ensemble, the model has `max_batch_size > 0`: tensors
+carry a leading batch dimension ([1, 1] for a scalar; `/generate` adds it by itself). One
+request holds one prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from kvzap_trt.errors import KvzapError
+
+# name: (Triton data type, dims, required)
+INPUTS: dict[str, tuple[str, list[int], bool]] = {
+    "text_input": ("TYPE_STRING", [1], True),
+    "max_tokens": ("TYPE_INT32", [1], True),
+    "temperature": ("TYPE_FP32", [1], False),
+    "top_p": ("TYPE_FP32", [1], False),
+    "top_k": ("TYPE_INT32", [1], False),
+    "random_seed": ("TYPE_UINT64", [1], False),
+    "stop_words": ("TYPE_STRING", [-1], False),
+    "bad_words": ("TYPE_STRING", [-1], False),  # accepted for drop-in clients; must be empty
+    "stream": ("TYPE_BOOL", [1], False),
+}
+OUTPUTS: dict[str, tuple[str, list[int]]] = {
+    "text_output": ("TYPE_STRING", [1]),
+    "kv_compression_ratio": ("TYPE_FP32", [1]),  # evicted / all KV pairs of this request
+    "kv_bytes": ("TYPE_INT64", [1]),  # KV bytes this request held at its end
+}
+
+
+class BadRequest(KvzapError):
+    """A request the server refuses (HTTP 400)."""
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_words: list[str] = field(default_factory=list)
+    stream: bool = False
+
+
+def _words(arr: np.ndarray | None) -> list[str]:
+    if arr is None:
+        return []
+    return [w.decode() if isinstance(w, bytes) else str(w) for w in arr.reshape(-1) if w not in (b"", "")]
+
+
+def parse_request(get: Callable[[str], np.ndarray | None]) -> GenerationParams:
+    """`get(name)` -> the input as a numpy array (batch dimension included) or None."""
+    arrays = {name: get(name) for name in INPUTS}
+    for name, (_, _, required) in INPUTS.items():
+        a = arrays[name]
+        if a is None:
+            if required:
+                raise BadRequest(f"input {name!r} is required")
+            continue
+        if a.ndim == 0 or a.shape[0] != 1:
+            raise BadRequest(f"input {name!r}: one prompt per request (batch size 1), got shape {list(a.shape)}")
+
+    def scalar(name):
+        a = arrays[name]
+        return None if a is None else a.reshape(-1)[0]
+
+    raw = scalar("text_input")
+    prompt = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    if not prompt.strip():
+        raise BadRequest("text_input is empty")
+    p = GenerationParams(prompt=prompt, max_tokens=int(scalar("max_tokens")))
+    if p.max_tokens < 1:
+        raise BadRequest(f"max_tokens must be >= 1, got {p.max_tokens}")
+    if scalar("temperature") is not None:
+        p.temperature = float(scalar("temperature"))
+        if not math.isfinite(p.temperature) or p.temperature < 0:
+            raise BadRequest(f"temperature must be a finite number >= 0, got {p.temperature}")
+    if scalar("top_p") is not None:
+        p.top_p = float(scalar("top_p"))
+        if not 0 < p.top_p <= 1:
+            raise BadRequest(f"top_p must be in (0, 1], got {p.top_p}")
+    if scalar("top_k") is not None:
+        p.top_k = int(scalar("top_k"))
+        if p.top_k < 0:
+            raise BadRequest(f"top_k must be >= 0, got {p.top_k}")
+    if scalar("random_seed") is not None:
+        p.seed = int(scalar("random_seed"))
+    p.stop_words = _words(arrays["stop_words"])
+    if _words(arrays["bad_words"]):
+        raise BadRequest("bad_words is not supported")
+    if scalar("stream") is not None:
+        p.stream = bool(scalar("stream"))
+    return p
+
+
+def output_arrays(text: str, compression_ratio: float, kv_bytes: int) -> dict[str, np.ndarray]:
+    """Output tensors of one response, batch dimension included."""
+    return {
+        "text_output": np.array([[text.encode("utf-8")]], dtype=object),
+        "kv_compression_ratio": np.array([[compression_ratio]], dtype=np.float32),
+        "kv_bytes": np.array([[kv_bytes]], dtype=np.int64),
+    }

@@ -1,0 +1,94 @@
+"""The decoupled Python-backend model that owns the engine (`<name>_stream` in the repository).
+
+Runs under any tritonserver's Python backend (NGC container or PyTriton's bundled server):
+`triton_python_backend_utils` exists only inside the backend's stub process. `execute` parses
+each request and hands it to the engine loop, returning at once; the loop answers through the
+request's response sender: text deltas with `stream`, else one response, always ending with
+the FINAL flag. Errors in a request are answered with INVALID_ARG (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+
+from kvzap_trt.config import RunConfig
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.runtime.generate import Runtime
+from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
+from kvzap_trt.serve.protocol import BadRequest, output_arrays, parse_request
+
+METRICS = {  # name: description; gauges updated after every engine step
+    "kvzap_queue_length": "requests waiting for admission",
+    "kvzap_running_batch": "sequences in the running batch",
+    "kvzap_kv_blocks_used": "KV cache blocks in use",
+    "kvzap_kv_blocks_free": "KV cache blocks free",
+    "kvzap_compression_ratio": "mean KV compression ratio of the running sequences",
+}
+
+
+def config_from_model_args(args: dict) -> RunConfig:
+    params = json.loads(args["model_config"]).get("parameters", {})
+    raw = params.get("kvzap_config", {}).get("string_value")
+    if not raw:
+        raise KvzapError("model config lacks the kvzap_config parameter")
+    return RunConfig(**json.loads(raw)).validate()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        self.loop = EngineLoop.from_runtime(Runtime.from_config(config_from_model_args(args))).start()
+        families = {
+            name: pb_utils.MetricFamily(name=name, description=desc, kind=pb_utils.MetricFamily.GAUGE)
+            for name, desc in METRICS.items()
+        }
+        self.gauges = {name: fam.Metric(labels={"model": args["model_name"]}) for name, fam in families.items()}
+        self._families = families  # keep them alive
+        self._metrics_stop = threading.Event()
+        threading.Thread(target=self._publish_metrics, daemon=True).start()
+
+    def execute(self, requests):
+        pb = self.pb
+        for request in requests:
+            sender = request.get_response_sender()
+
+            def get(name, request=request):
+                t = pb.get_input_tensor_by_name(request, name)
+                return None if t is None else t.as_numpy()
+
+            try:
+                params = parse_request(get)
+                ids = self.loop.prepare(params)
+            except BadRequest as e:
+                self._send(sender, Event("", True, error=str(e)))
+                continue
+            self.loop.submit(Job(params, ids, emit=lambda ev, s=sender: self._send(s, ev), is_cancelled=sender.is_cancelled))
+        return None
+
+    def _send(self, sender, ev: Event) -> None:
+        pb = self.pb
+        flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if ev.final else 0
+        if ev.error is not None:
+            err = pb.TritonError(ev.error, pb.TritonError.INVALID_ARG)
+            sender.send(pb.InferenceResponse(output_tensors=[], error=err), flags=flags)
+            return
+        arrays = output_arrays(ev.text, ev.compression_ratio, ev.kv_bytes)
+        sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in arrays.items()]), flags=flags)
+
+    def _publish_metrics(self) -> None:
+        while not self._metrics_stop.wait(0.5):
+            m = self.loop.metrics
+            values = [m.queue_length, m.running, m.kv_blocks_used, m.kv_blocks_free, m.compression_ratio]
+            for gauge, value in zip(self.gauges.values(), values):
+                gauge.set(float(value))
+
+    def finalize(self):
+        self._metrics_stop.set()
+        self.loop.stop()
+
+
+
