@@ -140,7 +140,7 @@ class EngineLoop:
                 job.request = self.engine.submit(job.prompt_ids, sampling)
                 self.jobs.append(job)
             except KvzapError as e:
-                job.emit(Event("", True, error=str(e)))
+                self._emit(job, Event("", True, error=str(e)))
             try:
                 job = self.inbox.get_nowait()
             except queue.Empty:
@@ -155,20 +155,32 @@ class EngineLoop:
             self.jobs.remove(job)
             self.metrics.finished += 1
             if r.finish_reason == "error":
-                job.emit(Event("", True, error=r.error))
+                self._emit(job, Event("", True, error=r.error))
                 return
             kv = r.kv
             rest = text[len(job.sent):] if job.params.stream else text
-            job.emit(Event(rest, True, kv["compression_ratio"], kv["bytes_allocated"]))
+            self._emit(job, Event(rest, True, kv["compression_ratio"], kv["bytes_allocated"]))
         elif job.params.stream and len(text) > len(job.sent) and not text.endswith("\ufffd"):
             # After a preemption the request regenerates the same tokens: nothing is resent.
-            job.emit(Event(text[len(job.sent):], False))
-            job.sent = text
+            if self._emit(job, Event(text[len(job.sent):], False)):
+                job.sent = text
+
+    def _emit(self, job: Job, ev: Event) -> bool:
+        """Send an event; a client that cannot be reached any more loses its request, nobody else."""
+        try:
+            job.emit(ev)
+            return True
+        except Exception:  # noqa: BLE001 - e.g. the response sender of a closed connection
+            log.warning("dropping request %s: its response could not be sent", job.request and job.request.request_id)
+            if job in self.jobs:
+                self.engine.abort(job.request)
+                self.jobs.remove(job)
+            return False
 
     def _fail_all(self, message: str) -> None:
-        for job in self.jobs:
+        for job in list(self.jobs):
+            self._emit(job, Event("", True, error=message))
             self.engine.abort(job.request)
-            job.emit(Event("", True, error=message))
         self.jobs.clear()
 
     def _update_metrics(self) -> None:

@@ -1,0 +1,115 @@
+"""The serving loop without Triton: streaming, concurrency, stop words, cancellation, refusals."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kvzap_trt.config import resolve_config
+from kvzap_trt.runtime.generate import Runtime
+from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job, cut_at_stop_word
+from kvzap_trt.serve.protocol import BadRequest, GenerationParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a list of three fruits:\n1.",
+    "In 1969, the first humans landed on the Moon. The mission was called Apollo 11 and its crew "
+    "were Neil Armstrong, Buzz Aldrin and Michael Collins. Armstrong was the first to step out,",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+]
+
+
+@pytest.fixture(scope="module")
+def runtime(smollm2_dir):
+    # A small window so that these short prompts really evict.
+    return Runtime.from_config(resolve_config("smollm2-135m", window=8, kv_cache_mb=64, max_seqs=8))
+
+
+class Collector:
+    def __init__(self):
+        self.events: list[Event] = []
+        self.done = threading.Event()
+
+    def __call__(self, ev: Event):
+        self.events.append(ev)
+        if ev.final:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+
+def run_jobs(loop, params_list, cancel_after_first=()):
+    collectors = []
+    for i, params in enumerate(params_list):
+        c = Collector()
+        cancelled = (lambda c=c: len(c.events) >= 1) if i in cancel_after_first else (lambda: False)
+        loop.submit(Job(params, loop.prepare(params), emit=c, is_cancelled=cancelled))
+        collectors.append(c)
+    for i, c in enumerate(collectors):
+        if i not in cancel_after_first:
+            assert c.done.wait(120), "no final event"
+    return collectors
+
+
+def test_concurrent_jobs_equal_sequential_generate_and_stream_adds_up(runtime):
+    loop = EngineLoop.from_runtime(runtime).start()
+    try:
+        total = loop.engine.cache.allocator.num_free
+        params = [GenerationParams(p, max_tokens=12, stream=i % 2 == 0) for i, p in enumerate(PROMPTS * 2)]
+        got = run_jobs(loop, params)
+        sp = runtime.sampling(max_new_tokens=12)
+        for p, c in zip(params, got):
+            want = runtime.generate([runtime.encode(p.prompt)], sp)[0]
+            assert c.text == want.text
+            assert c.events[-1].final and c.events[-1].error is None
+            assert c.events[-1].compression_ratio == pytest.approx(want.kv["compression_ratio"])
+            assert c.events[-1].kv_bytes == want.kv["bytes_allocated"]
+            if p.stream:
+                assert len(c.events) > 2  # token by token
+            else:
+                assert len(c.events) == 1
+        assert any(c.events[-1].compression_ratio > 0 for c in got)  # eviction really happened
+        time.sleep(0.2)
+        assert loop.engine.cache.allocator.num_free == total and loop.metrics.running == 0
+    finally:
+        loop.stop()
+
+
+def test_stop_words_cut_the_answer(runtime):
+    loop = EngineLoop.from_runtime(runtime).start()
+    try:
+        free = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20)])[0].text
+        word = free.strip().split()[1]
+        (c,) = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20, stop_words=[word])])
+        assert c.text == cut_at_stop_word(free, [word])[0] and word not in c.text
+    finally:
+        loop.stop()
+
+
+def test_cancelled_job_returns_its_blocks(runtime):
+    loop = EngineLoop.from_runtime(runtime).start()
+    try:
+        total = loop.engine.cache.allocator.num_free
+        (c,) = run_jobs(loop, [GenerationParams(PROMPTS[2], max_tokens=4000, stream=True)], cancel_after_first={0})
+        deadline = time.monotonic() + 60
+        while not c.events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while (loop.jobs or loop.engine.running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not loop.engine.running and loop.engine.cache.allocator.num_free == total
+        assert not any(e.final for e in c.events) and 1 <= len(c.events) < 50
+    finally:
+        loop.stop()
+
+
+def test_refusals(runtime):
+    loop = EngineLoop.from_runtime(runtime)
+    with pytest.raises(BadRequest, match="exceeds the context limit of 8192"):
+        loop.prepare(GenerationParams("hello", max_tokens=9000))
+    small = Runtime(resolve_config("smollm2-135m", window=8, kv_cache_mb=1), runtime.loaded, runtime.surrogate)
+    with pytest.raises(BadRequest, match="KV blocks; the pool has 127"):
+        EngineLoop.from_runtime(small).prepare(GenerationParams(PROMPTS[2] * 3, max_tokens=5))

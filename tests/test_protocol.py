@@ -1,0 +1,57 @@
+"""Request parsing for the Triton model: what is accepted, and the 400s."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvzap_trt.serve.protocol import BadRequest, parse_request
+
+
+def request(**fields):
+    arrays = {}
+    for name, value in fields.items():
+        if isinstance(value, np.ndarray):
+            arrays[name] = value
+        elif isinstance(value, str):
+            arrays[name] = np.array([[value.encode()]], dtype=object)
+        elif isinstance(value, bool):
+            arrays[name] = np.array([[value]])
+        elif isinstance(value, float):
+            arrays[name] = np.array([[value]], dtype=np.float32)
+        else:
+            arrays[name] = np.array([[value]], dtype=np.int32)
+    return arrays.get
+
+
+def test_full_request():
+    p = parse_request(request(text_input="hi there", max_tokens=7, temperature=0.5, top_p=0.9, top_k=4,
+                              random_seed=np.array([[2**40]], dtype=np.uint64), stream=True,
+                              stop_words=np.array([[b"\n", b"", b"END"]], dtype=object),
+                              bad_words=np.array([[b""]], dtype=object)))
+    assert (p.prompt, p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stream) == \
+        ("hi there", 7, 0.5, pytest.approx(0.9), 4, 2**40, True)
+    assert p.stop_words == ["\n", "END"]  # empty strings are no stop words (TRT-LLM clients send "")
+
+
+def test_defaults_are_greedy_and_unstreamed():
+    p = parse_request(request(text_input="x", max_tokens=1))
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop_words, p.stream) == (0.0, 1.0, 0, 0, [], False)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"max_tokens": 3}, "'text_input' is required"),
+    ({"text_input": "x"}, "'max_tokens' is required"),
+    ({"text_input": "   ", "max_tokens": 3}, "text_input is empty"),
+    ({"text_input": "x", "max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"text_input": "x", "max_tokens": -5}, "max_tokens must be >= 1"),
+    ({"text_input": "x", "max_tokens": 3, "temperature": -1.0}, "temperature must be"),
+    ({"text_input": "x", "max_tokens": 3, "temperature": float("nan")}, "temperature must be"),
+    ({"text_input": "x", "max_tokens": 3, "top_p": 1.5}, "top_p must be in"),
+    ({"text_input": "x", "max_tokens": 3, "top_k": -1}, "top_k must be"),
+    ({"text_input": "x", "max_tokens": 3, "bad_words": "foo"}, "bad_words is not supported"),
+    ({"text_input": np.array([[b"a"], [b"b"]], dtype=object), "max_tokens": 3}, "one prompt per request"),
+])
+def test_bad_requests(fields, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_request(request(**fields))
