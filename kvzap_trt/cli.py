@@ -34,7 +34,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("surrogate", "threshold", "window", "compress_decoding", "block_size", "device", "dtype",
-                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_seqs", "kv_cache_mb")
+                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_seqs", "kv_cache_mb", "tp")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -85,6 +85,20 @@ def add_build(sub: Any) -> None:
     add_serving_flags(p)
     p.add_argument("--out", type=Path, default=None, help="repository directory (default: build/triton/<model>)")
     p.set_defaults(func=run_build)
+
+
+def add_convert(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="fold a KVzap surrogate into a TensorRT-LLM checkpoint",
+        description="Write a TensorRT-LLM 1.x checkpoint (config.json with a kvzap section, "
+        "rank{N}.safetensors, manifest.json) for a Llama or Qwen3 model with its KVzap surrogate, "
+        "sharded for tensor parallelism, tensor by tensor. `kvzap-trt generate --model OUT` runs it.",
+    )
+    add_config_flags(p)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory (written atomically)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: the preset's, else 1)")
+    p.set_defaults(func=run_convert)
 
 
 def add_serve(sub: Any) -> None:
@@ -170,6 +184,14 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from kvzap_trt.convert.writer import convert
+
+    cfg = config_from_args(args)
+    print(convert(cfg, args.out, cfg.tp, cfg.dtype))
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -201,6 +223,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate(sub)
     add_build(sub)
+    add_convert(sub)
     add_serve(sub)
     return parser
 

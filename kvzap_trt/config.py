@@ -7,6 +7,7 @@ config (every field, after all layers) is what outputs record next to themselves
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -117,6 +118,15 @@ def is_preset(model: str) -> bool:
     return "/" not in model and not model.endswith(".gguf") and (build_configs_dir() / f"{model}.yaml").is_file()
 
 
+def checkpoint_layer(path: Path) -> dict[str, Any]:
+    """The eviction settings a `kvzap-trt convert` checkpoint records: its preset layer."""
+    try:
+        section = json.loads((path / "config.json").read_text()).get("kvzap") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: section[k] for k in ("threshold", "window", "compress_decoding") if k in section}
+
+
 def resolve_config(model: str | None = None, **overrides: Any) -> RunConfig:
     """Defaults, then the preset named by `model` (if it is one), then the non-None overrides."""
     cfg: dict[str, Any] = dataclasses.asdict(RunConfig())
@@ -129,5 +139,6 @@ def resolve_config(model: str | None = None, **overrides: Any) -> RunConfig:
         # A bare name that is neither a path nor a Hub id (owner/name) can only mean a preset.
         if "/" not in model and not Path(model).exists():
             raise KvzapError(f"unknown preset {model!r}; presets: {', '.join(preset_names())}")
+        cfg.update(checkpoint_layer(Path(model)))
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig(**cfg).validate()

@@ -101,13 +101,14 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Any  # a transformers tokenizer, or None when the directory has none
     model_dir: Path
+    surrogate: Any = None  # the surrogate a TensorRT-LLM checkpoint carries, if any
 
 
-def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    cfg = ModelConfig.from_dir(model_dir)
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str = "float32", device: str = "cpu",
+                what: str = "model") -> Transformer:
+    """Our Transformer from a state dict in HF names (`model.` prefix removed); shapes checked."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = load_state_dict(model_dir)
     state = {k: v for k, v in state.items() if "rotary_emb" not in k}
     expected = dict(model.state_dict())
     if cfg.tie_word_embeddings:
@@ -115,20 +116,37 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> 
         state.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise KvzapError(f"model {model_dir} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+        raise KvzapError(f"{what} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
     for name, t in state.items():
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):
-            raise KvzapError(f"model tensor {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
+            raise KvzapError(f"{what} tensor {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg)
     model = model.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
     model.inv_freq = model.inv_freq.float()
-    return LoadedModel(model, cfg, load_tokenizer(model_dir), model_dir)
+    return model
+
+
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """A HF directory, or a TensorRT-LLM checkpoint written by `kvzap-trt convert` (any tp)."""
+    from kvzap_trt.convert.reader import is_trtllm_checkpoint, read_checkpoint
+
+    surrogate = None
+    if is_trtllm_checkpoint(model_dir):
+        ckpt = read_checkpoint(model_dir)
+        cfg, state, surrogate = ckpt.model_config, ckpt.state, ckpt.surrogate
+    else:
+        cfg, state = ModelConfig.from_dir(model_dir), load_state_dict(model_dir)
+    model = build_model(cfg, state, dtype, device, what=f"model {model_dir}")
+    return LoadedModel(model, cfg, load_tokenizer(model_dir), model_dir, surrogate)
 
 
 def load_tokenizer(model_dir: Path):
+    """The directory's tokenizer, or its `tokenizer/` subdirectory's (converted checkpoints)."""
+    if (model_dir / "tokenizer").is_dir():
+        model_dir = model_dir / "tokenizer"
     if not any(model_dir.glob("tokenizer*")):
         return None
     from transformers import AutoTokenizer

@@ -38,11 +38,12 @@ class Runtime:
             raise KvzapError("--device cuda was asked for but PyTorch sees no CUDA device")
         model_dir = resolve_model_dir(cfg.model)
         loaded = load_model(model_dir, cfg.dtype, cfg.device)
-        surrogate = None
+        surrogate = loaded.surrogate  # a converted checkpoint carries its own
         if cfg.surrogate is not None:
             surrogate = load_surrogate(cfg.surrogate, loaded.config, f"model {cfg.preset or cfg.model}")
             if cfg.surrogate_kind is not None and surrogate.kind != cfg.surrogate_kind:
                 raise KvzapError(f"surrogate {cfg.surrogate} is {surrogate.kind}, the config says {cfg.surrogate_kind}")
+        if surrogate is not None:
             surrogate = surrogate.to(cfg.device)
         return cls(cfg, loaded, surrogate)
 

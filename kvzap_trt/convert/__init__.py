@@ -1,0 +1,1 @@
+"""HF model + KVzap surrogate -> TensorRT-LLM checkpoint (`kvzap-trt convert`), and back."""
