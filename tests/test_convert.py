@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kvzap_trt.cli import main
 from kvzap_trt.config import RunConfig
 from kvzap_trt.convert import safetensors_stream
 from kvzap_trt.convert.reader import read_checkpoint
-from kvzap_trt.errors import KvzapError
 from kvzap_trt.models.config import ModelConfig
 from kvzap_trt.models.loading import load_model, load_state_dict
 from kvzap_trt.runtime.generate import Runtime

@@ -110,10 +110,9 @@ def plan_items(m: ModelConfig, src: SourceTensors, s: Surrogate, tp: int) -> lis
         if s.kind == "mlp":
             items.append(Item(L.KVZAP_FC.format(i, "weight"), tuple(s.w1[i].shape), lambda i=i: [s.w1[i]] * tp))
             items.append(Item(L.KVZAP_FC.format(i, "bias"), tuple(s.b1[i].shape), lambda i=i: [s.b1[i]] * tp))
-        w_out, b_out = (s.w1, s.b1) if s.kind == "linear" else (s.w2, s.b2)
-        items.append(Item(L.KVZAP_PROJ.format(i, "weight"), (kv_r, w_out.shape[2]),
-                          lambda i=i: [L.kv_shard(w_out[i], Hkv, tp, r) for r in ranks]))
-        items.append(Item(L.KVZAP_PROJ.format(i, "bias"), (kv_r,), lambda i=i: [L.kv_shard(b_out[i], Hkv, tp, r) for r in ranks]))
+        for part, t in zip(("weight", "bias"), (s.w1, s.b1) if s.kind == "linear" else (s.w2, s.b2)):
+            items.append(Item(L.KVZAP_PROJ.format(i, part), (kv_r,) + tuple(t.shape[2:]),
+                              lambda i=i, t=t: [L.kv_shard(t[i], Hkv, tp, r) for r in ranks]))
     split_item("norm.weight", L.GLOBAL_RULES["norm.weight"].trt, (d,), None)
 
     vocab_p = L.padded_vocab(m.vocab_size, tp)

@@ -25,7 +25,7 @@ def gather_pages(
     block_table: [Hkv, M]  kept_len: [Hkv]  -> k, v: [Hkv, Lmax, D], valid: [Hkv, Lmax] bool
     """
     bs = k_pool.shape[1]
-    H, Lmax = kept_len.shape[0], int(kept_len.max()) if kept_len.numel() else 0
+    Lmax = int(kept_len.max()) if kept_len.numel() else 0
     j = torch.arange(Lmax, device=k_pool.device)
     valid = j[None, :] < kept_len[:, None].long()  # [H, Lmax]
     blk = block_table[:, j // bs].long().clamp(min=0)  # [H, Lmax]

@@ -63,7 +63,11 @@ def wait_until_ready(url: str, model: str, timeout_s: float = 300.0) -> None:
     raise KvzapError(f"model {model!r} was not ready at {url} within {timeout_s:.0f} s")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_forever(triton) -> None:
-    """Block until SIGINT or SIGTERM, then stop the server."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    """Block until SIGINT or SIGTERM (PyTriton stops the server on KeyboardInterrupt)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     triton.serve()
