@@ -101,6 +101,24 @@ def add_convert(sub: Any) -> None:
     p.set_defaults(func=run_convert)
 
 
+def add_score(sub: Any) -> None:
+    p = sub.add_parser(
+        "score",
+        help="print per-(layer, kv head, position) importance scores of a prompt",
+        description="Score every KV pair of a prompt (the chat template's user turn around the text): "
+        "with --oracle, KVzip+ scores (kvpress KVzipPress with kvzip_plus_normalization, linear space; "
+        "positions of the chat prefix score 0); without it, the surrogate's log-scores.",
+    )
+    add_config_flags(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to score")
+    src.add_argument("--prompt-file", type=Path, help="file whose content is the text to score")
+    p.add_argument("--oracle", action="store_true", help="KVzip+ oracle scores instead of the surrogate's")
+    p.add_argument("--chunk-size", type=int, default=2048, help="tokens repeated per oracle pass (default 2048)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the default prints a summary)")
+    p.set_defaults(func=run_score)
+
+
 def add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -184,6 +202,46 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_score(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvzap_trt.oracle.kvzip import chat_frame, kvzip_plus_scores, surrogate_scores
+    from kvzap_trt.runtime.generate import Runtime
+
+    cfg = config_from_args(args)
+    text = args.prompt if args.prompt is not None else read_text(args.prompt_file)
+    if not text.strip():
+        raise KvzapError("the prompt is empty")
+    if args.chunk_size < 1:
+        raise KvzapError(f"chunk size must be >= 1, got {args.chunk_size}")
+    rt = Runtime.from_config(cfg)
+    tok = rt.tokenizer
+    if tok is None:
+        raise KvzapError(f"model {cfg.model} has no tokenizer")
+    prefix_len, _ = chat_frame(tok)
+    prefix = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0] \
+        if tok.chat_template else ""
+    ids = tok.encode(prefix, add_special_tokens=False)[:prefix_len] + rt.encode(text)
+    if len(ids) > rt.loaded.config.max_position_embeddings // 2:
+        raise KvzapError(f"{len(ids)} tokens: the oracle repeats the prompt, so at most half the context "
+                         f"({rt.loaded.config.max_position_embeddings // 2}) fits")
+    if args.oracle:
+        scores, kind, space = kvzip_plus_scores(rt.loaded.model, tok, ids, args.chunk_size), "kvzip+", "linear"
+    else:
+        if rt.surrogate is None:
+            raise KvzapError("no surrogate to score with: pass --surrogate or --oracle")
+        scores, kind, space = surrogate_scores(rt.loaded.model, rt.surrogate, ids), "surrogate", "log"
+    if args.json:
+        print(json.dumps({"kind": kind, "space": space, "prompt_tokens": len(ids), "prefix_tokens": prefix_len,
+                          "scores": scores.tolist()}))
+    else:
+        flat = scores[..., prefix_len:]
+        q = torch.quantile(flat.flatten().double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+        print(f"{kind} scores ({space}) of {len(ids)} tokens, {scores.shape[0]} layers x {scores.shape[1]} kv heads: "
+              f"p10 {q[0]:.4g}, median {q[1]:.4g}, p90 {q[2]:.4g}")
+    return 0
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from kvzap_trt.convert.writer import convert
 
@@ -224,6 +282,7 @@ def build_parser() -> Parser:
     add_generate(sub)
     add_build(sub)
     add_convert(sub)
+    add_score(sub)
     add_serve(sub)
     return parser
 

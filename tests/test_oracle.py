@@ -1,0 +1,85 @@
+"""The KVzip+ oracle equals kvpress's KVzipPress(kvzip_plus_normalization=True) scores (fp32, CPU)."""
+
+from __future__ import annotations
+
+import codecs
+import this
+
+import pytest
+import torch
+
+from kvzap_trt.models.loading import load_model
+from kvzap_trt.oracle.kvzip import chat_frame, kvzip_plus_scores
+
+ZEN = codecs.decode(this.s, "rot13")
+
+
+def kvpress_scores(model_dir, ids: list[int], chunk_size: int) -> torch.Tensor:
+    from kvpress import KVzipPress
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    press = KVzipPress(compression_ratio=0.1, kvzip_plus_normalization=True, chunk_size=chunk_size)
+    captured = {}
+    original = press.compress_post
+
+    def capture(m):  # the scores are reset when the press exits: keep them
+        captured["scores"] = press.score_val.clone()
+        original(m)
+
+    press.compress_post = capture
+    with torch.no_grad(), press(model):
+        model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache())
+    return captured["scores"][:, 0]  # [L, Hkv, T]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text,chunk_size", [(ZEN, 2048), (ZEN, 48)])  # one pass; several chunks
+def test_kvzip_plus_matches_kvpress_on_smollm2(smollm2_dir, text, chunk_size):
+    loaded = load_model(smollm2_dir)
+    tok = loaded.tokenizer
+    prefix_len, _ = chat_frame(tok)
+    prefix = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
+    ids = tok.encode(prefix, add_special_tokens=False)[:prefix_len] + tok.encode(text, add_special_tokens=False)
+    ours = kvzip_plus_scores(loaded.model, tok, ids, chunk_size=chunk_size)
+    want = kvpress_scores(smollm2_dir, ids, chunk_size)
+    assert ours.shape == want.shape == (30, 3, len(ids))
+    assert torch.all(ours[..., :prefix_len] == 0) and torch.all(ours[..., prefix_len:] > 0)
+    rel = ((ours - want).abs() / want.abs().clamp(min=1e-12))[..., prefix_len:]
+    assert rel.max() <= 1e-4, f"max relative error {rel.max():.2e}"
+
+
+@pytest.mark.slow
+def test_score_command(smollm2_dir, capsys):
+    import json
+
+    from kvzap_trt.cli import main
+
+    text = "KVzap prunes the KV cache by predicting which entries the model will never need."
+    assert main(["score", "--oracle", "--prompt", text, "--json", "--chunk-size", "8"]) == 0
+    oracle = json.loads(capsys.readouterr().out)
+    loaded = load_model(smollm2_dir)
+    prefix_len, _ = chat_frame(loaded.tokenizer)
+    assert oracle["kind"] == "kvzip+" and oracle["prefix_tokens"] == prefix_len
+    ids_len = oracle["prompt_tokens"]
+    assert len(oracle["scores"]) == 30 and all(len(h) == ids_len for layer in oracle["scores"] for h in layer)
+
+    # The surrogate's scores are exactly what the cache compares with tau: with no window, a prefill
+    # keeps precisely the positions scoring >= tau.
+    assert main(["score", "--prompt", text, "--json", "--threshold", "0.1"]) == 0
+    surrogate = json.loads(capsys.readouterr().out)
+    assert surrogate["space"] == "log"
+    from kvzap_trt.config import resolve_config
+    from kvzap_trt.runtime.generate import Runtime
+
+    rt = Runtime.from_config(resolve_config("smollm2-135m", window=0, threshold=0.1, max_new_tokens=0))
+    tok = rt.tokenizer
+    prefix = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
+    ids = tok.encode(prefix, add_special_tokens=False)[:prefix_len] + rt.encode(text)
+    kept = rt.generate([ids], positions=True)[0].kv["positions"]
+    want = [[[p for p, s in enumerate(h) if s >= 0.1] for h in layer] for layer in surrogate["scores"]]
+    assert kept == want and 0 < sum(map(len, sum(want, []))) < 30 * 3 * len(ids)
+
+    assert main(["score", "--prompt", "   "]) == 2
+    assert main(["score", "--oracle", "--prompt", "x", "--chunk-size", "0"]) == 2
+    assert "chunk size must be >= 1" in capsys.readouterr().err
