@@ -119,6 +119,30 @@ def add_score(sub: Any) -> None:
     p.set_defaults(func=run_score)
 
 
+def add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a KVzap surrogate for a model on a folder of text files",
+        description="Build (or reuse) a dataset of hidden states and log KVzip+ oracle scores from a "
+        "corpus folder of .txt files, fit a linear (closed-form ridge) or MLP (AdamW, cosine) surrogate "
+        "layer by layer, and write it in NVIDIA's released format with report.json and report.png "
+        "(held-out R² per layer, compression vs tau, overlap with the oracle's keep set).",
+    )
+    p.add_argument("--model", default=None, help="preset, HF model directory, .gguf or HF id (default: smollm2-135m)")
+    p.add_argument("--corpus", type=Path, required=True, help="folder of .txt files")
+    p.add_argument("--kind", choices=["linear", "mlp"], required=True)
+    p.add_argument("--out", type=Path, required=True, help="surrogate directory (written atomically)")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help="dataset directory to reuse or write (default: build/datasets/<model>-<corpus>)")
+    p.add_argument("--n-tokens", type=int, default=128, help="positions sampled per text (default 128)")
+    p.add_argument("--min-tokens", type=int, default=128, help="shorter texts are skipped (default 128)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longer texts are cut (default 512)")
+    p.add_argument("--epochs", type=int, default=15, help="MLP epochs (default 15)")
+    p.add_argument("--l2", type=float, default=1e-2, help="ridge penalty on standardised features (default 1e-2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_train)
+
+
 def add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -205,7 +229,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_score(args: argparse.Namespace) -> int:
     import torch
 
-    from kvzap_trt.oracle.kvzip import chat_frame, kvzip_plus_scores, surrogate_scores
+    from kvzap_trt.oracle.kvzip import context_ids, kvzip_plus_scores, surrogate_scores
     from kvzap_trt.runtime.generate import Runtime
 
     cfg = config_from_args(args)
@@ -218,10 +242,7 @@ def run_score(args: argparse.Namespace) -> int:
     tok = rt.tokenizer
     if tok is None:
         raise KvzapError(f"model {cfg.model} has no tokenizer")
-    prefix_len, _ = chat_frame(tok)
-    prefix = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0] \
-        if tok.chat_template else ""
-    ids = tok.encode(prefix, add_special_tokens=False)[:prefix_len] + rt.encode(text)
+    ids, prefix_len = context_ids(tok, text)
     if len(ids) > rt.loaded.config.max_position_embeddings // 2:
         raise KvzapError(f"{len(ids)} tokens: the oracle repeats the prompt, so at most half the context "
                          f"({rt.loaded.config.max_position_embeddings // 2}) fits")
@@ -239,6 +260,48 @@ def run_score(args: argparse.Namespace) -> int:
         q = torch.quantile(flat.flatten().double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
         print(f"{kind} scores ({space}) of {len(ids)} tokens, {scores.shape[0]} layers x {scores.shape[1]} kv heads: "
               f"p10 {q[0]:.4g}, median {q[1]:.4g}, p90 {q[2]:.4g}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from kvzap_trt.atomic import atomic_dir
+    from kvzap_trt.models.loading import load_model, resolve_model_dir
+    from kvzap_trt.surrogate import write_surrogate_files
+    from kvzap_trt.train.dataset import Dataset, build_dataset, read_corpus
+    from kvzap_trt.train.fit import train_surrogate
+    from kvzap_trt.train.report import build_report, plot_report
+
+    for name in ("n_tokens", "min_tokens", "max_tokens", "epochs"):
+        if getattr(args, name) < 1:
+            raise KvzapError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    cfg = resolve_config(args.model)
+    corpus = read_corpus(args.corpus)
+    model_dir = resolve_model_dir(cfg.model)
+    loaded = load_model(model_dir)
+    wanted = {"model": str(model_dir), "n_tokens": args.n_tokens, "min_tokens": args.min_tokens,
+              "max_tokens": args.max_tokens}
+    ds_dir = args.dataset or Path("build") / "datasets" / f"{cfg.preset or model_dir.name}-{args.corpus.name}"
+    ds = Dataset.open(ds_dir) if (ds_dir / "meta.json").is_file() else None
+    if ds is None or any(ds.meta.get(k) != v for k, v in wanted.items()):
+        ds = build_dataset(loaded, corpus, ds_dir, args.n_tokens, args.min_tokens, args.max_tokens, args.seed)
+    surrogate, fit = train_surrogate(ds, args.kind, l2=args.l2, epochs=args.epochs, seed=args.seed)
+    surrogate.source = str(args.out)
+    surrogate.validate(loaded.config, f"model {cfg.preset or cfg.model}")
+    report = build_report(ds, surrogate, fit)
+    report.update({"model": cfg.preset or cfg.model, "corpus": str(args.corpus), "dataset": str(ds_dir),
+                   "texts": len(ds.meta["texts"]), "train_pairs": ds.meta["count"]["train"],
+                   "options": {k: getattr(args, k) for k in ("n_tokens", "min_tokens", "max_tokens", "epochs", "l2", "seed")}})
+    try:
+        with atomic_dir(args.out) as tmp:
+            write_surrogate_files(surrogate, tmp)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            plot_report(report, tmp / "report.png", f"{args.kind} surrogate for {cfg.preset or cfg.model}")
+    except PermissionError as e:
+        raise KvzapError(f"cannot write {args.out}: {e.strerror}") from None
+    ov = report["oracle_overlap"]
+    print(f"{args.out}: held-out R² mean {report['r2_test_mean']:.3f}; keeps "
+          + ", ".join(f"{o['surrogate']:.0%} of the oracle's pairs at {o['compression']:.0%} compression "
+                      f"(random {o['random']:.0%})" for o in ov))
     return 0
 
 
@@ -283,6 +346,7 @@ def build_parser() -> Parser:
     add_build(sub)
     add_convert(sub)
     add_score(sub)
+    add_train(sub)
     add_serve(sub)
     return parser
 

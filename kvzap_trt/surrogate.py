@@ -137,8 +137,8 @@ def read_surrogate_dir(path: Path) -> Surrogate:
     return Surrogate(s["w1"], s["b1"], s.get("w2"), s.get("b2"), source=str(path))
 
 
-def save_surrogate(s: Surrogate, path: Path) -> None:
-    """Write the released format (loadable by kvpress `KVzapModel.from_pretrained`), atomically."""
+def write_surrogate_files(s: Surrogate, directory: Path) -> None:
+    """config.json + model.safetensors of the released format into an existing directory."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -153,9 +153,14 @@ def save_surrogate(s: Surrogate, path: Path) -> None:
         "n_modules": s.n_modules,
         "hidden_dim": s.hidden_dim,
     }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def save_surrogate(s: Surrogate, path: Path) -> None:
+    """Write the released format (loadable by kvpress `KVzapModel.from_pretrained`), atomically."""
     with atomic_dir(Path(path)) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_surrogate_files(s, tmp)
 
 
 def load_surrogate(spec: str, cfg: ModelConfig, model_name: str = "the model") -> Surrogate:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvzap_trt.models.loading import load_model
-from kvzap_trt.oracle.kvzip import chat_frame, kvzip_plus_scores
+from kvzap_trt.oracle.kvzip import chat_frame, context_ids, kvzip_plus_scores
 
 ZEN = codecs.decode(this.s, "rot13")
 
@@ -38,9 +38,7 @@ def kvpress_scores(model_dir, ids: list[int], chunk_size: int) -> torch.Tensor:
 def test_kvzip_plus_matches_kvpress_on_smollm2(smollm2_dir, text, chunk_size):
     loaded = load_model(smollm2_dir)
     tok = loaded.tokenizer
-    prefix_len, _ = chat_frame(tok)
-    prefix = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
-    ids = tok.encode(prefix, add_special_tokens=False)[:prefix_len] + tok.encode(text, add_special_tokens=False)
+    ids, prefix_len = context_ids(tok, text)
     ours = kvzip_plus_scores(loaded.model, tok, ids, chunk_size=chunk_size)
     want = kvpress_scores(smollm2_dir, ids, chunk_size)
     assert ours.shape == want.shape == (30, 3, len(ids))
@@ -74,8 +72,7 @@ def test_score_command(smollm2_dir, capsys):
 
     rt = Runtime.from_config(resolve_config("smollm2-135m", window=0, threshold=0.1, max_new_tokens=0))
     tok = rt.tokenizer
-    prefix = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
-    ids = tok.encode(prefix, add_special_tokens=False)[:prefix_len] + rt.encode(text)
+    ids, _ = context_ids(tok, text)
     kept = rt.generate([ids], positions=True)[0].kv["positions"]
     want = [[[p for p, s in enumerate(h) if s >= 0.1] for h in layer] for layer in surrogate["scores"]]
     assert kept == want and 0 < sum(map(len, sum(want, []))) < 30 * 3 * len(ids)

@@ -43,11 +43,25 @@ def chat_frame(tokenizer) -> tuple[int, list[int]]:
     return prefix_len, tokenizer.encode(suffix_text, add_special_tokens=False)
 
 
-def causal_attend_recording(store: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-    """Plain causal attention over one sequence that keeps each layer's K, V: [T, Hkv, D]."""
+def context_ids(tokenizer, text: str) -> tuple[list[int], int]:
+    """The text as a user turn's content: (chat prefix ids + text ids, length of the prefix)."""
+    prefix_len, _ = chat_frame(tokenizer)
+    prefix = ""
+    if tokenizer.chat_template is not None:
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
+    ids = tokenizer.encode(prefix, add_special_tokens=False)[:prefix_len] + tokenizer.encode(text, add_special_tokens=False)
+    return ids, prefix_len
+
+
+def causal_attend_recording(store: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                            hidden: dict[int, torch.Tensor] | None = None):
+    """Plain causal attention over one sequence that keeps each layer's K, V: [T, Hkv, D]
+    (and, given `hidden`, the hidden state entering attention: [T, d])."""
 
     def attend(layer, h_norm, q, k, v):
         store[layer] = (k, v)
+        if hidden is not None:
+            hidden[layer] = h_norm
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                              is_causal=True, enable_gqa=True)
         return out[0].transpose(0, 1)
@@ -57,13 +71,19 @@ def causal_attend_recording(store: dict[int, tuple[torch.Tensor, torch.Tensor]])
 
 @torch.inference_mode()
 def kvzip_plus_scores(model: Transformer, tokenizer, context_ids: list[int], chunk_size: int = 2048,
-                      n_sink: int = 4, prev_postfix_size: int = 8) -> torch.Tensor:
-    """context_ids: the prompt as the model saw it (chat prefix included) -> scores [L, Hkv, T] float32."""
+                      n_sink: int = 4, prev_postfix_size: int = 8,
+                      hidden: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """context_ids: the prompt as the model saw it (chat prefix included) -> scores [L, Hkv, T] float32.
+
+    hidden: if given, filled with each layer's hidden state entering attention, [T, d] (the
+    surrogate's input), from the same prefill pass.
+    """
     cfg = model.cfg
     T, Hkv, G, D = len(context_ids), cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     prefix_len, suffix_ids = chat_frame(tokenizer)
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    model(torch.tensor(context_ids), torch.arange(T), causal_attend_recording(cache), logits_at=torch.tensor([T - 1]))
+    model(torch.tensor(context_ids), torch.arange(T), causal_attend_recording(cache, hidden),
+          logits_at=torch.tensor([T - 1]))
 
     ctx = context_ids[prefix_len:]
     chunks = [ctx[i : i + chunk_size] for i in range(0, len(ctx), chunk_size)] or [[]]

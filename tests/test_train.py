@@ -1,0 +1,94 @@
+"""Surrogate training: the dataset builder and fits recover a planted score function; bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from kvzap_trt.cli import main
+from kvzap_trt.models.loading import load_model
+from kvzap_trt.oracle.kvzip import causal_attend_recording
+from kvzap_trt.train.dataset import build_dataset, read_corpus
+from kvzap_trt.train.fit import train_surrogate
+from tests.tiny_models import build_tiny
+
+TEXT = ("The standard library of Python is very extensive, offering a wide range of facilities. It contains "
+        "built-in modules that provide access to system functionality such as file I/O, as well as modules "
+        "written in Python that provide standardized solutions for many problems of everyday programming. ")
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama that uses SmolLM2's tokenizer (so the builder runs unchanged)."""
+    d = build_tiny("llama", tmp_path_factory.mktemp("tiny-tok") / "m", vocab_size=49152)
+    for f in list(smollm2_dir.glob("tokenizer*")) + list(smollm2_dir.glob("chat_template*")):
+        shutil.copy2(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        (d / f"t{i:02d}.txt").write_text(" ".join(TEXT.split()[i % 7 :]) + TEXT * (1 + i % 3))
+    (d / "short.txt").write_text("too short")
+    return d
+
+
+def planted_scorer(w: torch.Tensor, b: torch.Tensor):
+    """log score = w[l] h + b[l], exactly: the function the fit must find."""
+
+    def scorer(model, tokenizer, ids, hidden):
+        model(torch.tensor(ids), torch.arange(len(ids)), causal_attend_recording({}, hidden),
+              logits_at=torch.tensor([len(ids) - 1]))
+        return torch.stack([(w[l] @ hidden[l].T.float() + b[l][:, None]).exp() for l in range(len(w))])
+
+    return scorer
+
+
+@pytest.mark.slow
+def test_fits_recover_a_planted_score_function(tiny_with_tokenizer, corpus, tmp_path):
+    loaded = load_model(tiny_with_tokenizer)
+    m = loaded.config
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(m.num_layers, m.num_kv_heads, m.hidden_size, generator=g) * 0.3
+    b = torch.randn(m.num_layers, m.num_kv_heads, generator=g)
+    ds = build_dataset(loaded, read_corpus(corpus), tmp_path / "ds", n_tokens=48, min_tokens=32, max_tokens=96,
+                       scorer=planted_scorer(w, b))
+    assert ds.meta["count"]["test"] > 0 and ds.meta["count"]["train"] > 10 * m.hidden_size
+    assert "short.txt" not in [t["file"] for t in ds.meta["texts"]]
+    x, y = ds.layer("train", 1)
+    assert x.shape[1] == m.hidden_size and y.shape[1] == m.num_kv_heads and len(x) == len(y)
+
+    linear, fit = train_surrogate(ds, "linear", l2=1e-6)
+    assert min(fit["r2_test"]) > 0.99
+    # The function, not the weights: this corpus repeats itself, so the features are rank-deficient.
+    xt, yt = ds.layer("test", 2)
+    pred = linear.score(2, torch.from_numpy(np.asarray(xt, dtype=np.float32)))
+    assert (pred - torch.from_numpy(np.asarray(yt, dtype=np.float32))).abs().max() < 0.05
+    mlp, fit = train_surrogate(ds, "mlp", epochs=40)
+    assert mlp.kind == "mlp" and mlp.hidden_dim == m.hidden_size // 8
+    assert min(fit["r2_test"]) > 0.95
+
+
+def test_train_refuses_bad_input_and_leaves_nothing(tmp_path, capsys, smollm2_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.txt").write_text("a few words")
+    cases = [
+        (["--corpus", str(tmp_path / "missing")], "is not a directory"),
+        (["--corpus", str(empty)], "has no .txt files"),
+        (["--corpus", str(short), "--dataset", str(tmp_path / "ds")], "no text of the corpus has 128 tokens"),
+        (["--corpus", str(short), "--n-tokens", "0"], "--n-tokens must be >= 1"),
+    ]
+    for extra, message in cases:
+        code = main(["train", "--kind", "linear", "--out", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (extra, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ds").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "short"]
