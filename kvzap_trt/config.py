@@ -111,6 +111,9 @@ def load_preset(name: str) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise KvzapError(f"preset {path} has unknown keys: {', '.join(unknown)}")
+    for key in ("model", "surrogate"):  # ./relative paths are relative to the preset file
+        if isinstance(data.get(key), str) and data[key].startswith("./"):
+            data[key] = str((path.parent / data[key]).resolve())
     return data
 
 
@@ -140,5 +143,8 @@ def resolve_config(model: str | None = None, **overrides: Any) -> RunConfig:
         if "/" not in model and not Path(model).exists():
             raise KvzapError(f"unknown preset {model!r}; presets: {', '.join(preset_names())}")
         cfg.update(checkpoint_layer(Path(model)))
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "surrogate" in given and "surrogate_kind" not in given:
+        cfg["surrogate_kind"] = None  # the preset's kind describes the preset's surrogate only
+    cfg.update(given)
     return RunConfig(**cfg).validate()

@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=4096, help="prompt length in tokens (default 4096)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[-0.4, -0.2, 0.0, 0.2, 0.35])
     ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--surrogate", default="random:linear:0",
+                    help="surrogate (default: seeded random weights, which the recorded thresholds refer to)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
 
-    base = resolve_config("smollm2-135m", max_new_tokens=args.new_tokens)
+    base = resolve_config("smollm2-135m", max_new_tokens=args.new_tokens, surrogate=args.surrogate)
     rt = Runtime.from_config(base)
     prompt = rt.encode(long_text())[: args.tokens]
     if len(prompt) < args.tokens:

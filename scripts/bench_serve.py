@@ -67,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--budget-seqs", type=int, default=16, help="KV pool = this many requests held uncompressed")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.2])
+    ap.add_argument("--surrogate", default="random:linear:0",
+                    help="surrogate (default: seeded random weights, which the recorded thresholds refer to)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
 
-    base = resolve_config("smollm2-135m", window=args.window)
+    base = resolve_config("smollm2-135m", window=args.window, surrogate=args.surrogate)
     rt = Runtime.from_config(base)
     ids = rt.encode(long_text())
     n = args.prompt_tokens

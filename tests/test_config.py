@@ -33,6 +33,10 @@ def test_layers_override_in_order():
     assert cfg.window == preset["window"]  # an unset flag leaves the preset's value
     assert cfg.dtype == "float32"
     assert cfg.max_new_tokens == RunConfig().max_new_tokens  # neither preset nor flag: the default
+    # Another surrogate drops the preset's surrogate kind, which described the preset's surrogate.
+    other = resolve_config("qwen3-8b", surrogate="random:linear:1")
+    assert other.surrogate == "random:linear:1" and other.surrogate_kind is None
+    assert resolve_config("qwen3-8b", surrogate="x/y", surrogate_kind="linear").surrogate_kind == "linear"
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -105,3 +105,24 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         save_surrogate(random_surrogate("linear", 3, 64, 4, seed=2), tmp_path / "s")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary directory left
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == before  # the old surrogate intact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_shipped_smollm2_surrogates(smollm2_dir, kind):
+    from kvpress.presses.kvzap_press import KVzapModel
+
+    from kvzap_trt.config import build_configs_dir, resolve_config
+
+    path = build_configs_dir() / "surrogates" / f"smollm2-135m-{kind}"
+    s = load_surrogate(str(path), ModelConfig.from_dir(smollm2_dir))  # fits SmolLM2: 30 layers, 576, 3 heads
+    assert s.kind == kind
+    x = torch.randn(5, 30, 576)
+    with torch.no_grad():
+        want = KVzapModel.from_pretrained(path).eval()(x)
+    assert torch.allclose(torch.stack([s.score(i, x[:, i]) for i in range(30)], 1), want, atol=1e-5)
+    report = json.loads((path / "report.json").read_text())
+    assert len(report["r2_test"]) == 30 and report["r2_test_mean"] > 0.5
+    assert all(o["surrogate"] > o["random"] + 0.3 for o in report["oracle_overlap"])
+    if kind == "mlp":
+        assert resolve_config("smollm2-135m").surrogate == str(path.resolve())

@@ -92,3 +92,36 @@ def test_train_refuses_bad_input_and_leaves_nothing(tmp_path, capsys, smollm2_di
         assert code == 2 and message in err, (extra, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "ds").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "short"]
+
+
+@pytest.mark.slow
+def test_calibrated_tau_gives_the_reported_compression_in_the_real_cache(tiny_with_tokenizer, corpus, tmp_path,
+                                                                         monkeypatch, capsys):
+    import json
+
+    from kvzap_trt.config import resolve_config
+    from kvzap_trt.runtime.generate import Runtime
+
+    # a preset of our own, so that --write-preset has a file to update
+    (tmp_path / "tiny.yaml").write_text(f"# tiny\nmodel: {tiny_with_tokenizer}\nsurrogate: random:linear:5\n"
+                                        "threshold: -9.0\nwindow: 16\n")
+    monkeypatch.setenv("KVZAP_TRT_BUILD_CONFIGS", str(tmp_path))
+    assert main(["calibrate", "--model", "tiny", "--corpus", str(corpus), "--target", "0.4", "--max-tokens", "96",
+                 "--min-tokens", "32", "--write-preset", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["compression_mean"] == pytest.approx(0.4, abs=0.01)
+    assert result["compression_min"] <= result["compression_mean"] <= result["compression_max"]
+    cfg = resolve_config("tiny", max_new_tokens=0)
+    assert cfg.threshold == pytest.approx(result["threshold"], abs=1e-4) and "# tiny" in (tmp_path / "tiny.yaml").read_text()
+
+    rt = Runtime.from_config(cfg)
+    from kvzap_trt.oracle.kvzip import context_ids
+
+    texts = [rt.decode(ids[:96]) for ids in (rt.encode(t.strip()) for _, t in read_corpus(corpus)) if len(ids) >= 32]
+    assert result["prompts"] == len(texts) < len(read_corpus(corpus))  # the short text is skipped
+    got = [rt.generate([context_ids(rt.tokenizer, t)[0]])[0].kv["compression_ratio"] for t in texts]
+    assert sum(got) / len(got) == pytest.approx(result["compression_mean"], abs=2e-3)
+    assert max(got) == pytest.approx(result["compression_max"], abs=2e-3)
+
+    assert main(["calibrate", "--model", "tiny", "--corpus", str(corpus), "--target", "0.99"]) == 2
+    assert "is reachable" in capsys.readouterr().err
