@@ -32,11 +32,13 @@ class SimSeq:
     written: int = 0
 
 
-def make_cache(H=2, D=8, W=4, bs=4, num_blocks=4096, max_seqs=4, max_seq_len=2048, dtype=torch.float32, seed=0):
+def make_cache(H=2, D=8, W=4, bs=4, num_blocks=4096, max_seqs=4, max_seq_len=2048, dtype=torch.float32, seed=0,
+               device="cpu"):
     """A one-layer cache whose free stack is shuffled, so pages land in random pool order."""
-    cache = PagedKVCache(CacheSpec(1, H, D, W, bs, num_blocks, max_seqs, max_seq_len, dtype))
+    cache = PagedKVCache(CacheSpec(1, H, D, W, bs, num_blocks, max_seqs, max_seq_len, dtype), device)
     g = torch.Generator().manual_seed(seed)
-    cache.allocator.free_stack.copy_(cache.allocator.free_stack[torch.randperm(num_blocks, generator=g)])
+    perm = torch.randperm(num_blocks, generator=g).to(device)
+    cache.allocator.free_stack.copy_(cache.allocator.free_stack[perm])
     return cache
 
 
@@ -51,18 +53,19 @@ def random_seq(cache: PagedKVCache, total: int, g: torch.Generator, dead_head: i
 
 
 def chunk_args(cache: PagedKVCache, seqs: list[SimSeq], chunk: list[int]):
-    """Packed new-token tensors and the shared call arguments for writing `chunk[i]` tokens to seqs[i]."""
+    """Packed new-token tensors (on the cache's device) and the shared call arguments (host ints)
+    for writing `chunk[i]` tokens to seqs[i]."""
     cu = torch.tensor([0] + torch.tensor(chunk).cumsum(0).tolist(), dtype=torch.int32)
-    rows = lambda t: torch.cat([getattr(s, t)[s.written : s.written + n] for s, n in zip(seqs, chunk)])  # noqa: E731
+    rows = lambda t: torch.cat([getattr(s, t)[s.written : s.written + n] for s, n in zip(seqs, chunk)]).to(cache.device)  # noqa: E731
     slots = torch.tensor([s.slot for s in seqs], dtype=torch.int32)
     ctx = torch.tensor([s.written for s in seqs], dtype=torch.int32)
     return rows("k"), rows("v"), rows("scores"), cu, slots, ctx
 
 
-def write_chunk(cache: PagedKVCache, seqs: list[SimSeq], chunk: list[int], tau: float) -> None:
+def write_chunk(cache: PagedKVCache, seqs: list[SimSeq], chunk: list[int], tau: float, ops=REFERENCE) -> None:
     k, v, sc, cu, slots, ctx = chunk_args(cache, seqs, chunk)
     lc, a = cache.layer(0), cache.allocator
-    REFERENCE.evict_append(k, v, sc, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table,
+    ops.evict_append(k, v, sc, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table,
                            lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score, a.free_stack, a.num_free_t, tau)
     for s, n in zip(seqs, chunk):
         s.written += n

@@ -1,7 +1,9 @@
-"""paged_attention (reference) against dense attention over the same kept set.
+"""paged_attention against dense attention over the same kept set.
 
-The cache is filled through evict_append with random data; the dense side is built from the
-naive model's kept positions and the original K/V, so both see identical values.
+The reference: the cache is filled through evict_append with random data; the dense side is
+built from the naive model's kept positions and the original K/V, so both see identical values.
+The CUDA kernel (plugins/src/paged_attention.cu, on a GPU where one exists): against the
+reference in fp32 on the same cache, within twice PyTorch's own bf16/fp16 error.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_trt.ops.dispatch import REFERENCE
+from kvzap_trt.cache.allocator import pop_blocks
+from kvzap_trt.ops.dispatch import CUDA, REFERENCE
+from kvzap_trt.ops.paged_attention import gather_pages
 from tests.cache_sim import chunk_args, make_cache, naive_kept, random_seq, write_chunk
 
 
@@ -67,3 +71,100 @@ def test_empty_batch():
                                     torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
                                     lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, 0.35)
     assert out.shape == (0, 4, 8)
+
+
+def fill_kept(cache, slot, lengths, g):
+    """Give kv head h of `slot` lengths[h] kept tokens of random K/V, in blocks popped from the
+    (shuffled) pool, and a full ring; the context is long enough for all of it."""
+    spec, lc = cache.spec, cache.layer(0)
+    bs, D, W = spec.block_size, spec.head_dim, spec.window
+    for h, n in enumerate(lengths):
+        nb = -(-n // bs)
+        ids = pop_blocks(cache.allocator.free_stack, cache.allocator.num_free_t, nb)
+        lc.block_table[slot, h, :nb] = ids
+        lc.kept_len[slot, h] = n
+        for pool in (lc.k_pool, lc.v_pool):
+            pool[ids.long()] = torch.randn(nb, bs, D, generator=g).to(pool)
+    for ring in (lc.ring_k[slot], lc.ring_v[slot]):
+        ring.copy_(torch.randn(ring.shape, generator=g).to(ring))
+    cache.ctx_len[slot] = max(lengths) + W
+
+
+def low_precision_attention(q, k_new, v_new, cu, slots, ctx, cache, scale):
+    """PyTorch attention in q's dtype (matmuls and softmax in bf16/fp16) over the same keys: the
+    error a framework user accepts, which bounds the kernel's."""
+    lc, W = cache.layer(0), cache.spec.window
+    H = k_new.shape[1]
+    G = q.shape[1] // H
+    out = torch.empty_like(q)
+    for b in range(len(slots)):
+        s, c, start, end = int(slots[b]), int(ctx[b]), int(cu[b]), int(cu[b + 1])
+        pk, pv, valid = gather_pages(lc.k_pool, lc.v_pool, lc.block_table[s], lc.kept_len[s])
+        r = min(c, W)
+        for h in range(H):
+            n = int(valid[h].sum())
+            for t in range(end - start):
+                k = torch.cat([pk[h, :n], lc.ring_k[s, h, :r], k_new[start : start + t + 1, h]])
+                v = torch.cat([pv[h, :n], lc.ring_v[s, h, :r], v_new[start : start + t + 1, h]])
+                qh = q[start + t, h * G : (h + 1) * G]
+                out[start + t, h * G : (h + 1) * G] = torch.softmax((qh @ k.T) * scale, -1) @ v
+    return out
+
+
+# (kept tokens per kv head of each sequence, new tokens of each sequence)
+GPU_CASES = {
+    "decode": ([[0, 1, 17, 577, 32768, 0, 5000, 1], [577, 577, 0, 0, 1, 17, 17, 3], [0] * 8], [1, 1, 1]),
+    "chunked-prefill": ([[0, 1, 17, 577, 2000, 0, 300, 1], [9] * 8], [24, 300]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,q_heads", [(128, 32), (64, 24)])
+@pytest.mark.parametrize("split_size", [0, 256])
+def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype, head_dim, q_heads, split_size):
+    """Qwen3-8B-like groups (32 q / 8 kv, D=128) and a G=3 one (D=64); ragged kept lengths; the
+    launcher's split and a forced small one (many splits, log-sum-exp merge); output poisoned."""
+    lengths, new = GPU_CASES[case]
+    H, W = 8, 128
+    cache = make_cache(H=H, D=head_dim, W=W, bs=block_size, num_blocks=60000 // block_size + 3000, max_seqs=len(new),
+                       max_seq_len=33000, dtype=dtype, seed=block_size, device="cuda")
+    g = torch.Generator().manual_seed(block_size + head_dim)
+    slots = [cache.add_sequence() for _ in new]
+    for s, ls in zip(slots, lengths):
+        fill_kept(cache, s, ls, g)
+    N = sum(new)
+    q = torch.randn(N, q_heads, head_dim, generator=g).to("cuda", dtype)
+    k_new, v_new = (torch.randn(N, H, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    slots_t = torch.tensor(slots, dtype=torch.int32)
+    ctx = torch.tensor([cache.ctx_len[s] for s in slots], dtype=torch.int32)
+    lc, scale = cache.layer(0), head_dim**-0.5
+
+    out = torch.full_like(q, float("nan"))
+    CUDA.paged_attention(q, k_new, v_new, cu, slots_t, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
+                         lc.ring_k, lc.ring_v, scale, split_size=split_size, out=out)
+    assert not out.isnan().any(), "output not fully written"
+
+    f32 = lambda t: t.float()  # noqa: E731
+    truth = REFERENCE.paged_attention(f32(q), f32(k_new), f32(v_new), cu, slots_t, ctx, f32(lc.k_pool), f32(lc.v_pool),
+                                      lc.block_table, lc.kept_len, f32(lc.ring_k), f32(lc.ring_v), scale)
+    framework = low_precision_attention(q, k_new, v_new, cu, slots_t, ctx, cache, scale)
+    framework_err = (framework.float() - truth).abs().max().item()
+    err = (out.float() - truth).abs().max().item()
+    assert err <= 2 * framework_err + 1e-5, (err, framework_err)
+
+
+@pytest.mark.gpu
+def test_cuda_paged_attention_float32_equals_reference():
+    cache = make_cache(H=2, D=64, W=8, bs=16, dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    seqs = [random_seq(cache, c + 1, g) for c in (300, 9)]
+    write_chunk(cache, seqs, [300, 9], 0.0, CUDA)
+    k, v, _, cu, slots, ctx = chunk_args(cache, seqs, [1, 1])
+    q = torch.randn(2, 6, 64, generator=g).cuda()
+    lc = cache.layer(0)
+    args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, 0.125)
+    assert (CUDA.paged_attention(*args) - REFERENCE.paged_attention(*args)).abs().max() <= 1e-5

@@ -1,1 +1,1 @@
-"""Cache ops. Use `kvzap_trt.ops.dispatch.ops(device)`; the modules here are the references."""
+"""Cache ops. Use `kvzap_trt.ops.dispatch.ops(device)`: references here, CUDA kernels in cuda_kernels."""

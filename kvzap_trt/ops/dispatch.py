@@ -1,17 +1,26 @@
 """The one place that chooses an implementation of the cache ops for a device.
 
 Every op exists as a PyTorch reference (this package) with the signature and layout of its CUDA
-kernel. The references run on any device, CPU included, and are the test oracle; CUDA kernels
-(`torch.ops.kvzap_trt.*`, built from plugins/) will be chosen here for CUDA tensors once they
-exist. Callers never import an implementation directly.
+kernel. The references run on any device, CPU included, and are the test oracle. On CUDA
+tensors the kernels of plugins/ (`cuda_kernels`, torch.ops.kvzap_trt.*) are chosen; surrogate
+scoring is a GEMM and stays on PyTorch (cuBLAS) everywhere. Callers never import an
+implementation directly.
+
+$KVZAP_TRT_OPS: `auto` (default: kernels on CUDA, falling back to the reference with a warning
+when they cannot be built), `cuda` (kernels or an error), `reference` (always the reference).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from types import SimpleNamespace
 
 import torch
 
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.ops import cuda_kernels
 from kvzap_trt.ops.evict_append import evict_append
 from kvzap_trt.ops.paged_attention import paged_attention
 from kvzap_trt.ops.surrogate_score import surrogate_score
@@ -19,8 +28,30 @@ from kvzap_trt.ops.surrogate_score import surrogate_score
 REFERENCE = SimpleNamespace(
     name="reference", surrogate_score=surrogate_score, evict_append=evict_append, paged_attention=paged_attention
 )
+CUDA = SimpleNamespace(
+    name="cuda", surrogate_score=surrogate_score, evict_append=cuda_kernels.evict_append,
+    paged_attention=cuda_kernels.paged_attention,
+)
+CHOICES = ("auto", "cuda", "reference")
 
 
 def ops(device: torch.device | str) -> SimpleNamespace:
-    """Implementation for tensors on `device`. Today: the reference everywhere."""
-    return REFERENCE
+    """Implementation for tensors on `device`."""
+    choice = os.environ.get("KVZAP_TRT_OPS", "auto")
+    if choice not in CHOICES:
+        raise KvzapError(f"KVZAP_TRT_OPS={choice!r}: expected one of {', '.join(CHOICES)}")
+    if torch.device(device).type != "cuda" or choice == "reference":
+        return REFERENCE
+    return _cuda_ops(choice)
+
+
+@functools.cache  # one build attempt, one warning per process
+def _cuda_ops(choice: str) -> SimpleNamespace:
+    try:
+        cuda_kernels.load()
+    except Exception as e:  # a compiler or CUDA error is as fatal to `cuda` as a KvzapError
+        if choice == "cuda":
+            raise KvzapError(f"KVZAP_TRT_OPS=cuda but the kernels cannot be loaded: {e}") from e
+        warnings.warn(f"kvzap-trt CUDA kernels unavailable, using the PyTorch reference: {e}", stacklevel=3)
+        return REFERENCE
+    return CUDA

@@ -1,0 +1,120 @@
+"""The CUDA kernels of plugins/ as torch ops, with the references' signatures.
+
+`load()` compiles plugins/src/*.cu and plugins/torch/torch_ops.cpp with
+torch.utils.cpp_extension on first use (cached under ~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR) for the current GPU's architecture, which registers
+`torch.ops.kvzap_trt.evict_append` and `torch.ops.kvzap_trt.paged_attention`. A library built by
+CMake (`-DKVZAP_TORCH_OPS=ON`) is loaded instead when $KVZAP_TRT_TORCH_OPS names it.
+
+`evict_append` and `paged_attention` below take exactly the arguments of the references in
+evict_append.py and paged_attention.py (host-readable cu_seqlens, seq_slots, ctx_lens), so the
+dispatch can swap them. Differences a caller can see:
+  - block ids: heads pop blocks from the free stack concurrently, so which id a head gets
+    differs from the reference; what each head keeps, in which order, and how many blocks the
+    pool loses are the same;
+  - errors: the kernel cannot raise; it sets a flag, which `evict_append` reads back (one
+    device sync per call) and turns into the reference's CacheFullError. The cache is invalid
+    after it, as the runtime's exact block bounds make it unreachable in serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from kvzap_trt.errors import CacheFullError, KvzapError
+
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+KERNEL_SOURCES = ("src/evict_append.cu", "src/paged_attention.cu")
+TORCH_OPS_SOURCE = "torch/torch_ops.cpp"
+ERR_POOL_EXHAUSTED, ERR_BLOCK_TABLE_FULL = 1, 2  # kvzap_kernels.h
+
+
+def gencode_flags(capability: tuple[int, int]) -> list[str]:
+    """nvcc flags for one device: sm_90a on Hopper (its own instructions), sm_XY elsewhere."""
+    major, minor = capability
+    arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+@functools.cache
+def load() -> None:
+    """Register torch.ops.kvzap_trt.* (compiling on first use); KvzapError says why it cannot."""
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        raise KvzapError("the kvzap-trt CUDA kernels need a CUDA build of PyTorch and a CUDA device")
+    prebuilt = os.environ.get("KVZAP_TRT_TORCH_OPS")
+    if prebuilt:
+        torch.ops.load_library(prebuilt)
+        return
+    missing = [s for s in (*KERNEL_SOURCES, TORCH_OPS_SOURCE) if not (PLUGINS / s).is_file()]
+    if missing:
+        raise KvzapError(f"kernel sources not found under {PLUGINS}: {missing} (install kvzap-trt from a source checkout)")
+    from torch.utils.cpp_extension import load as build
+
+    flags = gencode_flags(torch.cuda.get_device_capability())
+    build(
+        name="kvzap_trt_ops",
+        sources=[str(PLUGINS / s) for s in (*KERNEL_SOURCES, TORCH_OPS_SOURCE)],
+        extra_include_paths=[str(PLUGINS / "include")],
+        extra_cflags=["-O3", "-std=c++20"],
+        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *flags],
+        is_python_module=False,
+        verbose=bool(os.environ.get("KVZAP_TRT_VERBOSE_BUILD")),
+    )
+
+
+def _device_ints(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return values.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
+
+
+def evict_append(
+    k_new, v_new, scores, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, pos_pool, block_table, kept_len,
+    ring_k, ring_v, ring_score, free_stack, num_free, threshold: float,
+) -> None:
+    """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append (one layer)."""
+    load()
+    dev = k_pool.device
+    error = torch.zeros(1, dtype=torch.int32, device=dev)
+    with torch.cuda.device(dev):
+        torch.ops.kvzap_trt.evict_append(
+            k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), _device_ints(cu_seqlens, dev),
+            _device_ints(seq_slots, dev), _device_ints(ctx_lens, dev), k_pool, v_pool, pos_pool, block_table,
+            kept_len, ring_k, ring_v, ring_score, free_stack, num_free, error, float(threshold),
+            torch.cuda.current_stream(dev).cuda_stream,
+        )
+    flag = int(error.item())
+    if flag & ERR_POOL_EXHAUSTED:
+        raise CacheFullError("KV block pool exhausted in kvzapEvict (the cache is no longer valid)")
+    if flag & ERR_BLOCK_TABLE_FULL:
+        raise CacheFullError("a head needs more blocks than its block table holds (kvzapEvict)")
+
+
+def max_keys(cu_seqlens: torch.Tensor, ctx_lens: torch.Tensor) -> int:
+    """Most keys any row can see: every cached token of the longest context plus the longest chunk."""
+    if ctx_lens.numel() == 0:
+        return 0
+    return int(ctx_lens.max()) + int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def paged_attention(
+    q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_k, ring_v,
+    scale: float, split_size: int = 0, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """-> [N, Hq, D]; arguments as kvzap_trt.ops.paged_attention.paged_attention.
+
+    split_size: keys per thread block (0: the launcher's choice). out: written in place if given.
+    """
+    load()
+    dev = q.device
+    out = torch.empty_like(q) if out is None else out
+    with torch.cuda.device(dev):
+        torch.ops.kvzap_trt.paged_attention(
+            q.contiguous(), k_new.contiguous(), v_new.contiguous(), _device_ints(cu_seqlens, dev),
+            _device_ints(seq_slots, dev), _device_ints(ctx_lens, dev), k_pool, v_pool, block_table, kept_len,
+            ring_k, ring_v, float(scale), max_keys(cu_seqlens.cpu(), ctx_lens.cpu()), int(split_size), out,
+            torch.cuda.current_stream(dev).cuda_stream,
+        )
+    return out

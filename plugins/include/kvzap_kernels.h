@@ -1,0 +1,107 @@
+// kvzap-trt CUDA kernels: C ABI.
+//
+// Framework-free launchers over raw device pointers. The torch ops (plugins/torch/) and the
+// TensorRT plugins call these; each has a PyTorch reference with the same arguments and layout in
+// kvzap_trt/ops/ (evict_append.py, paged_attention.py), which is also its test oracle.
+//
+// Layout (DESIGN.md section 3), every tensor contiguous, element type `dtype` unless noted:
+//   k_pool, v_pool  [num_blocks, block_size, D]    one block = block_size tokens of one (layer, seq, kv head)
+//   pos_pool        [num_blocks, block_size] int32 absolute position of each stored token
+//   block_table     [L, S, H, M] int32             block ids of each head's kept pages
+//   kept_len        [L, S, H] int32                tokens in each head's kept pages
+//   ring_k, ring_v  [L, S, H, W, D]                the window: position p lives in slot p % W
+//   ring_score      [L, S, H, W] float32
+//   free_stack      [num_blocks] int32, entries [0, *num_free) free; num_free [1] int32
+// New tokens are packed over the batch: row n of sequence b is n in [cu_seqlens[b], cu_seqlens[b+1]).
+// cu_seqlens [B+1], seq_slots [B], ctx_lens [B] are int32 device arrays. L is 1 for a per-layer call.
+//
+// All launchers are asynchronous on `stream` and return cudaSuccess or the launch error.
+
+#ifndef KVZAP_KERNELS_H_
+#define KVZAP_KERNELS_H_
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { KVZAP_FLOAT32 = 0, KVZAP_FLOAT16 = 1, KVZAP_BFLOAT16 = 2 } kvzapDtype;
+
+// Error bits written (OR-ed) into *error by kvzapEvict; the cache is invalid after any of them.
+enum { KVZAP_ERR_POOL_EXHAUSTED = 1, KVZAP_ERR_BLOCK_TABLE_FULL = 2 };
+
+typedef struct {
+    kvzapDtype dtype;
+    int num_layers;   // L
+    int batch;        // B
+    int num_slots;    // S
+    int num_kv_heads; // H
+    int head_dim;     // D
+    int window;       // W (0 allowed)
+    int block_size;
+    int max_blocks_per_head;  // M
+    int num_rows;     // N = cu_seqlens[B]
+    float threshold;  // tau: kept iff score >= tau
+    const void* k_new;    // [L, N, H, D]
+    const void* v_new;    // [L, N, H, D]
+    const float* scores;  // [L, N, H]
+    const int32_t* cu_seqlens;
+    const int32_t* seq_slots;
+    const int32_t* ctx_lens;
+    void* k_pool;
+    void* v_pool;
+    int32_t* pos_pool;
+    int32_t* block_table;
+    int32_t* kept_len;
+    void* ring_k;
+    void* ring_v;
+    float* ring_score;
+    int32_t* free_stack;
+    int32_t* num_free;
+    int32_t* error;   // [1], OR-ed with KVZAP_ERR_* bits
+} kvzapEvictParams;
+
+// Tokens leaving the window: appended to their head's pages if score >= tau, else forgotten; new
+// tokens written into the ring. One thread block per (layer, sequence, kv head).
+cudaError_t kvzapEvict(const kvzapEvictParams* p, cudaStream_t stream);
+
+typedef struct {
+    kvzapDtype dtype;
+    int batch, num_slots, num_q_heads, num_kv_heads, head_dim, window, block_size, max_blocks_per_head;
+    int num_rows;     // N
+    int max_keys;     // an upper bound of keys seen by any row: max_b(ctx_lens[b]) + max_b(T_b)
+    float scale;
+    const void* q;        // [N, Hq, D]
+    const void* k_new;    // [N, H, D]
+    const void* v_new;
+    const int32_t* cu_seqlens;
+    const int32_t* seq_slots;
+    const int32_t* ctx_lens;
+    const void* k_pool;
+    const void* v_pool;
+    const int32_t* block_table;  // [S, H, M]
+    const int32_t* kept_len;     // [S, H]
+    const void* ring_k;          // [S, H, W, D]
+    const void* ring_v;
+    void* out;                   // [N, Hq, D]
+    float* workspace;            // kvzapAttentionWorkspaceBytes(...) bytes, or NULL when it returns 0
+} kvzapAttentionParams;
+
+// Keys split per thread block along the kept length (tokens); fixed by the launcher.
+int kvzapAttentionSplitSize(int num_rows, int num_kv_heads, int max_keys, int num_sms);
+
+// Bytes of float workspace for the split-K partial results (0: one split, no workspace).
+size_t kvzapAttentionWorkspaceBytes(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size);
+
+// Attention of each row's query heads over its kv head's kept pages + window ring + the new tokens
+// of its sequence up to itself (causal). GQA: one thread block per (row, kv head, split) serves
+// the whole query group; splits merged by log-sum-exp. head_dim 64 or 128.
+cudaError_t kvzapVarlenPagedAttention(const kvzapAttentionParams* p, int split_size, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // KVZAP_KERNELS_H_

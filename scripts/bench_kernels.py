@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""The CUDA kernels on the GPU, beside the device copy bandwidth and a dense baseline, in one run.
+
+Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, window 128):
+  - decode attention (kvzapVarlenPagedAttention) for batch x context x kept fraction: time, GB/s
+    counting q + kept K/V bytes (FlashInfer's convention), and the dense baseline on the full,
+    uncompressed cache (FlashInfer's paged decode if its wheel runs here, else PyTorch SDPA);
+  - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers;
+  - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer.
+Prints a table, writes bench/results/kernels-<device>-<date>.json and a PNG.
+
+    .venv/bin/python scripts/bench_kernels.py [--batches 1 8 32] [--contexts 4096 16384 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
+from kvzap_trt.ops import cuda_kernels
+
+HQ, H, D, W, BS, LAYERS = 32, 8, 128, 128, 16, 36
+DTYPE = torch.bfloat16
+
+
+def time_us(fn, reps: int = 50) -> float:
+    """Median microseconds per call, L2 flushed between calls (triton.testing.do_bench when present)."""
+    try:
+        from triton.testing import do_bench
+
+        return 1e3 * do_bench(fn, warmup=10, rep=reps, return_mode="median")
+    except ImportError:
+        flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        times = []
+        for _ in range(reps):
+            flush.zero_()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / time_us(lambda: dst.copy_(src)) / 1e3
+
+
+def ints(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device="cuda")
+
+
+def attention_cache(batch: int, context: int, kept_fraction: float):
+    """One layer: each kv head of each sequence keeps kept_fraction of the tokens outside the window."""
+    kept = round(kept_fraction * (context - W))
+    blocks_per_head = -(-kept // BS)
+    spec = CacheSpec(1, H, D, W, BS, max(1, batch * H * blocks_per_head), batch, context + 1, DTYPE)
+    cache = PagedKVCache(spec, "cuda")
+    ids = torch.randperm(spec.num_blocks, device="cuda", dtype=torch.int32)[: batch * H * blocks_per_head]
+    cache.block_table[0, :, :, :blocks_per_head] = ids.view(batch, H, blocks_per_head)
+    cache.kept_len[0] = kept
+    for t in (cache.k_pool, cache.v_pool, cache.ring_k, cache.ring_v):
+        t.normal_()
+    return cache, kept
+
+
+def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense_fn) -> dict:
+    cache, kept = attention_cache(batch, context, kept_fraction)
+    lc = cache.layer(0)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+    k_new, v_new = (torch.randn(batch, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    cu, slots, ctx = ints(list(range(batch + 1))), ints(list(range(batch))), ints([context] * batch)
+    out, stream = torch.empty_like(q), torch.cuda.current_stream().cuda_stream
+    max_keys = context + 1
+
+    def run():
+        torch.ops.kvzap_trt.paged_attention(q, k_new, v_new, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table,
+                                            lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5, max_keys, 0, out, stream)
+
+    t = time_us(run)
+    keys = kept + W + 1
+    moved = batch * (HQ * D + 2 * H * keys * D) * 2
+    dense_t = dense_fn(batch, context)
+    return {"kernel": "varlenPagedAttention", "batch": batch, "kv_len": context, "kept_fraction": kept_fraction,
+            "time_us": t, "GBps": moved / t / 1e3, "dense_time_us": dense_t, "speedup_vs_dense": dense_t / t}
+
+
+def dense_baseline():
+    """(name, fn(batch, context) -> us) of the best dense paged decode available here."""
+    try:
+        import flashinfer
+
+        def flashinfer_us(batch: int, context: int) -> float:
+            pages = -(-context // BS)
+            kv = torch.randn(batch * pages, 2, BS, H, D, device="cuda", dtype=DTYPE)
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
+            wrapper.plan(torch.arange(batch + 1, device="cuda", dtype=torch.int32) * pages,
+                         torch.arange(batch * pages, device="cuda", dtype=torch.int32),
+                         torch.full((batch,), context - (pages - 1) * BS, device="cuda", dtype=torch.int32),
+                         HQ, H, D, BS, data_type=DTYPE)
+            q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
+            return time_us(lambda: wrapper.run(q, kv))
+
+        flashinfer_us(1, 256)  # fails here if the wheel does not run on this machine
+        return f"flashinfer {flashinfer.__version__} BatchDecodeWithPagedKVCacheWrapper", flashinfer_us
+    except Exception:  # not installed, or built for another CUDA/torch: fall back
+        pass
+
+    def sdpa_us(batch: int, context: int) -> float:
+        q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=DTYPE)
+        k, v = (torch.randn(batch, H, context, D, device="cuda", dtype=DTYPE) for _ in range(2))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return time_us(lambda: sdpa(q, k, v, enable_gqa=True))
+
+    return f"torch {torch.__version__} scaled_dot_product_attention (dense, GQA)", sdpa_us
+
+
+def evict_args(cache: PagedKVCache, layered: bool, batch: int, tokens: int, context: int) -> tuple:
+    """torch.ops.kvzap_trt.evict_append arguments: every leaver kept (the most work)."""
+    k = torch.randn(*([LAYERS] if layered else []), batch * tokens, H, D, device="cuda", dtype=DTYPE)
+    scores = torch.full(k.shape[:-1], float("inf"), device="cuda")
+    t = cache if layered else cache.layer(0)  # [L, ...] tensors, or one layer's views
+    a = cache.allocator
+    return (k, k.clone(), scores, ints([i * tokens for i in range(batch + 1)]), ints(list(range(batch))),
+            ints([context] * batch), cache.k_pool, cache.v_pool, cache.pos_pool, t.block_table, t.kept_len, t.ring_k,
+            t.ring_v, t.ring_score, a.free_stack, a.num_free_t, torch.zeros(1, dtype=torch.int32, device="cuda"), 0.0,
+            torch.cuda.current_stream().cuda_stream)
+
+
+def time_evict_us(cache: PagedKVCache, args: tuple, reps: int) -> float:
+    """Each call appends, so the cache is reset before it (kept lengths, free count); the reset's
+    own time is measured alone and taken off."""
+    num_blocks = cache.spec.num_blocks
+
+    def reset():
+        cache.kept_len.zero_()
+        cache.allocator.num_free_t.fill_(num_blocks)
+
+    def run():
+        reset()
+        torch.ops.kvzap_trt.evict_append(*args)
+
+    return max(0.0, time_us(run, reps) - time_us(reset, reps))
+
+
+def bench_decode_evict(batch: int, layered: bool) -> dict:
+    """One decode token per sequence at context 2048: a token leaves the window of every head."""
+    layers = LAYERS if layered else 1
+    cache = PagedKVCache(CacheSpec(layers, H, D, W, BS, layers * batch * H, batch, 4096, DTYPE), "cuda")
+    t = time_evict_us(cache, evict_args(cache, layered, batch, 1, 2048), reps=50)
+    return {"kernel": "evict_decode" + ("_36_layers" if layered else ""), "batch": batch, "kv_len": 2048,
+            "kept_fraction": 1.0, "time_us": t, "time_us_per_layer": t / layers}
+
+
+def bench_prefill_evict(prompt: int) -> dict:
+    """A fresh prompt of `prompt` tokens, one layer, against that layer's dense causal attention."""
+    cache = PagedKVCache(CacheSpec(1, H, D, W, BS, H * (prompt // BS + 1), 1, prompt, DTYPE), "cuda")
+    t = time_evict_us(cache, evict_args(cache, False, 1, prompt, 0), reps=20)
+    q = torch.randn(1, HQ, prompt, D, device="cuda", dtype=DTYPE)
+    k, v = (torch.randn(1, H, prompt, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    dense = time_us(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True), reps=20)
+    return {"kernel": "evict_prefill", "batch": 1, "kv_len": prompt, "kept_fraction": 1.0, "time_us": t,
+            "dense_prefill_attention_us": dense, "fraction_of_prefill_attention": t / dense}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--kept", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA device")
+    cuda_kernels.load()
+    device = torch.cuda.get_device_name()
+    copy = copy_bandwidth()
+    baseline, dense_fn = dense_baseline()
+
+    cases = []
+    grid = [(b, c, f) for b in args.batches for c in args.contexts for f in args.kept]
+    for b, c, f in tqdm(grid, desc="decode attention", file=sys.stderr):
+        cases.append(bench_decode_attention(b, c, f, dense_fn))
+    cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True), bench_prefill_evict(32768)]
+
+    print(f"{device}: copy {copy:.0f} GB/s; dense baseline: {baseline}")
+    print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}{'speedup':>9}")
+    for r in cases:
+        gbps = r.get("GBps")
+        print(f"{r['kernel']:<22}{r['batch']:>6}{r['kv_len']:>8}{r['kept_fraction']:>6.2f}{r['time_us']:>10.1f}"
+              + (f"{gbps:>8.0f}{100 * gbps / copy:>6.0f}%{r['dense_time_us']:>10.1f}{r['speedup_vs_dense']:>8.2f}x"
+                 if gbps else f"{'':>8}{'':>7}" + "".join(f"  {k}={v:.4g}" for k, v in r.items()
+                                                          if k in ("time_us_per_layer", "fraction_of_prefill_attention"))))
+
+    date = datetime.date.today().isoformat()
+    slug = device.lower().replace("nvidia ", "").replace(" ", "-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"device": device, "date": date, "command": "python " + " ".join(sys.argv), "copy_GBps": copy,
+              "dense_baseline": baseline, "dtype": str(DTYPE), "shapes": {"q_heads": HQ, "kv_heads": H, "head_dim": D,
+                                                                          "block_size": BS, "window": W},
+              "cases": cases}
+    path = args.out / f"kernels-{slug}-{date}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    plot([r for r in cases if "GBps" in r], copy, path.with_suffix(".png"), device)
+    print(f"wrote {path}")
+    return 0
+
+
+def plot(rows: list[dict], copy: float, path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for f in sorted({r["kept_fraction"] for r in rows}, reverse=True):
+        sel = [r for r in rows if r["kept_fraction"] == f and r["batch"] == max(x["batch"] for x in rows)]
+        ax1.plot([r["kv_len"] for r in sel], [r["GBps"] for r in sel], "o-", label=f"kept {f:.0%}")
+        ax2.plot([r["kv_len"] for r in sel], [r["speedup_vs_dense"] for r in sel], "o-", label=f"kept {f:.0%}")
+    ax1.axhline(copy, color="gray", ls="--", label="device copy")
+    ax1.set(xscale="log", xlabel="context (tokens)", ylabel="GB/s (q + kept K/V)", title=f"decode attention, {device}")
+    ax2.set(xscale="log", xlabel="context (tokens)", ylabel="speed-up vs dense", title="vs dense decode, full cache")
+    for ax in (ax1, ax2):
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
