@@ -115,6 +115,7 @@ def low_precision_attention(q, k_new, v_new, cu, slots, ctx, cache, scale):
 GPU_CASES = {
     "decode": ([[0, 1, 17, 577, 32768, 0, 5000, 1], [577, 577, 0, 0, 1, 17, 17, 3], [0] * 8], [1, 1, 1]),
     "chunked-prefill": ([[0, 1, 17, 577, 2000, 0, 300, 1], [9] * 8], [24, 300]),
+    "fresh-prompt-beside-decode": ([None, [0, 1, 17, 577, 2000, 0, 300, 1]], [200, 1]),  # None: nothing cached
 }
 
 
@@ -134,7 +135,8 @@ def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype
     g = torch.Generator().manual_seed(block_size + head_dim)
     slots = [cache.add_sequence() for _ in new]
     for s, ls in zip(slots, lengths):
-        fill_kept(cache, s, ls, g)
+        if ls is not None:
+            fill_kept(cache, s, ls, g)
     N = sum(new)
     q = torch.randn(N, q_heads, head_dim, generator=g).to("cuda", dtype)
     k_new, v_new = (torch.randn(N, H, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
@@ -168,3 +170,21 @@ def test_cuda_paged_attention_float32_equals_reference():
     lc = cache.layer(0)
     args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, 0.125)
     assert (CUDA.paged_attention(*args) - REFERENCE.paged_attention(*args)).abs().max() <= 1e-5
+
+
+def test_fresh_prompts_take_fused_attention_and_match_reference():
+    """cuda_kernels.paged_attention sends prompts with nothing cached to PyTorch's fused causal
+    attention (no kernel involved, so this runs on CPU): same result as the reference."""
+    from kvzap_trt.ops import cuda_kernels
+
+    H, G, D = 2, 3, 16
+    cache = make_cache(H=H, D=D, W=4, bs=16)
+    g = torch.Generator().manual_seed(3)
+    seqs = [random_seq(cache, n, g) for n in (33, 5)]
+    k, v, _, cu, slots, ctx = chunk_args(cache, seqs, [33, 5])
+    q = torch.randn(38, H * G, D, generator=g)
+    lc = cache.layer(0)
+    args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5)
+    out = torch.full_like(q, float("nan"))
+    cuda_kernels.paged_attention(*args, out=out)
+    assert (out - REFERENCE.paged_attention(*args)).abs().max() <= 1e-5

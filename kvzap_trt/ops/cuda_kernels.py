@@ -105,11 +105,33 @@ def paged_attention(
 ) -> torch.Tensor:
     """-> [N, Hq, D]; arguments as kvzap_trt.ops.paged_attention.paged_attention.
 
-    split_size: keys per thread block (0: the launcher's choice). out: written in place if given.
+    Fresh prompts (nothing cached yet, several new tokens) see only their own tokens: they go to
+    PyTorch's fused causal attention (flash on GPUs), which the row-wise kernel cannot match for
+    long prompts. Everything else (decode rows, chunked prefill over a cache) goes to
+    kvzapVarlenPagedAttention. split_size: keys per thread block (0: the launcher's choice).
+    out: written in place if given.
     """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    bounds = list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), ctx_lens.tolist()))
+    fresh = [b for b, (start, end, c) in enumerate(bounds) if c == 0 and end - start > 1]
+    for b in fresh:
+        start, end, _ = bounds[b]
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k_new, v_new))  # [1, heads, T, D]
+        attn = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        out[start:end] = attn[0].transpose(0, 1)
+    if len(fresh) == len(bounds):
+        return out
+    if fresh:  # the rest as a packed sub-batch
+        rest = [b for b in range(len(bounds)) if b not in set(fresh)]
+        rows = torch.cat([torch.arange(bounds[b][0], bounds[b][1]) for b in rest]).to(q.device)
+        lens = torch.tensor([bounds[b][1] - bounds[b][0] for b in rest])
+        sub_cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        idx = torch.tensor(rest)
+        out[rows] = paged_attention(q[rows], k_new[rows], v_new[rows], sub_cu, seq_slots[idx], ctx_lens[idx], k_pool,
+                                    v_pool, block_table, kept_len, ring_k, ring_v, scale, split_size)
+        return out
     load()
     dev = q.device
-    out = torch.empty_like(q) if out is None else out
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.paged_attention(
             q.contiguous(), k_new.contiguous(), v_new.contiguous(), _device_ints(cu_seqlens, dev),
