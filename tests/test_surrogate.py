@@ -122,7 +122,9 @@ def test_shipped_smollm2_surrogates(smollm2_dir, kind):
         want = KVzapModel.from_pretrained(path).eval()(x)
     assert torch.allclose(torch.stack([s.score(i, x[:, i]) for i in range(30)], 1), want, atol=1e-5)
     report = json.loads((path / "report.json").read_text())
-    assert len(report["r2_test"]) == 30 and report["r2_test_mean"] > 0.5
+    # The embedded default (MLP) meets the training issue's bar of held-out R² >= 0.6; the linear
+    # one, shipped beside it for comparison, comes close (the paper's linear ones trail too).
+    assert len(report["r2_test"]) == 30 and report["r2_test_mean"] >= (0.6 if kind == "mlp" else 0.55)
     assert all(o["surrogate"] > o["random"] + 0.3 for o in report["oracle_overlap"])
     if kind == "mlp":
         assert resolve_config("smollm2-135m").surrogate == str(path.resolve())

@@ -27,7 +27,8 @@ import torch
 
 from kvzap_trt.errors import CacheFullError, KvzapError
 
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+# The CUDA sources: beside the package in a source checkout, or where $KVZAP_TRT_PLUGINS says.
+PLUGINS = Path(os.environ.get("KVZAP_TRT_PLUGINS") or Path(__file__).resolve().parents[2] / "plugins")
 KERNEL_SOURCES = ("src/evict_append.cu", "src/paged_attention.cu")
 TORCH_OPS_SOURCE = "torch/torch_ops.cpp"
 ERR_POOL_EXHAUSTED, ERR_BLOCK_TABLE_FULL = 1, 2  # kvzap_kernels.h
@@ -51,7 +52,8 @@ def load() -> None:
         return
     missing = [s for s in (*KERNEL_SOURCES, TORCH_OPS_SOURCE) if not (PLUGINS / s).is_file()]
     if missing:
-        raise KvzapError(f"kernel sources not found under {PLUGINS}: {missing} (install kvzap-trt from a source checkout)")
+        raise KvzapError(f"kernel sources not found under {PLUGINS}: {missing} (set KVZAP_TRT_PLUGINS to the "
+                         "repository's plugins/ folder, or install kvzap-trt from a source checkout)")
     from torch.utils.cpp_extension import load as build
 
     flags = gencode_flags(torch.cuda.get_device_capability())

@@ -67,7 +67,7 @@ class Dataset:
         return x, y
 
 
-def build_dataset(loaded: LoadedModel, corpus: list[tuple[str, str]], out: Path, n_tokens: int = 128,
+def build_dataset(loaded: LoadedModel, corpus: list[tuple[str, str]], out: Path, n_tokens: int = 384,
                   min_tokens: int = 128, max_tokens: int = 512, seed: int = 0, scorer=kvzip_plus_scores) -> Dataset:
     """`scorer(model, tokenizer, ids, hidden=dict)` -> scores [L, Hkv, T], filling `hidden` (the oracle)."""
     tok, m = loaded.tokenizer, loaded.config
