@@ -110,3 +110,23 @@ def test_kernels_without_cuda_fail_clearly(monkeypatch):
     monkeypatch.setenv("KVZAP_TRT_OPS", "cuda")
     with pytest.raises(KvzapError, match="CUDA build of PyTorch and a CUDA device"):
         ops("cuda")
+
+
+def test_split_heuristic_fills_one_wave(cmake_build):
+    """The launcher's host logic, called through the C ABI (libcudart loads without a GPU)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(cmake_build[0] / "libkvzap_kernels.so"))
+    lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
+    sms = 132  # H100 SXM
+    for rows, max_keys in [(1, 32769), (8, 16385), (32, 32769), (64, 4097), (8, 100), (300, 2000)]:
+        split = lib.kvzapAttentionSplitSize(rows, 8, max_keys, sms)
+        splits = -(-max_keys // split)
+        assert 256 <= split <= 4096 and split % 64 == 0
+        # One wave (4 blocks per SM) unless even one split per pair, or the largest split, is more.
+        assert rows * 8 * splits <= sms * 4 or splits == 1 or split == 4096, (rows, max_keys, split)
+        ws = lib.kvzapAttentionWorkspaceBytes(rows, 32, 128, max_keys, split)
+        assert ws == (0 if splits == 1 else 4 * rows * 32 * splits * 129)
+    # Long single sequences are cut into many splits; short ones into none.
+    assert -(-32769 // lib.kvzapAttentionSplitSize(1, 8, 32769, sms)) >= 32
+    assert lib.kvzapAttentionSplitSize(8, 8, 100, sms) >= 100

@@ -26,7 +26,8 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kUnroll = 4;
-constexpr int kMaxSplit = 2048;  // keys per split at most: bounds the staged page ids
+constexpr int kMaxSplit = 4096;  // keys per split at most: bounds the staged page ids (16 KB at page size 1)
+constexpr int kBlocksPerSm = 4;  // resident blocks per SM the split heuristic assumes (128 registers, bf16, G=4)
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct KeySource {
@@ -147,11 +148,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentio
                 vraw[u] = load_stream(vp + off);
             }
         }
+        // Logits of the kUnroll keys for every query head, then one softmax update per head:
+        // one rescale of the accumulator per step instead of one per key.
+        float dots[kUnroll][GMAX];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            float kf[VEC], vf[VEC];
+            float kf[VEC];
             to_float(kraw[u], kf, T());
-            to_float(vraw[u], vf, T());
 #pragma unroll
             for (int g = 0; g < GMAX; ++g) {
                 float dot = 0.f;
@@ -159,14 +162,31 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentio
                 for (int e = 0; e < VEC; ++e) dot += q[g][e] * kf[e];
 #pragma unroll
                 for (int o = TX / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                if (valid[u] && g < G) {
-                    const float m_new = fmaxf(m[g], dot);
-                    const float corr = exp2f(m[g] - m_new), pr = exp2f(dot - m_new);
-                    l[g] = l[g] * corr + pr;
+                dots[u][g] = valid[u] ? dot : -FLT_MAX;
+            }
+        }
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) acc[g][e] = acc[g][e] * corr + pr * vf[e];
-                    m[g] = m_new;
-                }
+        for (int g = 0; g < GMAX; ++g) {
+            float m_new = m[g];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, dots[u][g]);
+            const float corr = exp2f(m[g] - m_new);
+            l[g] *= corr;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[g][e] *= corr;
+            m[g] = m_new;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            if (!valid[u]) continue;
+            float vf[VEC];
+            to_float(vraw[u], vf, T());
+#pragma unroll
+            for (int g = 0; g < GMAX; ++g) {
+                const float pr = g < G ? exp2f(dots[u][g] - m[g]) : 0.f;
+                l[g] += pr;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[g][e] += pr * vf[e];
             }
         }
     }
@@ -276,11 +296,13 @@ cudaError_t dispatch_dim(const kvzapAttentionParams& p, int split_size, cudaStre
 }  // namespace kvzap
 
 extern "C" int kvzapAttentionSplitSize(int num_rows, int num_kv_heads, int max_keys, int num_sms) {
-    // Enough blocks for two waves over the SMs, splits of at least 256 keys, at most kMaxSplit.
+    // About one full wave of blocks: (row, kv head) pairs x splits ~ SMs x resident blocks, so
+    // that every SM streams keys and no second, nearly empty wave follows. Splits of 256 to
+    // kMaxSplit keys, in multiples of 64 (a whole number of warp steps).
     const int pairs = max(1, num_rows * num_kv_heads);
-    const int want_splits = max(1, (2 * num_sms + pairs - 1) / pairs);
+    const int want_splits = max(1, num_sms * kvzap::kBlocksPerSm / pairs);
     int split = (max_keys + want_splits - 1) / want_splits;
-    split = ((split + 255) / 256) * 256;
+    split = ((split + 63) / 64) * 64;
     return min(max(split, 256), kvzap::kMaxSplit);
 }
 
