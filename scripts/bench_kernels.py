@@ -135,7 +135,7 @@ def evict_args(cache: PagedKVCache, layered: bool, batch: int, tokens: int, cont
     return (k, k.clone(), scores, ints([i * tokens for i in range(batch + 1)]), ints(list(range(batch))),
             ints([context] * batch), cache.k_pool, cache.v_pool, cache.pos_pool, t.block_table, t.kept_len, t.ring_k,
             t.ring_v, t.ring_score, a.free_stack, a.num_free_t, torch.zeros(1, dtype=torch.int32, device="cuda"), 0.0,
-            torch.cuda.current_stream().cuda_stream)
+            tokens, torch.cuda.current_stream().cuda_stream)
 
 
 def time_evict_us(cache: PagedKVCache, args: tuple, reps: int) -> float:

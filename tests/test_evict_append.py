@@ -75,13 +75,15 @@ def test_evict_append_matches_naive_model(window, block_size, chunks, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_pool_exhaustion_is_a_clear_error(impl):
+@pytest.mark.parametrize("prompt", [64, 5000])  # the kernel's one-block and chunked paths
+def test_pool_exhaustion_is_a_clear_error(impl, prompt):
     ops, device = impl
-    cache = make_cache(H=2, W=2, bs=4, num_blocks=3, device=device)
-    seq = random_seq(cache, 64, torch.Generator().manual_seed(0))
-    seq.scores.fill_(1.0)  # keep everything: 62 tokens per head need 16 blocks each
+    cache = make_cache(H=2, W=2, bs=4, num_blocks=3, max_seq_len=8192, device=device)
+    seq = random_seq(cache, prompt, torch.Generator().manual_seed(0))
+    seq.scores.fill_(1.0)  # keep everything: each head needs far more than 3 blocks
     with pytest.raises(CacheFullError, match="exhausted"):
-        write_chunk(cache, [seq], [64], tau=0.0, ops=ops)
+        write_chunk(cache, [seq], [prompt], tau=0.0, ops=ops)
+    assert cache.allocator.num_free == 3  # nothing taken
 
 
 def kept_pages(cache, slots):
@@ -161,7 +163,7 @@ def test_cuda_evict_one_launch_over_layers_equals_per_layer_reference():
         torch.ops.kvzap_trt.evict_append(
             ints(k), ints(v), ints(scores), ints(cu), ints(torch.tensor(slots, dtype=torch.int32)), ints(ctx),
             gpu.k_pool, gpu.v_pool, gpu.pos_pool, gpu.block_table, gpu.kept_len, gpu.ring_k, gpu.ring_v,
-            gpu.ring_score, gpu.allocator.free_stack, gpu.allocator.num_free_t, error, tau,
+            gpu.ring_score, gpu.allocator.free_stack, gpu.allocator.num_free_t, error, tau, 1,
             torch.cuda.current_stream().cuda_stream)
         assert int(error.item()) == 0
         for s in slots:

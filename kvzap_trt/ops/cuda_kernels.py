@@ -85,7 +85,7 @@ def evict_append(
             k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), _device_ints(cu_seqlens, dev),
             _device_ints(seq_slots, dev), _device_ints(ctx_lens, dev), k_pool, v_pool, pos_pool, block_table,
             kept_len, ring_k, ring_v, ring_score, free_stack, num_free, error, float(threshold),
-            torch.cuda.current_stream(dev).cuda_stream,
+            max_chunk(cu_seqlens.cpu()), torch.cuda.current_stream(dev).cuda_stream,
         )
     flag = int(error.item())
     if flag & ERR_POOL_EXHAUSTED:
@@ -94,11 +94,16 @@ def evict_append(
         raise CacheFullError("a head needs more blocks than its block table holds (kvzapEvict)")
 
 
+def max_chunk(cu_seqlens: torch.Tensor) -> int:
+    """Most new tokens of any sequence in the call."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
 def max_keys(cu_seqlens: torch.Tensor, ctx_lens: torch.Tensor) -> int:
     """Most keys any row can see: every cached token of the longest context plus the longest chunk."""
     if ctx_lens.numel() == 0:
         return 0
-    return int(ctx_lens.max()) + int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return int(ctx_lens.max()) + max_chunk(cu_seqlens)
 
 
 def paged_attention(

@@ -43,6 +43,7 @@ typedef struct {
     int block_size;
     int max_blocks_per_head;  // M
     int num_rows;     // N = cu_seqlens[B]
+    int max_new_tokens;  // max_b T_b if the host knows it, else 0; long prefills take a chunked path
     float threshold;  // tau: kept iff score >= tau
     const void* k_new;    // [L, N, H, D]
     const void* v_new;    // [L, N, H, D]
@@ -64,7 +65,8 @@ typedef struct {
 } kvzapEvictParams;
 
 // Tokens leaving the window: appended to their head's pages if score >= tau, else forgotten; new
-// tokens written into the ring. One thread block per (layer, sequence, kv head).
+// tokens written into the ring. One thread block per (layer, sequence, kv head); long prefills
+// spread each head over blocks of 2048 leavers (three launches).
 cudaError_t kvzapEvict(const kvzapEvictParams* p, cudaStream_t stream);
 
 typedef struct {

@@ -1,17 +1,26 @@
 // kvzapEvict: score-threshold eviction into the per-head paged cache.
 // Reference: kvzap_trt/ops/evict_append.py (same arguments, same decisions).
 //
-// One thread block per (kv head, sequence, layer). For sequence b with c tokens written and T new
-// ones, the positions leaving the window are [lo, hi) = [max(0, c-W), max(0, c+T-W)): the first
-// come from the ring, the rest straight from the new tokens. Then
-//   1. count the kept ones (score >= tau), pop the blocks the head's pages now need off the
-//      device free stack (one atomicSub per head) and write their ids into the block table;
-//   2. walk the leavers in tiles of blockDim: a block-wide scan gives each kept token its page
-//      slot (kept_len + rank), and the tile's kept rows are copied in 16-byte vectors;
-//   3. after a barrier (the ring slots just read may be overwritten), the new tokens that stay in
-//      the window go into the ring with their scores.
-// Nothing is ever moved: kept pages are append-only. Decode (T = 1) leaves at most one token per
-// head; batching over layers (L > 1) is one launch for the whole step.
+// For sequence b with c tokens written and T new ones, the positions leaving the window of a kv
+// head are [lo, hi) = [max(0, c-W), max(0, c+T-W)): the first come from the ring, the rest
+// straight from the new tokens. Three steps per (layer, sequence, kv head):
+//   take   count the kept ones (score >= tau), pop the blocks the head's pages now need off the
+//          device free stack (one atomicSub per head), write their ids into the block table;
+//   copy   walk the leavers in tiles of 128: a block-wide scan gives each kept token its page
+//          slot (kept_len + rank), the tile's kept rows are copied in 16-byte vectors;
+//   ring   after a barrier (the ring slots just read may be overwritten), the new tokens that
+//          stay in the window go into the ring with their scores.
+// Nothing is ever moved: kept pages are append-only.
+//
+// Two launch shapes, same decisions:
+//   fused    one thread block per (kv head, sequence, layer) does all three. Decode (T = 1: at
+//            most one leaver per head) and short chunks; a leading layer dimension makes a
+//            decode step one launch.
+//   chunked  long prefills (max T >= kChunkedFrom): one head's leavers are spread over blocks of
+//            kChunk each. A plan kernel takes the blocks; a copy kernel per (chunk, head) finds
+//            its first page slot by counting the kept scores before its chunk (4 bytes a token
+//            against the 2 x D x elem bytes it copies); a commit kernel, once every ring read is
+//            done, sets kept_len and rewrites the ring.
 
 #include "common.cuh"
 #include "kvzap_kernels.h"
@@ -20,51 +29,68 @@ namespace kvzap {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kChunk = 2048;        // leavers per block in the chunked path
+constexpr int kChunkedFrom = 4096;  // max new tokens per sequence from which the chunked path runs
 
+// One (layer, sequence, kv head) of a call: its place in every tensor.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) evict_kernel(const kvzapEvictParams p) {
-    constexpr int VEC = Vec16<T>::VEC;
-    const int h = blockIdx.x, b = blockIdx.y, l = blockIdx.z, tid = threadIdx.x;
-    const int H = p.num_kv_heads, D = p.head_dim, W = p.window, bs = p.block_size, M = p.max_blocks_per_head;
-    const int start = p.cu_seqlens[b], T_new = p.cu_seqlens[b + 1] - start;
-    if (T_new <= 0) return;
-    const int s = p.seq_slots[b], c = p.ctx_lens[b];
+struct Head {
+    int start, T_new, c, lo, hi;  // packed row of the first new token; new tokens; context; leavers
+    int64_t index;                // (layer, slot, head) in kept_len / block_table / rings
+    int32_t* table;
+    T* ring_k;
+    T* ring_v;
+    float* ring_score;
+    const T* k_new;  // this layer's new tokens, row 0, this head
+    const T* v_new;
+    const float* scores;
+    int H, D, W, bs, M;
 
-    const int64_t head = ((int64_t)l * p.num_slots + s) * H + h;  // (layer, slot, kv head)
-    int32_t* table = p.block_table + head * M;
-    T* ring_k = static_cast<T*>(p.ring_k) + head * W * D;
-    T* ring_v = static_cast<T*>(p.ring_v) + head * W * D;
-    float* ring_score = p.ring_score + head * W;
-    const int64_t layer_rows = (int64_t)l * p.num_rows;
-    const T* k_new = static_cast<const T*>(p.k_new) + layer_rows * H * D;
-    const T* v_new = static_cast<const T*>(p.v_new) + layer_rows * H * D;
-    const float* scores = p.scores + layer_rows * H;
-    T* k_pool = static_cast<T*>(p.k_pool);
-    T* v_pool = static_cast<T*>(p.v_pool);
+    __device__ Head(const kvzapEvictParams& p, int h, int b, int l) {
+        H = p.num_kv_heads, D = p.head_dim, W = p.window, bs = p.block_size, M = p.max_blocks_per_head;
+        start = p.cu_seqlens[b];
+        T_new = p.cu_seqlens[b + 1] - start;
+        c = p.ctx_lens[b];
+        lo = max(0, c - W);
+        hi = max(0, c + T_new - W);
+        index = ((int64_t)l * p.num_slots + p.seq_slots[b]) * H + h;
+        table = p.block_table + index * M;
+        ring_k = static_cast<T*>(p.ring_k) + index * W * D;
+        ring_v = static_cast<T*>(p.ring_v) + index * W * D;
+        ring_score = p.ring_score + index * W;
+        const int64_t layer_rows = (int64_t)l * p.num_rows;
+        k_new = static_cast<const T*>(p.k_new) + (layer_rows * H + h) * D;
+        v_new = static_cast<const T*>(p.v_new) + (layer_rows * H + h) * D;
+        scores = p.scores + layer_rows * H + h;
+    }
+    // Leaver at position pos: from the ring while older than the chunk, else a new token.
+    __device__ float score(int pos) const {
+        return pos < c ? ring_score[pos % W] : scores[(int64_t)(start + pos - c) * H];
+    }
+    __device__ const T* row(int pos, const T* ring, const T* fresh) const {
+        return pos < c ? ring + (int64_t)(pos % W) * D : fresh + (int64_t)(start + pos - c) * H * D;
+    }
+};
 
-    const int lo = max(0, c - W), hi = max(0, c + T_new - W), n_leave = hi - lo;
-    // Score of the i-th leaver (position lo + i): from the ring while older than the chunk.
-    auto leaver_score = [&](int pos) {
-        return pos < c ? ring_score[pos % W] : scores[(int64_t)(start + pos - c) * H + h];
-    };
-    auto leaver_row = [&](int pos, const T* ring, const T* fresh) {
-        return pos < c ? ring + (int64_t)(pos % W) * D : fresh + ((int64_t)(start + pos - c) * H + h) * D;
-    };
-
-    __shared__ int scratch[32];
-    __shared__ int s_old_len, s_first_new_block, s_ok, s_top;
-    __shared__ int s_src_pos[kThreads], s_dst[kThreads];
-
-    // 1. Count, then take blocks.
+// Kept leavers among positions [from, to), summed over the block (every thread gets it).
+template <typename T>
+__device__ int count_kept(const Head<T>& v, int from, int to, float tau, int* scratch) {
     int mine = 0;
-    for (int i = tid; i < n_leave; i += kThreads) mine += leaver_score(lo + i) >= p.threshold;
-    const int n_keep = block_sum(mine, scratch);
-    if (tid == 0) {
-        const int old_len = p.kept_len[head];
-        const int old_blocks = (old_len + bs - 1) / bs, new_blocks = (old_len + n_keep + bs - 1) / bs;
+    for (int pos = from + threadIdx.x; pos < to; pos += kThreads) mine += v.score(pos) >= tau;
+    return block_sum(mine, scratch);
+}
+
+// Pop the blocks `n_keep` more tokens need and write their ids after the head's pages. Returns
+// false (everyone) and sets an error bit when the table or the pool is too small.
+template <typename T>
+__device__ bool take_blocks(const kvzapEvictParams& p, const Head<T>& v, int n_keep) {
+    __shared__ int s_ok, s_first, s_need, s_top;
+    if (threadIdx.x == 0) {
+        const int old_len = p.kept_len[v.index];
+        const int old_blocks = (old_len + v.bs - 1) / v.bs, new_blocks = (old_len + n_keep + v.bs - 1) / v.bs;
         const int need = new_blocks - old_blocks;
         int ok = 1, top = 0;
-        if (new_blocks > M) {
+        if (new_blocks > v.M) {
             atomicOr(p.error, KVZAP_ERR_BLOCK_TABLE_FULL);
             ok = 0;
         } else if (need > 0) {
@@ -75,67 +101,130 @@ __global__ void __launch_bounds__(kThreads) evict_kernel(const kvzapEvictParams 
                 ok = 0;
             }
         }
-        s_old_len = old_len;
-        s_first_new_block = old_blocks;
-        s_top = top - need;  // this head owns free_stack[s_top, s_top + need)
-        s_ok = ok;
-        if (ok) p.kept_len[head] = old_len + n_keep;
+        s_ok = ok, s_first = old_blocks, s_need = need, s_top = top - need;  // ids free_stack[s_top, +need)
     }
     __syncthreads();
-    if (!s_ok) return;
-    {
-        const int old_blocks = s_first_new_block;
-        const int need = (s_old_len + n_keep + bs - 1) / bs - old_blocks;
-        for (int j = tid; j < need; j += kThreads) table[old_blocks + j] = p.free_stack[s_top + j];
-    }
+    if (!s_ok) return false;
+    for (int j = threadIdx.x; j < s_need; j += kThreads) v.table[s_first + j] = p.free_stack[s_top + j];
     __syncthreads();
+    return true;
+}
 
-    // 2. Scan and copy, one tile of kThreads leavers at a time.
+// Copy the kept leavers of [from, to) to page slots first_dst, first_dst + 1, ... in order.
+// A slot whose page is missing (-1: its head failed to take blocks) is skipped.
+template <typename T>
+__device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from, int to, int first_dst, int* scratch) {
+    constexpr int VEC = Vec16<T>::VEC;
+    __shared__ int s_src[kThreads], s_dst[kThreads];
+    T* k_pool = static_cast<T*>(p.k_pool);
+    T* v_pool = static_cast<T*>(p.v_pool);
+    const int vecs_per_row = v.D / VEC;
     int written = 0;
-    for (int tile = 0; tile < n_leave; tile += kThreads) {
-        const int i = tile + tid;
-        const int pos = lo + i;
-        const int keep = i < n_leave && leaver_score(pos) >= p.threshold;
+    for (int tile = from; tile < to; tile += kThreads) {
+        const int pos = tile + threadIdx.x;
+        const int keep = pos < to && v.score(pos) >= p.threshold;
         int tile_kept;
         const int rank = block_exclusive_scan(keep, scratch, &tile_kept);
         if (keep) {
-            s_src_pos[rank] = pos;
-            s_dst[rank] = s_old_len + written + rank;
+            s_src[rank] = pos;
+            s_dst[rank] = first_dst + written + rank;
         }
         __syncthreads();
-        const int vecs_per_row = D / VEC;
-        for (int v = tid; v < tile_kept * vecs_per_row; v += kThreads) {
-            const int r = v / vecs_per_row, e = (v % vecs_per_row) * VEC;
-            const int src = s_src_pos[r], dst = s_dst[r];
-            const int64_t slot = (int64_t)table[dst / bs] * bs + dst % bs;
-            *reinterpret_cast<uint4*>(k_pool + slot * D + e) =
-                *reinterpret_cast<const uint4*>(leaver_row(src, ring_k, k_new) + e);
-            *reinterpret_cast<uint4*>(v_pool + slot * D + e) =
-                *reinterpret_cast<const uint4*>(leaver_row(src, ring_v, v_new) + e);
+        for (int i = threadIdx.x; i < tile_kept * vecs_per_row; i += kThreads) {
+            const int r = i / vecs_per_row, e = (i % vecs_per_row) * VEC;
+            const int src = s_src[r], dst = s_dst[r];
+            const int32_t block = v.table[dst / v.bs];
+            if (block < 0) continue;
+            const int64_t slot = (int64_t)block * v.bs + dst % v.bs;
+            *reinterpret_cast<uint4*>(k_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, v.ring_k, v.k_new) + e);
+            *reinterpret_cast<uint4*>(v_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, v.ring_v, v.v_new) + e);
             if (e == 0) p.pos_pool[slot] = src;
         }
         written += tile_kept;
-        __syncthreads();  // s_src_pos / s_dst reused by the next tile
+        __syncthreads();  // s_src / s_dst reused by the next tile
     }
+}
 
-    // 3. New tokens that stay in the window take the ring slots of those that left.
-    const int stay_lo = max(c, c + T_new - W), n_stay = c + T_new - stay_lo;
-    const int vecs_per_row = D / VEC;
-    for (int v = tid; v < n_stay * vecs_per_row; v += kThreads) {
-        const int pos = stay_lo + v / vecs_per_row, e = (v % vecs_per_row) * VEC;
-        const int64_t row = ((int64_t)(start + pos - c) * H + h) * D + e;
-        const int64_t slot = (int64_t)(pos % W) * D + e;
-        *reinterpret_cast<uint4*>(ring_k + slot) = *reinterpret_cast<const uint4*>(k_new + row);
-        *reinterpret_cast<uint4*>(ring_v + slot) = *reinterpret_cast<const uint4*>(v_new + row);
-        if (e == 0) ring_score[pos % W] = scores[(int64_t)(start + pos - c) * H + h];
+// The new tokens that stay in the window take the ring slots of those that left. Call after a
+// barrier that follows every read of the ring's leavers.
+template <typename T>
+__device__ void write_ring(const Head<T>& v) {
+    constexpr int VEC = Vec16<T>::VEC;
+    const int stay_lo = max(v.c, v.c + v.T_new - v.W), n_stay = v.c + v.T_new - stay_lo;
+    const int vecs_per_row = v.D / VEC;
+    for (int i = threadIdx.x; i < n_stay * vecs_per_row; i += kThreads) {
+        const int pos = stay_lo + i / vecs_per_row, e = (i % vecs_per_row) * VEC;
+        const int64_t row = (int64_t)(v.start + pos - v.c) * v.H * v.D + e;
+        const int64_t slot = (int64_t)(pos % v.W) * v.D + e;
+        *reinterpret_cast<uint4*>(v.ring_k + slot) = *reinterpret_cast<const uint4*>(v.k_new + row);
+        *reinterpret_cast<uint4*>(v.ring_v + slot) = *reinterpret_cast<const uint4*>(v.v_new + row);
+        if (e == 0) v.ring_score[pos % v.W] = v.scores[(int64_t)(v.start + pos - v.c) * v.H];
     }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) evict_fused_kernel(const kvzapEvictParams p) {
+    const Head<T> v(p, blockIdx.x, blockIdx.y, blockIdx.z);
+    if (v.T_new <= 0) return;
+    __shared__ int scratch[32];
+    const int n_keep = count_kept(v, v.lo, v.hi, p.threshold, scratch);
+    const int old_len = p.kept_len[v.index];
+    if (!take_blocks(p, v, n_keep)) return;
+    copy_kept(p, v, v.lo, v.hi, old_len, scratch);
+    if (threadIdx.x == 0) p.kept_len[v.index] = old_len + n_keep;
+    write_ring(v);  // copy_kept ends with a barrier
+}
+
+// (kThreads, 1): with the default occupancy target ptxas spilled 4 bytes here.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) evict_plan_kernel(const kvzapEvictParams p) {
+    const Head<T> v(p, blockIdx.x, blockIdx.y, blockIdx.z);
+    if (v.T_new <= 0) return;
+    __shared__ int scratch[32];
+    take_blocks(p, v, count_kept(v, v.lo, v.hi, p.threshold, scratch));
+}
+
+// grid.x = heads x chunks: block (h, chunk) copies leavers [lo + chunk * kChunk, +kChunk). The
+// ring is only read here (every chunk may count the ring leavers' scores).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) evict_copy_kernel(const kvzapEvictParams p) {
+    const int h = blockIdx.x % p.num_kv_heads, chunk = blockIdx.x / p.num_kv_heads;
+    const Head<T> v(p, h, blockIdx.y, blockIdx.z);
+    const int from = v.lo + chunk * kChunk, to = min(v.hi, from + kChunk);
+    if (v.T_new <= 0 || (chunk > 0 && from >= to)) return;
+    __shared__ int scratch[32];
+    const int before = count_kept(v, v.lo, from, p.threshold, scratch);
+    copy_kept(p, v, from, max(from, to), p.kept_len[v.index] + before, scratch);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) evict_commit_kernel(const kvzapEvictParams p) {
+    const Head<T> v(p, blockIdx.x, blockIdx.y, blockIdx.z);
+    if (v.T_new <= 0) return;
+    __shared__ int scratch[32];
+    const int n_keep = count_kept(v, v.lo, v.hi, p.threshold, scratch);
+    if (threadIdx.x == 0) {
+        const int old_len = p.kept_len[v.index];
+        const int old_blocks = (old_len + v.bs - 1) / v.bs, new_blocks = (old_len + n_keep + v.bs - 1) / v.bs;
+        // The plan took the blocks unless it failed, and then the last new page is missing.
+        if (new_blocks <= v.M && (new_blocks == old_blocks || v.table[new_blocks - 1] >= 0))
+            p.kept_len[v.index] = old_len + n_keep;
+    }
+    write_ring(v);  // count_kept's barrier follows every ring read of this block
 }
 
 template <typename T>
 cudaError_t launch(const kvzapEvictParams& p, cudaStream_t stream) {
     if (p.head_dim % Vec16<T>::VEC) return cudaErrorInvalidValue;
-    dim3 grid(p.num_kv_heads, p.batch, p.num_layers);
-    evict_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    const dim3 grid(p.num_kv_heads, p.batch, p.num_layers);
+    if (p.max_new_tokens < kChunkedFrom) {
+        evict_fused_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+        return cudaGetLastError();
+    }
+    const int chunks = (p.max_new_tokens + kChunk - 1) / kChunk;
+    evict_plan_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    evict_copy_kernel<T><<<dim3(p.num_kv_heads * chunks, p.batch, p.num_layers), kThreads, 0, stream>>>(p);
+    evict_commit_kernel<T><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
 }
 

@@ -48,7 +48,8 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
                   const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pos_pool,
                   const at::Tensor& block_table, const at::Tensor& kept_len, const at::Tensor& ring_k,
                   const at::Tensor& ring_v, const at::Tensor& ring_score, const at::Tensor& free_stack,
-                  const at::Tensor& num_free, const at::Tensor& error, double threshold, int64_t stream) {
+                  const at::Tensor& num_free, const at::Tensor& error, double threshold, int64_t max_new_tokens,
+                  int64_t stream) {
     const auto dt = k_pool.scalar_type();
     const bool layered = block_table.dim() == 4;
     TORCH_CHECK(block_table.dim() == 3 || layered, "kvzap_trt.evict_append: block_table must be [S, H, M] or [L, S, H, M]");
@@ -77,6 +78,7 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     p.window = static_cast<int>(ring_k.size(off + 2));
     p.num_rows = static_cast<int>(k_new.size(off));
     p.threshold = static_cast<float>(threshold);
+    p.max_new_tokens = static_cast<int>(max_new_tokens);
     TORCH_CHECK(cu_seqlens.numel() == p.batch + 1, "kvzap_trt.evict_append: cu_seqlens must have batch + 1 entries");
     TORCH_CHECK(k_new.size(off + 1) == p.num_kv_heads && k_new.size(off + 2) == p.head_dim,
                 "kvzap_trt.evict_append: k_new heads/head_dim differ from the cache");
@@ -168,7 +170,7 @@ TORCH_LIBRARY(kvzap_trt, m) {
     m.def("evict_append(Tensor k_new, Tensor v_new, Tensor scores, Tensor cu_seqlens, Tensor seq_slots, "
           "Tensor ctx_lens, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!) pos_pool, Tensor(d!) block_table, "
           "Tensor(e!) kept_len, Tensor(f!) ring_k, Tensor(g!) ring_v, Tensor(h!) ring_score, "
-          "Tensor(i!) free_stack, Tensor(j!) num_free, Tensor(k!) error, float threshold, int stream) -> ()");
+          "Tensor(i!) free_stack, Tensor(j!) num_free, Tensor(k!) error, float threshold, int max_new_tokens, int stream) -> ()");
     m.def("paged_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cu_seqlens, Tensor seq_slots, "
           "Tensor ctx_lens, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor kept_len, Tensor ring_k, "
           "Tensor ring_v, float scale, int max_keys, int split_size, Tensor(a!) out, int stream) -> ()");
