@@ -30,12 +30,6 @@ constexpr int kMaxSplit = 4096;  // keys per split at most: bounds the staged pa
 constexpr int kBlocksPerSm = 4;  // resident blocks per SM the split heuristic assumes (128 registers, bf16, G=4)
 constexpr float kLog2e = 1.4426950408889634f;
 
-struct KeySource {
-    const char* pool;   // K or V pool
-    const char* ring;   // this (slot, head)'s ring
-    const char* fresh;  // new tokens: row 0 of the sequence, this head
-};
-
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentionParams p, const int split_size) {
     constexpr int VEC = Vec16<T>::VEC;
