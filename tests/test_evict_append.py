@@ -169,3 +169,16 @@ def test_cuda_evict_one_launch_over_layers_equals_per_layer_reference():
         for s in slots:
             gpu.ctx_len[s] = cpu.ctx_len[s] = step + 1
     assert_same_cache(gpu, cpu, slots)
+
+
+@pytest.mark.gpu
+def test_cuda_deferred_errors_raise_once_when_the_step_ends():
+    cache = make_cache(H=2, W=2, bs=4, num_blocks=3, device="cuda")
+    seq = random_seq(cache, 64, torch.Generator().manual_seed(0))
+    seq.scores.fill_(1.0)
+    reached_end_of_block = False
+    with pytest.raises(CacheFullError, match="exhausted"):
+        with CUDA.deferred_errors("cuda"):
+            write_chunk(cache, [seq], [64], tau=0.0, ops=CUDA)  # no sync, no raise here
+            reached_end_of_block = True
+    assert reached_end_of_block

@@ -12,13 +12,15 @@ dispatch can swap them. Differences a caller can see:
   - block ids: heads pop blocks from the free stack concurrently, so which id a head gets
     differs from the reference; what each head keeps, in which order, and how many blocks the
     pool loses are the same;
-  - errors: the kernel cannot raise; it sets a flag, which `evict_append` reads back (one
-    device sync per call) and turns into the reference's CacheFullError. The cache is invalid
-    after it, as the runtime's exact block bounds make it unreachable in serving.
+  - errors: the kernel cannot raise; it ORs a flag, which is read back and turned into the
+    reference's CacheFullError: after each call (one device sync), or once at the end of a
+    `deferred_errors()` block, which the engine wraps around a whole forward step. The cache is
+    invalid after it; the runtime's exact block bounds make it unreachable in serving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -72,6 +74,37 @@ def _device_ints(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
 
 
+_deferred: dict[torch.device, torch.Tensor] = {}  # device -> error flag of the open deferred_errors() block
+
+
+def _cuda_key(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+def raise_evict_error(flag: int) -> None:
+    if flag & ERR_POOL_EXHAUSTED:
+        raise CacheFullError("KV block pool exhausted in kvzapEvict (the cache is no longer valid)")
+    if flag & ERR_BLOCK_TABLE_FULL:
+        raise CacheFullError("a head needs more blocks than its block table holds (kvzapEvict)")
+
+
+@contextlib.contextmanager
+def deferred_errors(device: torch.device | str):
+    """Within the block, evict_append on `device` does not sync to check its error flag; the flag
+    of all its calls is checked once on leaving (CacheFullError)."""
+    if torch.device(device).type != "cuda" or _cuda_key(device) in _deferred:
+        yield
+        return
+    device = _cuda_key(device)
+    _deferred[device] = flag = torch.zeros(1, dtype=torch.int32, device=device)
+    try:
+        yield
+    finally:
+        del _deferred[device]
+    raise_evict_error(int(flag.item()))
+
+
 def evict_append(
     k_new, v_new, scores, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, pos_pool, block_table, kept_len,
     ring_k, ring_v, ring_score, free_stack, num_free, threshold: float,
@@ -79,7 +112,8 @@ def evict_append(
     """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append (one layer)."""
     load()
     dev = k_pool.device
-    error = torch.zeros(1, dtype=torch.int32, device=dev)
+    deferred = _deferred.get(_cuda_key(dev))
+    error = deferred if deferred is not None else torch.zeros(1, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.evict_append(
             k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), _device_ints(cu_seqlens, dev),
@@ -87,11 +121,8 @@ def evict_append(
             kept_len, ring_k, ring_v, ring_score, free_stack, num_free, error, float(threshold),
             max_chunk(cu_seqlens.cpu()), torch.cuda.current_stream(dev).cuda_stream,
         )
-    flag = int(error.item())
-    if flag & ERR_POOL_EXHAUSTED:
-        raise CacheFullError("KV block pool exhausted in kvzapEvict (the cache is no longer valid)")
-    if flag & ERR_BLOCK_TABLE_FULL:
-        raise CacheFullError("a head needs more blocks than its block table holds (kvzapEvict)")
+    if deferred is None:
+        raise_evict_error(int(error.item()))
 
 
 def max_chunk(cu_seqlens: torch.Tensor) -> int:

@@ -12,6 +12,7 @@ when they cannot be built), `cuda` (kernels or an error), `reference` (always th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -25,12 +26,15 @@ from kvzap_trt.ops.evict_append import evict_append
 from kvzap_trt.ops.paged_attention import paged_attention
 from kvzap_trt.ops.surrogate_score import surrogate_score
 
+# deferred_errors(device): a context around a forward step; the reference raises at once, the
+# kernels' error flag is checked once when it closes.
 REFERENCE = SimpleNamespace(
-    name="reference", surrogate_score=surrogate_score, evict_append=evict_append, paged_attention=paged_attention
+    name="reference", surrogate_score=surrogate_score, evict_append=evict_append, paged_attention=paged_attention,
+    deferred_errors=lambda device: contextlib.nullcontext(),
 )
 CUDA = SimpleNamespace(
     name="cuda", surrogate_score=surrogate_score, evict_append=cuda_kernels.evict_append,
-    paged_attention=cuda_kernels.paged_attention,
+    paged_attention=cuda_kernels.paged_attention, deferred_errors=cuda_kernels.deferred_errors,
 )
 CHOICES = ("auto", "cuda", "reference")
 

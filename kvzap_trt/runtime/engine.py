@@ -224,7 +224,8 @@ class Engine:
             return out
 
         last_rows = (cu[1:] - 1).to(dev)
-        logits = self.model(tokens, positions, attend, logits_at=last_rows)
+        with self.ops.deferred_errors(dev):  # kernels: one error check per step, not per layer
+            logits = self.model(tokens, positions, attend, logits_at=last_rows)
         for r, n, d in zip(batch, lens, is_decode):
             cache.ctx_len[r.slot] += n
             if not d and not policy.compress_decoding:
