@@ -93,9 +93,14 @@ def test_gencode_targets_hopper_with_its_own_instructions():
     assert cuda_kernels.gencode_flags((12, 0)) == ["-gencode=arch=compute_120,code=sm_120"]
 
 
-def test_max_keys_bounds_every_row():
-    cu, ctx = torch.tensor([0, 1, 301, 302]), torch.tensor([40000, 9, 0])
-    assert cuda_kernels.max_keys(cu, ctx) == 40000 + 300
+def test_batch_args_bound_every_row_and_are_reused_within_a_step():
+    cu, slots, ctx = torch.tensor([0, 1, 301, 302]), torch.tensor([2, 0, 1]), torch.tensor([40000, 9, 0])
+    args = cuda_kernels.batch_args(cu, slots, ctx, "cpu")
+    assert (args.max_chunk, args.max_keys) == (300, 40000 + 300)
+    assert args.cu_seqlens.dtype == torch.int32 and args.seq_slots.tolist() == [2, 0, 1]
+    # Every layer of a step passes equal tensors: one conversion serves them all.
+    assert cuda_kernels.batch_args(cu.clone(), slots.clone(), ctx.clone(), "cpu") is args
+    assert cuda_kernels.batch_args(cu, slots, ctx + 1, "cpu").max_keys == 40001 + 300
 
 
 def test_dispatch_uses_the_reference_on_cpu_and_rejects_bad_choices(monkeypatch):

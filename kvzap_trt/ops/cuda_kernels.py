@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,8 +71,33 @@ def load() -> None:
     )
 
 
-def _device_ints(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return values.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
+@dataclass(frozen=True)
+class BatchArgs:
+    """cu_seqlens, seq_slots, ctx_lens on the device (int32), and what the host derives from them."""
+
+    cu_seqlens: torch.Tensor
+    seq_slots: torch.Tensor
+    ctx_lens: torch.Tensor
+    max_chunk: int  # most new tokens of any sequence
+    max_keys: int  # most keys any row sees: the longest context plus the longest chunk
+
+
+_last_batch: tuple[tuple, BatchArgs] | None = None
+
+
+def batch_args(cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor, device) -> BatchArgs:
+    """Device copies of the host batch description, reused while it does not change: every layer
+    of a step passes the same one, so a step pays 3 small copies, not 3 per op per layer."""
+    global _last_batch
+    host = [t.tolist() if t.device.type == "cpu" else t.cpu().tolist() for t in (cu_seqlens, seq_slots, ctx_lens)]
+    key = (str(device), *(tuple(h) for h in host))
+    if _last_batch is not None and _last_batch[0] == key:
+        return _last_batch[1]
+    cu, slots, ctx = (torch.tensor(h, dtype=torch.int32).to(device, non_blocking=True) for h in host)
+    chunk = max((b - a for a, b in zip(host[0], host[0][1:])), default=0)
+    args = BatchArgs(cu, slots, ctx, chunk, max(host[2], default=0) + chunk)
+    _last_batch = (key, args)
+    return args
 
 
 _deferred: dict[torch.device, torch.Tensor] = {}  # device -> error flag of the open deferred_errors() block
@@ -114,27 +140,15 @@ def evict_append(
     dev = k_pool.device
     deferred = _deferred.get(_cuda_key(dev))
     error = deferred if deferred is not None else torch.zeros(1, dtype=torch.int32, device=dev)
+    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, dev)
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.evict_append(
-            k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), _device_ints(cu_seqlens, dev),
-            _device_ints(seq_slots, dev), _device_ints(ctx_lens, dev), k_pool, v_pool, pos_pool, block_table,
-            kept_len, ring_k, ring_v, ring_score, free_stack, num_free, error, float(threshold),
-            max_chunk(cu_seqlens.cpu()), torch.cuda.current_stream(dev).cuda_stream,
+            k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), batch.cu_seqlens, batch.seq_slots,
+            batch.ctx_lens, k_pool, v_pool, pos_pool, block_table, kept_len, ring_k, ring_v, ring_score, free_stack,
+            num_free, error, float(threshold), batch.max_chunk, torch.cuda.current_stream(dev).cuda_stream,
         )
     if deferred is None:
         raise_evict_error(int(error.item()))
-
-
-def max_chunk(cu_seqlens: torch.Tensor) -> int:
-    """Most new tokens of any sequence in the call."""
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-
-
-def max_keys(cu_seqlens: torch.Tensor, ctx_lens: torch.Tensor) -> int:
-    """Most keys any row can see: every cached token of the longest context plus the longest chunk."""
-    if ctx_lens.numel() == 0:
-        return 0
-    return int(ctx_lens.max()) + max_chunk(cu_seqlens)
 
 
 def paged_attention(
@@ -170,11 +184,11 @@ def paged_attention(
         return out
     load()
     dev = q.device
+    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, dev)
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.paged_attention(
-            q.contiguous(), k_new.contiguous(), v_new.contiguous(), _device_ints(cu_seqlens, dev),
-            _device_ints(seq_slots, dev), _device_ints(ctx_lens, dev), k_pool, v_pool, block_table, kept_len,
-            ring_k, ring_v, float(scale), max_keys(cu_seqlens.cpu(), ctx_lens.cpu()), int(split_size), out,
+            q.contiguous(), k_new.contiguous(), v_new.contiguous(), batch.cu_seqlens, batch.seq_slots, batch.ctx_lens,
+            k_pool, v_pool, block_table, kept_len, ring_k, ring_v, float(scale), batch.max_keys, int(split_size), out,
             torch.cuda.current_stream(dev).cuda_stream,
         )
     return out
