@@ -328,7 +328,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from kvzap_trt.config import build_configs_dir
     from kvzap_trt.runtime.generate import Runtime
     from kvzap_trt.train.calibrate import calibrate, write_threshold
-    from kvzap_trt.train.dataset import read_corpus
+    from kvzap_trt.train.dataset import read_corpus, select_texts
 
     cfg = config_from_args(args)
     if args.write_preset and cfg.preset is None:
@@ -337,10 +337,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     rt = Runtime.from_config(cfg)
     if rt.surrogate is None or rt.tokenizer is None:
         raise KvzapError("calibration needs a surrogate and a tokenizer")
-    encoded = [rt.encode(t.strip()) for _, t in corpus]
-    texts = [rt.decode(ids[: args.max_tokens]) for ids in encoded if len(ids) >= args.min_tokens]
-    if not texts:
-        raise KvzapError(f"no text of the corpus has {args.min_tokens} tokens or more")
+    texts = [t for _, t in select_texts(rt.tokenizer, corpus, args.min_tokens, args.max_tokens)]
     result = calibrate(rt.loaded.model, rt.tokenizer, rt.surrogate, texts, args.target, cfg.window)
     result.update({"model": cfg.preset or cfg.model, "surrogate": cfg.surrogate, "corpus": str(args.corpus)})
     if args.write_preset:

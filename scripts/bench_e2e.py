@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.models.config import ModelConfig
 from kvzap_trt.models.transformer import Transformer, rope_inv_freq
@@ -166,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               "threshold": tau, "target_evicted": args.evict, "kv_pool_blocks": spec.num_blocks,
               "kv_pool_bytes": spec.num_blocks * spec.block_bytes, "rows": rows, "kvzap_over_dense": ratio}
     path = args.out / f"e2e-{slug}-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0 if all(r["all_finished"] for r in rows) else 1
 

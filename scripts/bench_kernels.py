@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.ops import cuda_kernels
 
@@ -212,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "block_size": BS, "window": W},
               "cases": cases}
     path = args.out / f"kernels-{slug}-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     plot([r for r in cases if "GBps" in r], copy, path.with_suffix(".png"), device)
     print(f"wrote {path}")
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench_text import long_text  # scripts/ is on sys.path when a script runs
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.generate import Runtime
 
@@ -74,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["scripts/bench_memory.py"] + (argv if argv is not None else sys.argv[1:])),
               "config": base.to_dict(), "prompt_tokens": len(prompt), "rows": rows}
     path = args.out / f"memory-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     plot(rows, args.out / f"memory-{date}.png", len(prompt))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0 if all(r["within_bound"] for r in rows) else 1

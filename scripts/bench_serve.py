@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench_text import long_text  # scripts/ is on sys.path when a script runs
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy
 from kvzap_trt.runtime.generate import Runtime
@@ -119,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
               "new_tokens": args.new_tokens, "kv_pool_blocks": num_blocks, "kv_pool_mib": round(budget_mib, 2),
               "window_ring_bytes_per_seq": spec.ring_bytes, "rows": rows}
     path = args.out / f"serve-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     plot(rows, path.with_suffix(".png"), budget_mib)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0 if all(r["within_10pct"] and r["all_finished"] for r in rows) else 1

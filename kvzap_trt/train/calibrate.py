@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.oracle.kvzip import context_ids, surrogate_scores
 
@@ -52,6 +53,4 @@ def write_threshold(preset_path: Path, tau: float) -> None:
     new, n = re.subn(r"(?m)^threshold:.*$", f"threshold: {tau:.4f}", text)
     if n != 1:
         raise KvzapError(f"{preset_path} has no single `threshold:` line to update")
-    tmp = preset_path.with_suffix(".yaml.tmp")
-    tmp.write_text(new)
-    tmp.replace(preset_path)
+    atomic_write_text(preset_path, new)

@@ -67,19 +67,25 @@ class Dataset:
         return x, y
 
 
+def select_texts(tokenizer, corpus: list[tuple[str, str]], min_tokens: int, max_tokens: int) -> list[tuple[str, str]]:
+    """The (name, text) pairs of at least `min_tokens` tokens, each cut to `max_tokens` tokens."""
+    texts = []
+    for name, text in corpus:
+        ids = tokenizer.encode(text.strip(), add_special_tokens=False)
+        if len(ids) >= min_tokens:
+            texts.append((name, tokenizer.decode(ids[:max_tokens])))
+    if not texts:
+        raise KvzapError(f"no text of the corpus has {min_tokens} tokens or more ({len(corpus)} texts)")
+    return texts
+
+
 def build_dataset(loaded: LoadedModel, corpus: list[tuple[str, str]], out: Path, n_tokens: int = 384,
                   min_tokens: int = 128, max_tokens: int = 512, seed: int = 0, scorer=kvzip_plus_scores) -> Dataset:
     """`scorer(model, tokenizer, ids, hidden=dict)` -> scores [L, Hkv, T], filling `hidden` (the oracle)."""
     tok, m = loaded.tokenizer, loaded.config
     if tok is None:
         raise KvzapError(f"model {loaded.model_dir} has no tokenizer: the oracle needs one")
-    texts = []
-    for name, text in corpus:
-        ids = tok.encode(text.strip(), add_special_tokens=False)
-        if len(ids) >= min_tokens:
-            texts.append((name, tok.decode(ids[:max_tokens])))
-    if not texts:
-        raise KvzapError(f"no text of the corpus has {min_tokens} tokens or more ({len(corpus)} texts)")
+    texts = select_texts(tok, corpus, min_tokens, max_tokens)
     g = torch.Generator().manual_seed(seed)
     meta = {"model": str(loaded.model_dir), "num_layers": m.num_layers, "hidden_size": m.hidden_size,
             "num_kv_heads": m.num_kv_heads, "n_tokens": n_tokens, "min_tokens": min_tokens, "max_tokens": max_tokens,
