@@ -34,20 +34,20 @@ SCHEDULES = [
 
 def check_cache(cache, seqs, tau):
     spec = cache.spec
-    k_pool, v_pool, pos_pool = cache.k_pool.cpu(), cache.v_pool.cpu(), cache.pos_pool.cpu()
     block_table, ring_k, ring_score = cache.block_table.cpu(), cache.ring_k.cpu(), cache.ring_score.cpu()
+    pages = kept_pages(cache, [s.slot for s in seqs])
     for s in seqs:
         want = naive_kept(s.scores, s.written, spec.window, tau)
         assert cache.kept_positions(s.slot)[0] == want
         in_window = min(s.written, spec.window)
         for h, positions in enumerate(want):
-            n = int(cache.kept_len[0, s.slot, h])
+            pos, k, v = pages[0, s.slot, h]
+            n = len(pos)
             assert n == len(positions) - in_window
-            blocks = block_table[0, s.slot, h, : math.ceil(n / spec.block_size)].long()
-            pos = pos_pool[blocks].reshape(-1)[:n].long()
+            pos = pos.long()
             assert torch.equal(pos, torch.tensor(positions[: n], dtype=torch.long))  # kept in order
-            assert torch.equal(k_pool[blocks].reshape(-1, spec.head_dim)[:n], s.k[pos, h])
-            assert torch.equal(v_pool[blocks].reshape(-1, spec.head_dim)[:n], s.v[pos, h])
+            assert torch.equal(k, s.k[pos, h])
+            assert torch.equal(v, s.v[pos, h])
             window = torch.arange(s.written - in_window, s.written)
             assert torch.equal(ring_k[0, s.slot, h, window % max(spec.window, 1)], s.k[window, h])
             assert torch.equal(ring_score[0, s.slot, h, window % max(spec.window, 1)], s.scores[window, h])

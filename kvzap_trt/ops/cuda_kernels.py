@@ -75,6 +75,8 @@ def load() -> None:
 class BatchArgs:
     """cu_seqlens, seq_slots, ctx_lens on the device (int32), and what the host derives from them."""
 
+    host_cu: tuple[int, ...]
+    host_ctx: tuple[int, ...]
     cu_seqlens: torch.Tensor
     seq_slots: torch.Tensor
     ctx_lens: torch.Tensor
@@ -82,22 +84,18 @@ class BatchArgs:
     max_keys: int  # most keys any row sees: the longest context plus the longest chunk
 
 
-_last_batch: tuple[tuple, BatchArgs] | None = None
-
-
 def batch_args(cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor, device) -> BatchArgs:
     """Device copies of the host batch description, reused while it does not change: every layer
     of a step passes the same one, so a step pays 3 small copies, not 3 per op per layer."""
-    global _last_batch
-    host = [t.tolist() if t.device.type == "cpu" else t.cpu().tolist() for t in (cu_seqlens, seq_slots, ctx_lens)]
-    key = (str(device), *(tuple(h) for h in host))
-    if _last_batch is not None and _last_batch[0] == key:
-        return _last_batch[1]
-    cu, slots, ctx = (torch.tensor(h, dtype=torch.int32).to(device, non_blocking=True) for h in host)
-    chunk = max((b - a for a, b in zip(host[0], host[0][1:])), default=0)
-    args = BatchArgs(cu, slots, ctx, chunk, max(host[2], default=0) + chunk)
-    _last_batch = (key, args)
-    return args
+    host = (tuple(t.tolist()) for t in (cu_seqlens, seq_slots, ctx_lens))
+    return _batch_args(str(torch.device(device)), *host)
+
+
+@functools.lru_cache(maxsize=4)  # a step's batch, and the sub-batch of a step mixing fresh prompts in
+def _batch_args(device: str, cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...]) -> BatchArgs:
+    dev_cu, dev_slots, dev_ctx = (torch.tensor(h, dtype=torch.int32).to(device, non_blocking=True) for h in (cu, slots, ctx))
+    chunk = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+    return BatchArgs(cu, ctx, dev_cu, dev_slots, dev_ctx, chunk, max(ctx, default=0) + chunk)
 
 
 _deferred: dict[torch.device, torch.Tensor] = {}  # device -> error flag of the open deferred_errors() block
@@ -164,7 +162,8 @@ def paged_attention(
     out: written in place if given.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    bounds = list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), ctx_lens.tolist()))
+    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device)
+    bounds = list(zip(batch.host_cu[:-1], batch.host_cu[1:], batch.host_ctx))
     fresh = [b for b, (start, end, c) in enumerate(bounds) if c == 0 and end - start > 1]
     for b in fresh:
         start, end, _ = bounds[b]
@@ -174,7 +173,7 @@ def paged_attention(
     if len(fresh) == len(bounds):
         return out
     if fresh:  # the rest as a packed sub-batch
-        rest = [b for b in range(len(bounds)) if b not in set(fresh)]
+        rest = sorted(set(range(len(bounds))) - set(fresh))
         rows = torch.cat([torch.arange(bounds[b][0], bounds[b][1]) for b in rest]).to(q.device)
         lens = torch.tensor([bounds[b][1] - bounds[b][0] for b in rest])
         sub_cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
@@ -184,7 +183,6 @@ def paged_attention(
         return out
     load()
     dev = q.device
-    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, dev)
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.paged_attention(
             q.contiguous(), k_new.contiguous(), v_new.contiguous(), batch.cu_seqlens, batch.seq_slots, batch.ctx_lens,

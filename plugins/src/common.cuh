@@ -21,24 +21,24 @@ __device__ __forceinline__ void to_float(const uint4& raw, float (&out)[4], floa
     for (int i = 0; i < 4; ++i) out[i] = f[i];
 }
 
-__device__ __forceinline__ void to_float(const uint4& raw, float (&out)[8], __half) {
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+__device__ __forceinline__ float2 pair_to_float2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 pair_to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+
+// 8 half-precision values (Pair: __half2 or __nv_bfloat162) to float.
+template <typename Pair>
+__device__ __forceinline__ void pairs_to_float(const uint4& raw, float (&out)[8]) {
+    const Pair* h = reinterpret_cast<const Pair*>(&raw);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        float2 f = __half22float2(h[i]);
+        const float2 f = pair_to_float2(h[i]);
         out[2 * i] = f.x;
         out[2 * i + 1] = f.y;
     }
 }
 
+__device__ __forceinline__ void to_float(const uint4& raw, float (&out)[8], __half) { pairs_to_float<__half2>(raw, out); }
 __device__ __forceinline__ void to_float(const uint4& raw, float (&out)[8], __nv_bfloat16) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
-    }
+    pairs_to_float<__nv_bfloat162>(raw, out);
 }
 
 __device__ __forceinline__ float from_float(float x, float) { return x; }

@@ -67,6 +67,7 @@ struct Head {
     __device__ float score(int pos) const {
         return pos < c ? ring_score[pos % W] : scores[(int64_t)(start + pos - c) * H];
     }
+    __device__ int pages(int tokens) const { return (tokens + bs - 1) / bs; }
     __device__ const T* row(int pos, const T* ring, const T* fresh) const {
         return pos < c ? ring + (int64_t)(pos % W) * D : fresh + (int64_t)(start + pos - c) * H * D;
     }
@@ -87,7 +88,7 @@ __device__ bool take_blocks(const kvzapEvictParams& p, const Head<T>& v, int n_k
     __shared__ int s_ok, s_first, s_need, s_top;
     if (threadIdx.x == 0) {
         const int old_len = p.kept_len[v.index];
-        const int old_blocks = (old_len + v.bs - 1) / v.bs, new_blocks = (old_len + n_keep + v.bs - 1) / v.bs;
+        const int old_blocks = v.pages(old_len), new_blocks = v.pages(old_len + n_keep);
         const int need = new_blocks - old_blocks;
         int ok = 1, top = 0;
         if (new_blocks > v.M) {
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) evict_commit_kernel(const kvzapEvict
     const int n_keep = count_kept(v, v.lo, v.hi, p.threshold, scratch);
     if (threadIdx.x == 0) {
         const int old_len = p.kept_len[v.index];
-        const int old_blocks = (old_len + v.bs - 1) / v.bs, new_blocks = (old_len + n_keep + v.bs - 1) / v.bs;
+        const int old_blocks = v.pages(old_len), new_blocks = v.pages(old_len + n_keep);
         // The plan took the blocks unless it failed, and then the last new page is missing.
         if (new_blocks <= v.M && (new_blocks == old_blocks || v.table[new_blocks - 1] >= 0))
             p.kept_len[v.index] = old_len + n_keep;
