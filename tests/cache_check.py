@@ -1,0 +1,49 @@
+"""Read back every tensor a one-layer cache stores and compare it with the naive model of KVzap.
+
+Kept pages (positions, K and V in order), the window ring (K, V and scores), the block table
+(exactly the blocks the kept tokens need, -1 after them), kept_len, and the allocator: live
+block ids unique, none of them in the free region, counts that add up. The expectations come
+from `tests/cache_sim.naive_kept` and the sequences' own random streams, never from the ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvzap_trt.cache.paged_cache import PagedKVCache
+from tests.cache_sim import SimSeq, naive_kept
+
+
+def check_cache(cache: PagedKVCache, seqs: list[SimSeq], tau: float) -> None:
+    """`seqs`: every live sequence of `cache` (layer 0), each with `written` tokens written."""
+    spec = cache.spec
+    bs, W, D = spec.block_size, spec.window, spec.head_dim
+    pos_pool, k_pool, v_pool = cache.pos_pool.cpu(), cache.k_pool.cpu(), cache.v_pool.cpu()
+    table, kept_len = cache.block_table[0].cpu(), cache.kept_len[0].cpu()  # [S, H, M], [S, H]
+    ring_k, ring_v, ring_score = cache.ring_k[0].cpu(), cache.ring_v[0].cpu(), cache.ring_score[0].cpu()
+    live: list[int] = []
+    for s in seqs:
+        assert cache.ctx_len[s.slot] == s.written
+        in_window = min(s.written, W)
+        window = torch.arange(s.written - in_window, s.written)  # positions in the ring
+        for h, positions in enumerate(naive_kept(s.scores, s.written, W, tau)):
+            paged = torch.tensor(positions[: len(positions) - in_window], dtype=torch.long)
+            n, blocks_needed = len(paged), -(-len(paged) // bs)
+            assert int(kept_len[s.slot, h]) == n, (s.slot, h)
+            row = table[s.slot, h]  # [M]
+            assert bool((row[:blocks_needed] >= 0).all()) and bool((row[blocks_needed:] == -1).all()), row
+            blocks = row[:blocks_needed].long()
+            live += blocks.tolist()
+            assert torch.equal(pos_pool[blocks].reshape(-1)[:n].long(), paged), (s.slot, h)
+            assert torch.equal(k_pool[blocks].reshape(-1, D)[:n], s.k[paged, h]), (s.slot, h)
+            assert torch.equal(v_pool[blocks].reshape(-1, D)[:n], s.v[paged, h]), (s.slot, h)
+            slots = window % max(W, 1)
+            assert torch.equal(ring_k[s.slot, h, slots], s.k[window, h]), (s.slot, h)
+            assert torch.equal(ring_v[s.slot, h, slots], s.v[window, h]), (s.slot, h)
+            assert torch.equal(ring_score[s.slot, h, slots], s.scores[window, h].float()), (s.slot, h)
+    alloc = cache.allocator
+    free = alloc.free_stack[: alloc.num_free].cpu().tolist()
+    assert len(set(live)) == len(live), "a block is held by two heads"
+    assert not set(live) & set(free), "a held block is also on the free stack"
+    assert len(set(free)) == len(free), "a block is on the free stack twice"
+    assert alloc.num_used == len(live)
