@@ -70,3 +70,19 @@ def write_chunk(cache: PagedKVCache, seqs: list[SimSeq], chunk: list[int], tau: 
     for s, n in zip(seqs, chunk):
         s.written += n
         cache.ctx_len[s.slot] = s.written
+
+
+def resized(t: torch.Tensor, dim: int, delta: int) -> torch.Tensor:
+    """Zeros like `t` with size[dim] changed by `delta`: a shape mismatch for validation tests."""
+    shape = list(t.shape)
+    shape[dim] += delta
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` whose data pointer sits one element past an allocation's start
+    (the caching allocator's blocks are 512-byte aligned): not 16-byte aligned."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view

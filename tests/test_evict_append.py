@@ -10,7 +10,7 @@ import torch
 
 from kvzap_trt.errors import CacheFullError
 from kvzap_trt.ops.dispatch import CUDA, REFERENCE
-from tests.cache_sim import make_cache, naive_kept, random_seq, write_chunk
+from tests.cache_sim import SimSeq, chunk_args, make_cache, misaligned, naive_kept, random_seq, resized, write_chunk
 
 # (ops, device): the reference on CPU everywhere, the kernel where a GPU is.
 IMPLS = [
@@ -29,6 +29,11 @@ SCHEDULES = [
     (8, 4, [[1] * 25]),                        # decode only
     (6, 16, [[40, 1, 1, 1], [3, 1, 1, 1], [100, 1, 1, 1]]),  # a batch of uneven sequences
     (6, 16, [[40, 0, 1, 1], [3, 1, 0, 1]]),    # a sequence idle in some steps
+    # The kernel's chunked path (some sequence writes >= 4096 tokens in one call), after context:
+    # a full ring (c = 100 > W), a sequence idle in that call, a partly filled ring (c = 60 < W).
+    (128, 16, [[100, 5000, 1], [3, 0, 1], [60, 4100, 1]]),
+    (0, 16, [[100, 5000, 1]]),                 # chunked, no window
+    (128, 1, [[4096, 1]]),                     # chunked from exactly 4096, page size 1
 ]
 
 
@@ -62,7 +67,9 @@ def check_cache(cache, seqs, tau):
 def test_evict_append_matches_naive_model(window, block_size, chunks, impl):
     ops, device = impl
     tau = 0.3
-    cache = make_cache(H=3, W=window, bs=block_size, seed=window + block_size, device=device)
+    longest = max(sum(c) for c in chunks)
+    cache = make_cache(H=3, W=window, bs=block_size, num_blocks=3 * len(chunks) * (longest // block_size + 1),
+                       max_seq_len=longest, seed=window + block_size, device=device)
     g = torch.Generator().manual_seed(len(chunks))
     seqs = [random_seq(cache, sum(c), g, dead_head=1 if i == 0 else None) for i, c in enumerate(chunks)]
     for step in range(max(len(c) for c in chunks)):
@@ -87,24 +94,25 @@ def test_pool_exhaustion_is_a_clear_error(impl, prompt):
 
 
 def kept_pages(cache, slots):
-    """{(layer, slot, head): (positions, K, V)} of each head's kept pages, in page order, on CPU."""
+    """{(layer, slot, head): (positions, K, V)} of each head's kept pages, in page order, on CPU.
+    Gathered on the cache's device: only the pages travel, never the pool."""
     bs, D = cache.spec.block_size, cache.spec.head_dim
-    pos_pool, k_pool, v_pool = cache.pos_pool.cpu(), cache.k_pool.cpu(), cache.v_pool.cpu()
     table, kept_len = cache.block_table.cpu(), cache.kept_len.cpu()
     out = {}
     for layer in range(cache.spec.num_layers):
         for s in slots:
             for h in range(cache.spec.num_kv_heads):
                 n = int(kept_len[layer, s, h])
-                blocks = table[layer, s, h, : math.ceil(n / bs)].long()
-                out[layer, s, h] = (pos_pool[blocks].reshape(-1)[:n], k_pool[blocks].reshape(-1, D)[:n],
-                                    v_pool[blocks].reshape(-1, D)[:n])
+                blocks = table[layer, s, h, : math.ceil(n / bs)].long().to(cache.device)
+                out[layer, s, h] = (cache.pos_pool[blocks].reshape(-1)[:n].cpu(),
+                                    cache.k_pool[blocks].reshape(-1, D)[:n].cpu(),
+                                    cache.v_pool[blocks].reshape(-1, D)[:n].cpu())
     return out
 
 
 def assert_same_cache(got, want, slots):
-    """Same kept positions, K/V in order, lengths, ring and pool usage; block ids may differ."""
-    assert got.allocator.num_free == want.allocator.num_free
+    """Same kept positions, K/V in order, lengths, ring and blocks used; block ids may differ."""
+    assert got.allocator.num_used == want.allocator.num_used
     assert torch.equal(got.kept_len.cpu(), want.kept_len.cpu())
     for name in ("ring_k", "ring_v", "ring_score"):
         assert torch.equal(getattr(got, name)[:, slots].cpu(), getattr(want, name)[:, slots].cpu()), name
@@ -138,37 +146,181 @@ def test_cuda_evict_long_prefill_then_decode_equals_reference(block_size):
     assert int(caches["cuda"].kept_len[0, seqs["cuda"][0].slot, 1]) == 32768 + 3 - W
 
 
-@pytest.mark.gpu
-def test_cuda_evict_one_launch_over_layers_equals_per_layer_reference():
-    """torch.ops.kvzap_trt.evict_append with a leading layer dimension (one launch per decode step)."""
-    from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
+# Per step, the new tokens of each of two sequences (0: idle in that step).
+LAYERED = {
+    "decode": [[1, 1]] * 40,
+    "prefill-then-decode": [[37, 5], [0, 20], [1, 1], [1, 0], [1, 1]],
+    "chunked": [[100, 3], [5000, 0], [1, 4100], [1, 1]],  # >= 4096 new tokens: plan / copy / commit
+}
 
-    L, H, D, W, bs, tau = 3, 2, 64, 4, 16, 0.1
-    spec = CacheSpec(L, H, D, W, bs, 512, 2, 256, torch.float16)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", LAYERED)
+def test_cuda_evict_one_launch_over_layers_equals_per_layer_reference(schedule):
+    """torch.ops.kvzap_trt.evict_append with a leading layer dimension (one launch per step)."""
+    from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
+    from kvzap_trt.ops import cuda_kernels
+
+    cuda_kernels.load()
+    L, H, D, W, bs, tau = 3, 2, 64, 8, 16, 0.1
+    spec = CacheSpec(L, H, D, W, bs, 2100, 2, 5200, torch.float16)
     gpu, cpu = PagedKVCache(spec, "cuda"), PagedKVCache(spec, "cpu")
     slots = [gpu.add_sequence(), gpu.add_sequence()]
     assert slots == [cpu.add_sequence(), cpu.add_sequence()]
     g = torch.Generator().manual_seed(0)
-    for step in range(40):
-        cu, ctx = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([step, step], dtype=torch.int32)
-        k, v = (torch.randn(L, 2, H, D, generator=g).half() for _ in range(2))
-        scores = torch.randn(L, 2, H, generator=g)
+    for chunk in LAYERED[schedule]:
+        n = sum(chunk)
+        cu = torch.tensor([0, chunk[0], n], dtype=torch.int32)
+        ctx = torch.tensor([cpu.ctx_len[s] for s in slots], dtype=torch.int32)
+        slots_t = torch.tensor(slots, dtype=torch.int32)
+        k, v = (torch.randn(L, n, H, D, generator=g).half() for _ in range(2))
+        scores = torch.randn(L, n, H, generator=g)
         for layer in range(L):
             lc = cpu.layer(layer)
-            REFERENCE.evict_append(k[layer], v[layer], scores[layer], cu, torch.tensor(slots, dtype=torch.int32), ctx,
-                                   lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table, lc.kept_len, lc.ring_k,
-                                   lc.ring_v, lc.ring_score, cpu.allocator.free_stack, cpu.allocator.num_free_t, tau)
+            REFERENCE.evict_append(k[layer], v[layer], scores[layer], cu, slots_t, ctx, lc.k_pool, lc.v_pool,
+                                   lc.pos_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score,
+                                   cpu.allocator.free_stack, cpu.allocator.num_free_t, tau)
         error = torch.zeros(1, dtype=torch.int32, device="cuda")
-        ints = lambda t: t.to("cuda")  # noqa: E731
+        dev = lambda t: t.to("cuda")  # noqa: E731
         torch.ops.kvzap_trt.evict_append(
-            ints(k), ints(v), ints(scores), ints(cu), ints(torch.tensor(slots, dtype=torch.int32)), ints(ctx),
-            gpu.k_pool, gpu.v_pool, gpu.pos_pool, gpu.block_table, gpu.kept_len, gpu.ring_k, gpu.ring_v,
-            gpu.ring_score, gpu.allocator.free_stack, gpu.allocator.num_free_t, error, tau, 1,
-            torch.cuda.current_stream().cuda_stream)
+            dev(k), dev(v), dev(scores), dev(cu), dev(slots_t), dev(ctx), gpu.k_pool, gpu.v_pool, gpu.pos_pool,
+            gpu.block_table, gpu.kept_len, gpu.ring_k, gpu.ring_v, gpu.ring_score, gpu.allocator.free_stack,
+            gpu.allocator.num_free_t, error, tau, max(chunk), torch.cuda.current_stream().cuda_stream)
         assert int(error.item()) == 0
-        for s in slots:
-            gpu.ctx_len[s] = cpu.ctx_len[s] = step + 1
+        for s, t in zip(slots, chunk):
+            gpu.ctx_len[s] += t
+            cpu.ctx_len[s] += t
+        assert_same_cache(gpu, cpu, slots)
+    assert int(cpu.kept_len.sum()) > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("prompt", [64, 5000])  # the kernel's one-block and chunked paths
+def test_block_table_overflow_is_a_clear_error(impl, prompt):
+    """A head that would need more blocks than its table row holds (max_seq_len 16, block 4: 4
+    columns): CacheFullError, no block taken, no page written."""
+    ops, device = impl
+    cache = make_cache(H=2, W=2, bs=4, num_blocks=4096, max_seq_len=16, device=device)
+    seq = random_seq(cache, prompt, torch.Generator().manual_seed(0))
+    seq.scores.fill_(1.0)  # keep everything
+    with pytest.raises(CacheFullError, match="block table"):
+        write_chunk(cache, [seq], [prompt], tau=0.0, ops=ops)
+    assert cache.allocator.num_free == 4096
+    assert bool((cache.pos_pool == -1).all()) and bool((cache.block_table == -1).all())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("prompts", [[40, 7, 90, 33, 64, 12, 50, 80], [40, 7, 90, 4100, 33, 64, 12, 50]],
+                         ids=["fused", "chunked"])
+def test_allocator_stays_exact_when_some_heads_fail(impl, seed, prompts):
+    """8 sequences x 8 heads in one call against a pool for about half of what they keep: some
+    heads take their blocks while others fail (on the GPU concurrently, in one launch). After the
+    error every block id is exactly once either free (free_stack[:num_free]) or in one block
+    table, and every head holds exactly the blocks its kept_len needs."""
+    ops, device = impl
+    H, D, W, bs = 8, 8, 4, 4
+    g = torch.Generator().manual_seed(seed)
+    rates = torch.linspace(-2.0, 2.0, H)  # head h keeps more as h grows
+    streams = [(torch.randn(n, H, generator=g) + rates, torch.randn(n, H, D, generator=g), torch.randn(n, H, D, generator=g))
+               for n in prompts]
+    need = sum(int((-(-(sc[: max(0, len(sc) - W)] >= 0).sum(0) // bs)).sum()) for sc, _, _ in streams)
+    num_blocks = need // 2
+    cache = make_cache(H=H, D=D, W=W, bs=bs, num_blocks=num_blocks, max_seqs=len(prompts),
+                       max_seq_len=max(prompts), seed=seed, device=device)
+    seqs = [SimSeq(k, v, sc, cache.add_sequence()) for sc, k, v in streams]
+    with pytest.raises(CacheFullError, match="exhausted"):
+        write_chunk(cache, seqs, prompts, tau=0.0, ops=ops)
+    table, kept_len = cache.block_table.cpu(), cache.kept_len.cpu()
+    free = cache.allocator.free_stack.cpu()[: cache.allocator.num_free]
+    assert sorted(torch.cat([free, table[table >= 0]]).tolist()) == list(range(num_blocks))
+    assert torch.equal((table >= 0).sum(-1), -(-kept_len // bs))
+    wanted = torch.stack([(sc[: max(0, len(sc) - W)] >= 0).sum(0) for sc, _, _ in streams])[None]  # [1, S, H]
+    succeeded, failed = kept_len == wanted, (kept_len == 0) & (wanted > 0)
+    assert bool(succeeded[wanted > 0].any()) and bool(failed.any())
+    assert bool((succeeded | failed).all())  # a head either got everything or nothing
+
+
+@pytest.mark.gpu
+def test_cuda_pool_past_2_31_elements_with_pages_at_the_top():
+    """bf16, D=128, block 16: 2^20 + 512 blocks make each pool 2^31 + 2^20 elements (4 GiB). The
+    free stack hands out the highest ids first, so every page written lies past element 2^31:
+    evict and attention must index the pool in 64 bits. Only a 512-block reference lives on the
+    host; the kept pages, rings and attention output equal it."""
+    from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
+
+    H, G, D, W, bs, tau = 2, 4, 128, 16, 16, 0.0
+    first_high = 2**31 // (bs * D)
+    num_blocks = first_high + 512
+    gpu = PagedKVCache(CacheSpec(1, H, D, W, bs, num_blocks, 2, 4096, torch.bfloat16), "cuda")
+    gpu.allocator.free_stack.copy_(torch.arange(num_blocks, dtype=torch.int32))  # pops take the top ids
+    cpu = make_cache(H=H, D=D, W=W, bs=bs, num_blocks=512, max_seqs=2, max_seq_len=4096, dtype=torch.bfloat16)
+    seqs = {}
+    for name, cache in (("gpu", gpu), ("cpu", cpu)):
+        g = torch.Generator().manual_seed(11)
+        seqs[name] = [random_seq(cache, n + 4, g) for n in (1500, 300)]
+    for chunk in ([1500, 300], [1, 1], [1, 1], [1, 1]):
+        write_chunk(gpu, seqs["gpu"], chunk, tau, CUDA)
+        write_chunk(cpu, seqs["cpu"], chunk, tau, REFERENCE)
+    slots = [s.slot for s in seqs["cpu"]]
     assert_same_cache(gpu, cpu, slots)
+    ids = gpu.block_table[gpu.block_table >= 0]
+    assert ids.numel() > 100 and int(ids.min()) >= first_high
+
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, H * G, D, generator=g).to(torch.bfloat16)
+    outs = {}
+    for name, cache, ops in (("gpu", gpu, CUDA), ("cpu", cpu, REFERENCE)):
+        k, v, _, cu, slots_t, ctx = chunk_args(cache, seqs[name], [1, 1])
+        lc = cache.layer(0)
+        outs[name] = ops.paged_attention(q.to(cache.device), k, v, cu, slots_t, ctx, lc.k_pool, lc.v_pool,
+                                         lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5).cpu().float()
+    # Each side rounds its fp32 result once to bf16: equal up to one bf16 ulp (2^-7 relative).
+    assert ((outs["gpu"] - outs["cpu"]).abs() <= 2**-7 * torch.maximum(outs["gpu"].abs(), outs["cpu"].abs())).all()
+
+
+def evict_args(cache, seqs) -> dict:
+    """Keyword arguments of evict_append for one decode token of each sequence (ctx > 0)."""
+    k, v, sc, cu, slots, ctx = chunk_args(cache, seqs, [1] * len(seqs))
+    lc, a = cache.layer(0), cache.allocator
+    return dict(k_new=k, v_new=v, scores=sc, cu_seqlens=cu, seq_slots=slots, ctx_lens=ctx, k_pool=lc.k_pool,
+                v_pool=lc.v_pool, pos_pool=lc.pos_pool, block_table=lc.block_table, kept_len=lc.kept_len,
+                ring_k=lc.ring_k, ring_v=lc.ring_v, ring_score=lc.ring_score, free_stack=a.free_stack,
+                num_free=a.num_free_t, threshold=0.0)
+
+
+# (argument, (dim, size change) or "misaligned", what the RuntimeError must say)
+EVICT_MUTATIONS = [
+    ("k_new", (1, 1), "k_new"),            # a kv head more than the cache
+    ("v_new", (0, 1), "v_new"),            # a row more than k_new
+    ("ring_k", (2, 1), "ring_k"),          # window
+    ("ring_k", (3, 8), "ring_k"),          # head_dim
+    ("kept_len", (1, 1), "kept_len"),
+    ("scores", (1, 1), "scores"),
+    ("pos_pool", (1, 1), "pos_pool"),
+    ("free_stack", (0, -1), "free_stack"),  # length != num_blocks
+    ("cu_seqlens", (0, 1), "cu_seqlens"),   # B + 2 entries
+    ("k_new", "misaligned", "16-byte aligned"),
+    ("k_pool", "misaligned", "16-byte aligned"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("argument,change,match", EVICT_MUTATIONS,
+                         ids=[f"{a}-{c if isinstance(c, str) else 'dim%d%+d' % c}" for a, c, _ in EVICT_MUTATIONS])
+def test_cuda_evict_rejects_an_inconsistent_argument(argument, change, match):
+    from kvzap_trt.ops import cuda_kernels
+
+    cache = make_cache(H=2, D=64, W=4, bs=16, num_blocks=64, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    seqs = [random_seq(cache, 11, g) for _ in range(2)]
+    for s in seqs:
+        s.written = cache.ctx_len[s.slot] = 10  # decode rows over a context (an empty cache is valid memory)
+    args = evict_args(cache, seqs)
+    cuda_kernels.evict_append(**args)  # unchanged, the call is valid
+    args[argument] = misaligned(args[argument]) if change == "misaligned" else resized(args[argument], *change)
+    with pytest.raises(RuntimeError, match=match):
+        cuda_kernels.evict_append(**args)
 
 
 @pytest.mark.gpu
