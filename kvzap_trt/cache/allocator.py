@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError
 
 
@@ -21,7 +22,8 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return int(self.num_free_t.item())
+        """One device read: callers read it once per decision, not in a loop."""
+        return int(to_host(self.num_free_t))
 
     @property
     def num_used(self) -> int:
@@ -37,7 +39,11 @@ class BlockAllocator:
 
 
 def pop_blocks(free_stack: torch.Tensor, num_free: torch.Tensor, n: int) -> torch.Tensor:
-    """Take `n` ids off the top of the free stack -> [n] int32 (what the evict kernel does on device)."""
+    """Take `n` ids off the top of the free stack -> [n] int32 (what the evict kernel does on device).
+
+    Part of the reference ops (the oracle, full of host reads by design): its read is not the
+    engine's and does not go through `device_reads`; on the kernel path the pop stays on device.
+    """
     top = int(num_free.item())
     if n > top:
         raise CacheFullError(f"KV block pool exhausted: {n} blocks needed, {top} free")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kvzap_trt.cache.allocator import BlockAllocator
+from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError
 
 
@@ -113,7 +114,8 @@ class PagedKVCache:
     def release(self, slot: int) -> None:
         """Return every block of `slot` to the pool and free the slot."""
         table = self.block_table[:, slot]  # [L, H, M]
-        self.allocator.push(table[table >= 0])
+        held = to_host(table)  # a mask on the device would sync anyway (its count sizes the result)
+        self.allocator.push(held[held >= 0])
         table.fill_(-1)
         self.kept_len[:, slot] = 0
         self.ctx_len[slot] = 0
@@ -121,36 +123,43 @@ class PagedKVCache:
 
     def blocks_needed(self, slot: int, new_tokens: int) -> int:
         """Most blocks `slot` can take when it next writes `new_tokens` tokens (all leavers kept)."""
-        c, W, bs = self.ctx_len[slot], self.spec.window, self.spec.block_size
-        leaving = max(0, c + new_tokens - W) - max(0, c - W)
-        if leaving == 0:
-            return 0
-        kept = self.kept_len[:, slot].long()  # [L, H]
-        return int((-(-(kept + leaving) // bs) - (-(-kept // bs))).sum())
+        return self.blocks_needed_many([slot], new_tokens)[0]
+
+    def blocks_needed_many(self, slots: list[int], new_tokens: int) -> list[int]:
+        """Most blocks each of `slots` can take when each next writes `new_tokens` tokens.
+
+        Every token leaving a window is counted as kept: a head takes a block exactly when its
+        kept length crosses a block boundary. One device read (kept_len of all `slots`), none
+        when `slots` is empty.
+        """
+        if not slots:
+            return []
+        W, bs = self.spec.window, self.spec.block_size
+        ctx = [self.ctx_len[s] for s in slots]
+        leaving = torch.tensor([max(0, c + new_tokens - W) - max(0, c - W) for c in ctx])  # [B]
+        kept = to_host(self.kept_len[:, slots]).long()  # [L, B, H]
+        grown = kept + leaving[None, :, None]
+        return (-(-grown // bs) - (-(-kept // bs))).sum((0, 2)).tolist()  # ceil(grown/bs) - ceil(kept/bs)
 
     def blocks_held(self, slot: int) -> int:
-        return int((self.block_table[:, slot] >= 0).sum().item())
+        return int((to_host(self.block_table[:, slot]) >= 0).sum())
 
     def kept_positions(self, slot: int) -> list[list[list[int]]]:
         """[layer][kv_head] -> sorted absolute positions held (kept pages + window)."""
         c, W = self.ctx_len[slot], self.spec.window
         ring = list(range(max(0, c - W), c))
-        out = []
-        for layer in range(self.spec.num_layers):
-            heads = []
-            for h in range(self.spec.num_kv_heads):
-                n = int(self.kept_len[layer, slot, h])
-                blocks = self.block_table[layer, slot, h, : math.ceil(n / self.spec.block_size)].long()
-                pages = self.pos_pool[blocks].reshape(-1)[:n].tolist()
-                heads.append(sorted(pages + ring))
-            out.append(heads)
-        return out
+        kept = to_host(self.kept_len[:, slot])  # [L, H]
+        used = math.ceil(int(kept.max()) / self.spec.block_size)  # table columns in use by the fullest head
+        blocks = self.block_table[:, slot, :, :used].clamp(min=0).long()  # [L, H, used] (-1: unused, read as 0)
+        pages = to_host(self.pos_pool[blocks]).flatten(2)  # [L, H, used * block_size]
+        return [[sorted(pages[layer, h, :n].tolist() + ring) for h, n in enumerate(heads)]
+                for layer, heads in enumerate(kept.tolist())]
 
     def stats(self, slot: int, positions: bool = False) -> dict[str, Any]:
         """The `kv` object of `kvzap-trt generate --json` for one sequence."""
         spec, tokens = self.spec, self.ctx_len[slot]
         in_window = min(tokens, spec.window)
-        kept = (self.kept_len[:, slot] + in_window).tolist()  # [L][H]
+        kept = (to_host(self.kept_len[:, slot]) + in_window).tolist()  # [L][H]
         per_layer = [1 - sum(k) / (spec.num_kv_heads * tokens) if tokens else 0.0 for k in kept]
         out: dict[str, Any] = {
             "tokens": tokens,

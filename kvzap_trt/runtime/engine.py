@@ -6,7 +6,9 @@ Sequences join as slots and free blocks allow and leave as soon as they finish, 
 blocks. Admission counts exact worst cases from the cache's own state (a head can only need a
 block when its last one is full and a token leaves its window), so what KVzap evicts is room
 for more sequences; when the running set outgrows the pool, the youngest are restarted later. Per layer the forward scores the new tokens with the surrogate, attends over kept pages
-+ window + new tokens, then evicts (kvpress order: eviction after attention).
++ window + new tokens, then evicts (kvpress order: eviction after attention). Device data is
+read on the host only through `device_reads.to_host`, a fixed few times per step and never per
+layer or per sequence (tests/test_device_reads.py counts them).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from kvzap_trt.cache.paged_cache import PagedKVCache
+from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.models.transformer import Transformer
 from kvzap_trt.ops.dispatch import ops
@@ -130,14 +133,17 @@ class Engine:
 
         Running sequences go first; when even their worst case does not fit, the youngest are
         preempted. Waiting requests are admitted in arrival order while their prefill's worst
-        case fits. Returns the admitted requests.
+        case fits. Returns the admitted requests. Two device reads (the running slots' kept
+        lengths, the free count); a preemption adds its release's and a fresh free count.
         """
-        need = {r.request_id: self.cache.blocks_needed(r.slot, 1) for r in self.running}
-        while len(self.running) > 1 and sum(need.values()) > self.cache.allocator.num_free:
+        needs = self.cache.blocks_needed_many([r.slot for r in self.running], 1)
+        need = {r.request_id: n for r, n in zip(self.running, needs)}
+        free = self.cache.allocator.num_free
+        while len(self.running) > 1 and sum(need.values()) > free:
             victim = max(self.running, key=lambda r: r.request_id)
             need.pop(victim.request_id)
             self._preempt(victim)
-        free = self.cache.allocator.num_free
+            free = self.cache.allocator.num_free
         if self.running and sum(need.values()) > free:
             (r,) = self.running  # alone and still too big: this pool can never finish it
             r.error = f"the KV pool ({self.cache.spec.num_blocks} blocks) cannot hold this request past {len(r.output_ids)} tokens"
@@ -168,9 +174,9 @@ class Engine:
         logits = self._forward(batch, feeds, is_decode)
         self.running = batch
         done = []
-        for r, row in zip(batch, logits):
+        for r, token in zip(batch, self._sample(batch, logits)):
             if r.sampling.max_new_tokens > 0:
-                r.output_ids.append(sample(row, r.sampling, r.generator))
+                r.output_ids.append(token)
             total = len(r.prompt_ids) + len(r.output_ids)
             if r.sampling.max_new_tokens == len(r.output_ids) or total >= self.max_seq_len:
                 r.finish_reason = "length"
@@ -181,6 +187,20 @@ class Engine:
         for r in done:
             self.finish(r)
         return self._failed + done
+
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
+        """logits: [B, V] on the cache's device -> one token id per request.
+
+        The argmax of every row (what `sample` does at temperature 0) comes back in one read;
+        the rows that draw (temperature > 0, tokens still wanted) come back in one more and draw
+        on the host with their request's generator.
+        """
+        tokens = to_host(logits.argmax(-1)).tolist()  # [B]
+        draw = [i for i, r in enumerate(batch) if r.sampling.temperature > 0 and r.sampling.max_new_tokens > 0]
+        if draw:
+            for i, row in zip(draw, to_host(logits[draw])):  # [len(draw), V]
+                tokens[i] = sample(row, batch[i].sampling, batch[i].generator)
+        return tokens
 
     def finish(self, r: Request, reason: str | None = None) -> None:
         """Record the request's cache statistics and return its slot and blocks."""
@@ -195,22 +215,21 @@ class Engine:
         dev, cache, policy = self.cache.device, self.cache, self.policy
         lens = [len(f) for f in feeds]
         ctx = [cache.ctx_len[r.slot] for r in batch]
+        # cu, slots, ctx_t: host tensors built from lists (the ops read them without a device read)
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
         slots = torch.tensor([r.slot for r in batch], dtype=torch.int32)
         ctx_t = torch.tensor(ctx, dtype=torch.int32)
         tokens = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, lens)]).to(dev)
-        # Rows whose tokens are never evicted: every row without a surrogate; decode rows when
-        # decoding is not compressed (kvpress decoding=False).
-        never = torch.tensor(
-            [policy.surrogate is None or (d and not policy.compress_decoding) for d, n in zip(is_decode, lens) for _ in range(n)],
-            device=dev,
-        )
+        # Sequences whose tokens are never evicted: all without a surrogate; decoding ones when
+        # decoding is not compressed (kvpress decoding=False). Known here, so no layer asks the device.
+        never_seq = [policy.surrogate is None or (d and not policy.compress_decoding) for d in is_decode]
+        never = torch.tensor([v for v, n in zip(never_seq, lens) for _ in range(n)], device=dev)  # [N]
         alloc = cache.allocator
 
         def attend(layer: int, h_norm, q, k, v):
             lc = cache.layer(layer)
-            if policy.surrogate is None or bool(never.all()):
+            if all(never_seq):
                 scores = torch.full(never.shape + (k.shape[1],), float("inf"), device=dev)
             else:
                 scores = policy.surrogate.score(layer, h_norm).masked_fill(never[:, None], float("inf"))
