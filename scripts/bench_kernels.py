@@ -84,12 +84,16 @@ def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense
     cu, slots, ctx = ints(list(range(batch + 1))), ints(list(range(batch))), ints([context] * batch)
     out, stream = torch.empty_like(q), torch.cuda.current_stream().cuda_stream
     max_keys = context + 1
+    split, workspace = cuda_kernels.attention_plan(batch, HQ, H, D, max_keys, q.device)
+    error = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def run():
         torch.ops.kvzap_trt.paged_attention(q, k_new, v_new, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table,
-                                            lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5, max_keys, 0, out, stream)
+                                            lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5, max_keys, split, out,
+                                            workspace, error, stream)
 
     t = time_us(run)
+    cuda_kernels.raise_kernel_error(int(error.item()))
     keys = kept + W + 1
     moved = batch * (HQ * D + 2 * H * keys * D) * 2
     dense_t = dense_fn(batch, context)

@@ -31,3 +31,12 @@ def smollm2_dir():
     from kvzap_trt.config import load_preset
 
     return resolve_model_dir(load_preset("smollm2-135m")["model"])
+
+
+@pytest.fixture(scope="session")
+def cmake_build(tmp_path_factory):
+    """(build dir, compiler output) of plugins/ built once per session with CMake (tests/plugin_build.py)."""
+    from tests.plugin_build import cmake_build_plugins
+
+    build = tmp_path_factory.mktemp("plugins")
+    return build, cmake_build_plugins(build)

@@ -1,7 +1,9 @@
 """The CUDA kernels build on any machine with nvcc (CI has no GPU): CMake for sm_80 and sm_90a,
-no register spills, the C ABI exported; the torch ops source compiles against the installed
-torch headers. Their numerics are tested on a GPU beside the references (test_evict_append.py,
-test_paged_attention.py)."""
+no register spills, occupancy pinned as the split heuristic assumes, the C ABI exported; the
+torch ops library builds against the installed torch (the CPU wheel in CI), loads, and its
+int-only planning ops run. Their numerics are tested on a GPU beside the references
+(test_evict_append.py, test_paged_attention.py); their index arithmetic on the host here
+(test_cache_index.py)."""
 
 from __future__ import annotations
 
@@ -17,32 +19,11 @@ import torch
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.ops import cuda_kernels
 from kvzap_trt.ops.dispatch import REFERENCE, ops
+from tests.plugin_build import nvcc
 
 PLUGINS = cuda_kernels.PLUGINS
-LAUNCHERS = {"kvzapEvict", "kvzapVarlenPagedAttention", "kvzapAttentionSplitSize", "kvzapAttentionWorkspaceBytes"}
-
-
-def nvcc() -> str:
-    found = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-    if found is None:
-        pytest.skip("nvcc not installed")
-    return found
-
-
-@pytest.fixture(scope="module")
-def cmake_build(tmp_path_factory):
-    """(build dir, compiler output) of the plugins' CMake build with ptxas statistics."""
-    compiler = nvcc()
-    build = tmp_path_factory.mktemp("plugins")
-    env = dict(os.environ, CUDACXX=compiler)
-    configure = subprocess.run(
-        ["cmake", "-S", str(PLUGINS), "-B", str(build), "-DCMAKE_CUDA_FLAGS=-Xptxas -v"],
-        capture_output=True, text=True, env=env,
-    )
-    assert configure.returncode == 0, configure.stdout + configure.stderr
-    made = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, env=env)
-    assert made.returncode == 0, made.stdout + made.stderr
-    return build, made.stdout + made.stderr
+LAUNCHERS = {"kvzapEvict", "kvzapVarlenPagedAttention", "kvzapAttentionSplitSize", "kvzapAttentionWorkspaceBytes",
+             "kvzapAttentionBlocksPerSm"}
 
 
 def test_kernels_build_for_sm80_and_sm90a_without_spills(cmake_build):
@@ -57,6 +38,23 @@ def test_kernels_build_for_sm80_and_sm90a_without_spills(cmake_build):
     spills = re.findall(r"(\d+) bytes spill stores", log)
     assert spills and all(int(s) == 0 for s in spills), "a kernel spills registers"
     assert "warning" not in log.lower()
+
+
+def test_attention_occupancy_is_pinned_as_the_split_heuristic_assumes(cmake_build):
+    """Every attention_kernel<T, D, G> instance fits the resident blocks per SM that
+    kvzapAttentionBlocksPerSm reports (and the split heuristic uses) on its architecture."""
+    import ctypes
+
+    build, log = cmake_build
+    lib = ctypes.CDLL(str(build / "libkvzap_kernels.so"))
+    entries = re.findall(r"Compiling entry function '(\w*attention_kernel\w*)' for 'sm_(\d+)a?'\n"
+                         r"(?:.*\n)*?ptxas info\s+: Used (\d+) registers", log)
+    assert len(entries) == 2 * 3 * 2 * 4, len(entries)  # archs x dtypes x head dims x groups
+    for name, arch, regs in entries:
+        group = int(re.search(r"Li(\d+)ELi(\d+)E", name).group(2))
+        blocks = lib.kvzapAttentionBlocksPerSm(group, int(arch))
+        assert int(regs) * 128 * blocks <= 65536, (name, arch, regs, blocks)
+    assert (lib.kvzapAttentionBlocksPerSm(4, 90), lib.kvzapAttentionBlocksPerSm(8, 90)) == (4, 2)
 
 
 def test_kernels_library_exports_the_c_abi(cmake_build):
@@ -87,6 +85,28 @@ def test_torch_ops_source_compiles_against_installed_torch():
     assert result.returncode == 0 and not ours, result.stderr[-4000:]
 
 
+def test_torch_ops_library_loads_and_plans_attention_without_a_gpu(cmake_build):
+    """The CMake-built torch.ops library registers every op with the schema the wrappers call;
+    the int-only planning ops run anywhere and agree with the C ABI."""
+    import ctypes
+
+    build, _ = cmake_build
+    torch.ops.load_library(str(build / "libkvzap_trt_torch_ops.so"))
+    ops = torch.ops.kvzap_trt
+    schema = str(ops.paged_attention.default._schema)
+    assert "Tensor(b!) workspace, Tensor(c!) error, int stream" in schema
+    assert "Tensor(k!) error, float threshold, int max_new_tokens, int stream" in str(ops.evict_append.default._schema)
+    lib = ctypes.CDLL(str(build / "libkvzap_kernels.so"))
+    lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
+    for rows, hq, h, keys in [(1, 32, 8, 32769), (8, 32, 8, 16385), (64, 9, 3, 4097), (3, 6, 6, 100)]:
+        split = ops.attention_split(rows, hq, h, keys, 132, 90)
+        assert split == lib.kvzapAttentionSplitSize(rows, hq, h, keys, 132, 90)
+        assert ops.attention_workspace_floats(rows, hq, 128, keys, split) * 4 == \
+            lib.kvzapAttentionWorkspaceBytes(rows, hq, 128, keys, split)
+    with pytest.raises(RuntimeError, match="split_size must be > 0"):
+        ops.attention_workspace_floats(1, 8, 128, 100, 0)
+
+
 def test_gencode_targets_hopper_with_its_own_instructions():
     assert cuda_kernels.gencode_flags((9, 0)) == ["-gencode=arch=compute_90a,code=sm_90a"]
     assert cuda_kernels.gencode_flags((8, 0)) == ["-gencode=arch=compute_80,code=sm_80"]
@@ -96,6 +116,7 @@ def test_gencode_targets_hopper_with_its_own_instructions():
 def test_batch_args_bound_every_row_and_are_reused_within_a_step():
     cu, slots, ctx = torch.tensor([0, 1, 301, 302]), torch.tensor([2, 0, 1]), torch.tensor([40000, 9, 0])
     args = cuda_kernels.batch_args(cu, slots, ctx, "cpu")
+    assert args is not cuda_kernels.batch_args(cu, slots, ctx, "meta")  # one copy per device (and stream)
     assert (args.max_chunk, args.max_keys) == (300, 40000 + 300)
     assert args.cu_seqlens.dtype == torch.int32 and args.seq_slots.tolist() == [2, 0, 1]
     # Every layer of a step passes equal tensors: one conversion serves them all.
@@ -126,14 +147,18 @@ def test_split_heuristic_fills_one_wave(cmake_build):
     lib = ctypes.CDLL(str(cmake_build[0] / "libkvzap_kernels.so"))
     lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
     sms = 132  # H100 SXM
-    for rows, max_keys in [(1, 32769), (8, 16385), (32, 32769), (64, 4097), (8, 100), (300, 2000)]:
-        split = lib.kvzapAttentionSplitSize(rows, 8, max_keys, sms)
-        splits = -(-max_keys // split)
-        assert 256 <= split <= 4096 and split % 64 == 0
-        # One wave (4 blocks per SM) unless even one split per pair, or the largest split, is more.
-        assert rows * 8 * splits <= sms * 4 or splits == 1 or split == 4096, (rows, max_keys, split)
-        ws = lib.kvzapAttentionWorkspaceBytes(rows, 32, 128, max_keys, split)
-        assert ws == (0 if splits == 1 else 4 * rows * 32 * splits * 129)
+    for group, resident in [(4, 4), (8, 2)]:  # Qwen3-8B's G = 4 (4 blocks per SM), G = 8 (2)
+        for rows, max_keys in [(1, 32769), (8, 16385), (32, 32769), (64, 4097), (8, 100), (300, 2000)]:
+            split = lib.kvzapAttentionSplitSize(rows, 8 * group, 8, max_keys, sms, 90)
+            splits = -(-max_keys // split)
+            assert 256 <= split <= 4096 and split % 64 == 0
+            # One wave unless even one split per pair, or the largest split, is more.
+            assert rows * 8 * splits <= sms * resident or splits == 1 or split == 4096, (rows, max_keys, split)
+            ws = lib.kvzapAttentionWorkspaceBytes(rows, 32, 128, max_keys, split)
+            assert ws == (0 if splits == 1 else 4 * rows * 32 * splits * 129)
     # Long single sequences are cut into many splits; short ones into none.
-    assert -(-32769 // lib.kvzapAttentionSplitSize(1, 8, 32769, sms)) >= 32
-    assert lib.kvzapAttentionSplitSize(8, 8, 100, sms) >= 100
+    assert -(-32769 // lib.kvzapAttentionSplitSize(1, 32, 8, 32769, sms, 90)) >= 32
+    assert lib.kvzapAttentionSplitSize(8, 32, 8, 100, sms, 90) >= 100
+    # Fewer resident blocks (G = 8, or sm_80 at G = 4) -> fewer, longer splits for the same wave.
+    assert lib.kvzapAttentionSplitSize(8, 64, 8, 16385, sms, 90) > lib.kvzapAttentionSplitSize(8, 32, 8, 16385, sms, 90)
+    assert lib.kvzapAttentionSplitSize(8, 32, 8, 16385, 108, 80) > lib.kvzapAttentionSplitSize(8, 32, 8, 16385, 108, 90)

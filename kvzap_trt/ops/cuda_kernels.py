@@ -12,10 +12,13 @@ dispatch can swap them. Differences a caller can see:
   - block ids: heads pop blocks from the free stack concurrently, so which id a head gets
     differs from the reference; what each head keeps, in which order, and how many blocks the
     pool loses are the same;
-  - errors: the kernel cannot raise; it ORs a flag, which is read back and turned into the
-    reference's CacheFullError: after each call (one device sync), or once at the end of a
-    `deferred_errors()` block, which the engine wraps around a whole forward step. The cache is
-    invalid after it; the runtime's exact block bounds make it unreachable in serving.
+  - errors: the kernels cannot raise; they OR a flag, which is read back and turned into the
+    reference's CacheFullError (or KernelBoundError when a host bound was wrong): after each call
+    (one device sync), or once at the end of a `deferred_errors()` block, which the engine wraps
+    around a whole forward step. The cache is invalid after it; the runtime's exact block bounds
+    make it unreachable in serving.
+Streams: every buffer an op writes (workspace, error flag) and the memoised batch description
+are made on the stream the op runs on, the current one.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from pathlib import Path
 
 import torch
 
+from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
 
 # The CUDA sources: beside the package in a source checkout, or where $KVZAP_TRT_PLUGINS says.
 PLUGINS = Path(os.environ.get("KVZAP_TRT_PLUGINS") or Path(__file__).resolve().parents[2] / "plugins")
-KERNEL_SOURCES = ("src/evict_append.cu", "src/paged_attention.cu")
+KERNEL_SOURCES = ("src/evict_append.cu", "src/paged_attention.cu", "src/index_abi.cu")
 TORCH_OPS_SOURCE = "torch/torch_ops.cpp"
-ERR_POOL_EXHAUSTED, ERR_BLOCK_TABLE_FULL = 1, 2  # kvzap_kernels.h
+ERR_POOL_EXHAUSTED, ERR_BLOCK_TABLE_FULL, ERR_BOUND_EXCEEDED = 1, 2, 4  # must match KVZAP_ERR_* in kvzap_kernels.h
 
 
 def gencode_flags(capability: tuple[int, int]) -> list[str]:
@@ -85,14 +89,18 @@ class BatchArgs:
 
 
 def batch_args(cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor, device) -> BatchArgs:
-    """Device copies of the host batch description, reused while it does not change: every layer
-    of a step passes the same one, so a step pays 3 small copies, not 3 per op per layer."""
+    """Device copies of the host batch description (host tensors: .tolist() reads no device),
+    reused while it does not change: every layer of a step passes the same one, so a step pays 3
+    small copies, not 3 per op per layer. Keyed by the current stream too: a copy queued on one
+    stream is not safe to read on another before that stream reaches it."""
     host = (tuple(t.tolist()) for t in (cu_seqlens, seq_slots, ctx_lens))
-    return _batch_args(str(torch.device(device)), *host)
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return _batch_args(str(device), stream, *host)
 
 
 @functools.lru_cache(maxsize=4)  # a step's batch, and the sub-batch of a step mixing fresh prompts in
-def _batch_args(device: str, cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...]) -> BatchArgs:
+def _batch_args(device: str, stream: int, cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...]) -> BatchArgs:
     dev_cu, dev_slots, dev_ctx = (torch.tensor(h, dtype=torch.int32).to(device, non_blocking=True) for h in (cu, slots, ctx))
     chunk = max((b - a for a, b in zip(cu, cu[1:])), default=0)
     return BatchArgs(cu, ctx, dev_cu, dev_slots, dev_ctx, chunk, max(ctx, default=0) + chunk)
@@ -106,17 +114,25 @@ def _cuda_key(device: torch.device | str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
-def raise_evict_error(flag: int) -> None:
+def raise_kernel_error(flag: int) -> None:
+    """The exception for a kernel error flag (bits ERR_*), if any."""
     if flag & ERR_POOL_EXHAUSTED:
         raise CacheFullError("KV block pool exhausted in kvzapEvict (the cache is no longer valid)")
     if flag & ERR_BLOCK_TABLE_FULL:
         raise CacheFullError("a head needs more blocks than its block table holds (kvzapEvict)")
+    if flag & ERR_BOUND_EXCEEDED:
+        raise KernelBoundError("a kernel saw more tokens than the bound the host passed (max_new_tokens or max_keys): "
+                               "the cache or the attention output is not valid")
+
+
+class KernelBoundError(KvzapError):
+    """A host-side bound passed to a kernel was below the real value (a bug in the caller)."""
 
 
 @contextlib.contextmanager
 def deferred_errors(device: torch.device | str):
-    """Within the block, evict_append on `device` does not sync to check its error flag; the flag
-    of all its calls is checked once on leaving (CacheFullError)."""
+    """Within the block, the ops on `device` do not sync to check their error flag; the flag of
+    all their calls is read once on leaving (CacheFullError, KernelBoundError)."""
     if torch.device(device).type != "cuda" or _cuda_key(device) in _deferred:
         yield
         return
@@ -126,7 +142,13 @@ def deferred_errors(device: torch.device | str):
         yield
     finally:
         del _deferred[device]
-    raise_evict_error(int(flag.item()))
+    raise_kernel_error(int(to_host(flag)[0]))
+
+
+def _error_flag(device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(flag to pass, whether the caller reads it now): the open deferred block's, else a new one."""
+    deferred = _deferred.get(_cuda_key(device))
+    return (deferred, False) if deferred is not None else (torch.zeros(1, dtype=torch.int32, device=device), True)
 
 
 def evict_append(
@@ -136,8 +158,7 @@ def evict_append(
     """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append (one layer)."""
     load()
     dev = k_pool.device
-    deferred = _deferred.get(_cuda_key(dev))
-    error = deferred if deferred is not None else torch.zeros(1, dtype=torch.int32, device=dev)
+    error, check_now = _error_flag(dev)
     batch = batch_args(cu_seqlens, seq_slots, ctx_lens, dev)
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.evict_append(
@@ -145,8 +166,8 @@ def evict_append(
             batch.ctx_lens, k_pool, v_pool, pos_pool, block_table, kept_len, ring_k, ring_v, ring_score, free_stack,
             num_free, error, float(threshold), batch.max_chunk, torch.cuda.current_stream(dev).cuda_stream,
         )
-    if deferred is None:
-        raise_evict_error(int(error.item()))
+    if check_now:
+        raise_kernel_error(int(to_host(error)[0]))
 
 
 def paged_attention(
@@ -183,10 +204,33 @@ def paged_attention(
         return out
     load()
     dev = q.device
+    error, check_now = _error_flag(dev)
     with torch.cuda.device(dev):
+        split, workspace = attention_plan(q.shape[0], q.shape[1], k_new.shape[1], q.shape[2], batch.max_keys, dev,
+                                          split_size)
         torch.ops.kvzap_trt.paged_attention(
             q.contiguous(), k_new.contiguous(), v_new.contiguous(), batch.cu_seqlens, batch.seq_slots, batch.ctx_lens,
-            k_pool, v_pool, block_table, kept_len, ring_k, ring_v, float(scale), batch.max_keys, int(split_size), out,
-            torch.cuda.current_stream(dev).cuda_stream,
+            k_pool, v_pool, block_table, kept_len, ring_k, ring_v, float(scale), batch.max_keys, split, out, workspace,
+            error, torch.cuda.current_stream(dev).cuda_stream,
         )
+    if check_now:
+        raise_kernel_error(int(to_host(error)[0]))
     return out
+
+
+def attention_plan(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int, max_keys: int,
+                   device: torch.device, split_size: int = 0) -> tuple[int, torch.Tensor]:
+    """(keys per split, float32 workspace) for one kvzapVarlenPagedAttention launch on `device`,
+    the workspace allocated on the current stream. split_size 0: the launcher's heuristic."""
+    if split_size <= 0:
+        sms, sm = _device_shape(_cuda_key(device))
+        split_size = torch.ops.kvzap_trt.attention_split(num_rows, num_q_heads, num_kv_heads, max_keys, sms, sm)
+    floats = torch.ops.kvzap_trt.attention_workspace_floats(num_rows, num_q_heads, head_dim, max_keys, split_size)
+    return split_size, torch.empty(floats, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _device_shape(device: torch.device) -> tuple[int, int]:
+    """(SM count, compute capability as XY) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.major * 10 + props.minor

@@ -29,8 +29,14 @@ extern "C" {
 
 typedef enum { KVZAP_FLOAT32 = 0, KVZAP_FLOAT16 = 1, KVZAP_BFLOAT16 = 2 } kvzapDtype;
 
-// Error bits written (OR-ed) into *error by kvzapEvict; the cache is invalid after any of them.
-enum { KVZAP_ERR_POOL_EXHAUSTED = 1, KVZAP_ERR_BLOCK_TABLE_FULL = 2 };
+// Error bits OR-ed into *error by the kernels (they cannot raise). After any of kvzapEvict's the
+// cache is invalid; after BOUND_EXCEEDED from kvzapVarlenPagedAttention the output is.
+//   POOL_EXHAUSTED    fewer free blocks than a head's kept pages need
+//   BLOCK_TABLE_FULL  a head needs more than max_blocks_per_head blocks
+//   BOUND_EXCEEDED    a bound the host passed is below the real value: kvzapEvict's max_new_tokens
+//                     (below some T_b) or kvzapVarlenPagedAttention's max_keys (below some row's keys)
+// Must match ERR_* in kvzap_trt/ops/cuda_kernels.py.
+enum { KVZAP_ERR_POOL_EXHAUSTED = 1, KVZAP_ERR_BLOCK_TABLE_FULL = 2, KVZAP_ERR_BOUND_EXCEEDED = 4 };
 
 typedef struct {
     kvzapDtype dtype;
@@ -43,7 +49,8 @@ typedef struct {
     int block_size;
     int max_blocks_per_head;  // M
     int num_rows;     // N = cu_seqlens[B]
-    int max_new_tokens;  // max_b T_b if the host knows it, else 0; long prefills take a chunked path
+    int max_new_tokens;  // max_b T_b if the host knows it, else 0; long prefills take a chunked path.
+                         // A head with more new tokens sets KVZAP_ERR_BOUND_EXCEEDED and does nothing.
     float threshold;  // tau: kept iff score >= tau
     const void* k_new;    // [L, N, H, D]
     const void* v_new;    // [L, N, H, D]
@@ -73,7 +80,8 @@ typedef struct {
     kvzapDtype dtype;
     int batch, num_slots, num_q_heads, num_kv_heads, head_dim, window, block_size, max_blocks_per_head;
     int num_rows;     // N
-    int max_keys;     // an upper bound of keys seen by any row: max_b(ctx_lens[b]) + max_b(T_b)
+    int max_keys;     // an upper bound of keys seen by any row: max_b(ctx_lens[b]) + max_b(T_b);
+                      // a row with more keys sets KVZAP_ERR_BOUND_EXCEEDED (its output is incomplete)
     float scale;
     const void* q;        // [N, Hq, D]
     const void* k_new;    // [N, H, D]
@@ -89,10 +97,17 @@ typedef struct {
     const void* ring_v;
     void* out;                   // [N, Hq, D]
     float* workspace;            // kvzapAttentionWorkspaceBytes(...) bytes, or NULL when it returns 0
+    int32_t* error;              // [1], OR-ed with KVZAP_ERR_BOUND_EXCEEDED; required
 } kvzapAttentionParams;
 
-// Keys split per thread block along the kept length (tokens); fixed by the launcher.
-int kvzapAttentionSplitSize(int num_rows, int num_kv_heads, int max_keys, int num_sms);
+// Keys per thread block along each row's keys: about one full wave of blocks for this launch on
+// num_sms SMs of compute capability sm (major * 10 + minor), given the resident blocks per SM that
+// the kernel for this query group pins.
+int kvzapAttentionSplitSize(int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms, int sm);
+
+// Thread blocks of the attention kernel resident per SM for query groups of `group_size` heads on
+// an sm device: its __launch_bounds__ minimum, which the split heuristic assumes.
+int kvzapAttentionBlocksPerSm(int group_size, int sm);
 
 // Bytes of float workspace for the split-K partial results (0: one split, no workspace).
 size_t kvzapAttentionWorkspaceBytes(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size);
@@ -101,6 +116,19 @@ size_t kvzapAttentionWorkspaceBytes(int num_rows, int num_q_heads, int head_dim,
 // of its sequence up to itself (causal). GQA: one thread block per (row, kv head, split) serves
 // the whole query group; splits merged by log-sum-exp. head_dim 64 or 128.
 cudaError_t kvzapVarlenPagedAttention(const kvzapAttentionParams* p, int split_size, cudaStream_t stream);
+
+// The kernels' index arithmetic (src/cache_index.cuh) on the host, for tests against the
+// references. Each writes its results through the pointers.
+void kvzapIndexLeavers(int ctx, int new_tokens, int window, int* lo, int* hi, int* stay_lo);
+int kvzapIndexRingSlot(int pos, int window);
+void kvzapIndexPageSlot(int dst, int block_size, int* column, int* offset);
+int kvzapIndexRowKeys(int kept, int ctx, int window, int t);
+void kvzapIndexLocateKey(int j, int kept, int ring, int* source, int* index);
+void kvzapIndexSplitKeys(int split, int split_size, int n_keys, int kept, int block_size, int* begin, int* end,
+                         int* page_lo, int* page_hi);
+int kvzapIndexNumSplits(int max_keys, int split_size);
+void kvzapIndexLeaverChunk(int chunk, int chunk_size, int lo, int hi, int* from, int* to);
+int kvzapIndexRowSequence(const int32_t* cu_seqlens, int batch, int row);
 
 #ifdef __cplusplus
 }

@@ -22,6 +22,7 @@
 //            against the 2 x D x elem bytes it copies); a commit kernel, once every ring read is
 //            done, sets kept_len and rewrites the ring.
 
+#include "cache_index.cuh"
 #include "common.cuh"
 #include "kvzap_kernels.h"
 
@@ -51,8 +52,9 @@ struct Head {
         start = p.cu_seqlens[b];
         T_new = p.cu_seqlens[b + 1] - start;
         c = p.ctx_lens[b];
-        lo = max(0, c - W);
-        hi = max(0, c + T_new - W);
+        const Leavers leaving = leavers(c, T_new, W);
+        lo = leaving.lo;
+        hi = leaving.hi;
         index = ((int64_t)l * p.num_slots + p.seq_slots[b]) * H + h;
         table = p.block_table + index * M;
         ring_k = static_cast<T*>(p.ring_k) + index * W * D;
@@ -65,13 +67,32 @@ struct Head {
     }
     // Leaver at position pos: from the ring while older than the chunk, else a new token.
     __device__ float score(int pos) const {
-        return pos < c ? ring_score[pos % W] : scores[(int64_t)(start + pos - c) * H];
+        return pos < c ? ring_score[ring_slot(pos, W)] : scores[(int64_t)(start + pos - c) * H];
     }
-    __device__ int pages(int tokens) const { return (tokens + bs - 1) / bs; }
+    __device__ int pages(int tokens) const { return pages_for(tokens, bs); }
     __device__ const T* row(int pos, const T* ring, const T* fresh) const {
-        return pos < c ? ring + (int64_t)(pos % W) * D : fresh + (int64_t)(start + pos - c) * H * D;
+        return pos < c ? ring + (int64_t)ring_slot(pos, W) * D : fresh + (int64_t)(start + pos - c) * H * D;
+    }
+    // The host's bound on new tokens (max_new_tokens, 0: unknown) is below this head's count: the
+    // chunked grid would miss leavers. The head does nothing and reports it.
+    __device__ bool over_bound(const kvzapEvictParams& p) const {
+        return p.max_new_tokens > 0 && T_new > p.max_new_tokens;
     }
 };
+
+// Takes `need` ids off the free stack: returns the index of the first, free_stack[first, first +
+// need), or -1 when fewer are free. The counter never goes below zero and a head that fails never
+// writes it, so one head's failure cannot make another's ids look free (an atomicSub that is
+// given back on failure can: tests/test_free_stack_protocol.py models both protocols).
+__device__ int pop_free(int* num_free, int need) {
+    int top = atomicAdd(num_free, 0);
+    while (top >= need) {
+        const int seen = atomicCAS(num_free, top, top - need);
+        if (seen == top) return top - need;
+        top = seen;
+    }
+    return -1;
+}
 
 // Kept leavers among positions [from, to), summed over the block (every thread gets it).
 template <typename T>
@@ -90,19 +111,18 @@ __device__ bool take_blocks(const kvzapEvictParams& p, const Head<T>& v, int n_k
         const int old_len = p.kept_len[v.index];
         const int old_blocks = v.pages(old_len), new_blocks = v.pages(old_len + n_keep);
         const int need = new_blocks - old_blocks;
-        int ok = 1, top = 0;
+        int ok = 1, first = 0;
         if (new_blocks > v.M) {
             atomicOr(p.error, KVZAP_ERR_BLOCK_TABLE_FULL);
             ok = 0;
         } else if (need > 0) {
-            top = atomicSub(p.num_free, need);
-            if (top < need) {  // not enough: give them back, report, touch nothing
-                atomicAdd(p.num_free, need);
+            first = pop_free(p.num_free, need);
+            if (first < 0) {  // not enough: report, touch nothing
                 atomicOr(p.error, KVZAP_ERR_POOL_EXHAUSTED);
                 ok = 0;
             }
         }
-        s_ok = ok, s_first = old_blocks, s_need = need, s_top = top - need;  // ids free_stack[s_top, +need)
+        s_ok = ok, s_first = old_blocks, s_need = need, s_top = first;  // ids free_stack[s_top, +need)
     }
     __syncthreads();
     if (!s_ok) return false;
@@ -133,10 +153,11 @@ __device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from,
         __syncthreads();
         for (int i = threadIdx.x; i < tile_kept * vecs_per_row; i += kThreads) {
             const int r = i / vecs_per_row, e = (i % vecs_per_row) * VEC;
-            const int src = s_src[r], dst = s_dst[r];
-            const int32_t block = v.table[dst / v.bs];
+            const int src = s_src[r];
+            const PageSlot dst = page_slot(s_dst[r], v.bs);
+            const int32_t block = v.table[dst.column];
             if (block < 0) continue;
-            const int64_t slot = (int64_t)block * v.bs + dst % v.bs;
+            const int64_t slot = (int64_t)block * v.bs + dst.offset;
             *reinterpret_cast<uint4*>(k_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, v.ring_k, v.k_new) + e);
             *reinterpret_cast<uint4*>(v_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, v.ring_v, v.v_new) + e);
             if (e == 0) p.pos_pool[slot] = src;
@@ -151,15 +172,15 @@ __device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from,
 template <typename T>
 __device__ void write_ring(const Head<T>& v) {
     constexpr int VEC = Vec16<T>::VEC;
-    const int stay_lo = max(v.c, v.c + v.T_new - v.W), n_stay = v.c + v.T_new - stay_lo;
+    const int stay_lo = leavers(v.c, v.T_new, v.W).stay_lo, n_stay = v.c + v.T_new - stay_lo;
     const int vecs_per_row = v.D / VEC;
     for (int i = threadIdx.x; i < n_stay * vecs_per_row; i += kThreads) {
         const int pos = stay_lo + i / vecs_per_row, e = (i % vecs_per_row) * VEC;
         const int64_t row = (int64_t)(v.start + pos - v.c) * v.H * v.D + e;
-        const int64_t slot = (int64_t)(pos % v.W) * v.D + e;
+        const int64_t slot = (int64_t)ring_slot(pos, v.W) * v.D + e;
         *reinterpret_cast<uint4*>(v.ring_k + slot) = *reinterpret_cast<const uint4*>(v.k_new + row);
         *reinterpret_cast<uint4*>(v.ring_v + slot) = *reinterpret_cast<const uint4*>(v.v_new + row);
-        if (e == 0) v.ring_score[pos % v.W] = v.scores[(int64_t)(v.start + pos - v.c) * v.H];
+        if (e == 0) v.ring_score[ring_slot(pos, v.W)] = v.scores[(int64_t)(v.start + pos - v.c) * v.H];
     }
 }
 
@@ -167,6 +188,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) evict_fused_kernel(const kvzapEvictParams p) {
     const Head<T> v(p, blockIdx.x, blockIdx.y, blockIdx.z);
     if (v.T_new <= 0) return;
+    if (v.over_bound(p)) {
+        if (threadIdx.x == 0) atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);
+        return;
+    }
     __shared__ int scratch[32];
     const int n_keep = count_kept(v, v.lo, v.hi, p.threshold, scratch);
     const int old_len = p.kept_len[v.index];
@@ -181,6 +206,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) evict_plan_kernel(const kvzapEvictParams p) {
     const Head<T> v(p, blockIdx.x, blockIdx.y, blockIdx.z);
     if (v.T_new <= 0) return;
+    if (v.over_bound(p)) {  // copy and commit skip this head too
+        if (threadIdx.x == 0) atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);
+        return;
+    }
     __shared__ int scratch[32];
     take_blocks(p, v, count_kept(v, v.lo, v.hi, p.threshold, scratch));
 }
@@ -191,17 +220,17 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) evict_copy_kernel(const kvzapEvictParams p) {
     const int h = blockIdx.x % p.num_kv_heads, chunk = blockIdx.x / p.num_kv_heads;
     const Head<T> v(p, h, blockIdx.y, blockIdx.z);
-    const int from = v.lo + chunk * kChunk, to = min(v.hi, from + kChunk);
-    if (v.T_new <= 0 || (chunk > 0 && from >= to)) return;
+    const Chunk mine = leaver_chunk(chunk, kChunk, v.lo, v.hi);
+    if (v.T_new <= 0 || v.over_bound(p) || (chunk > 0 && mine.from >= mine.to)) return;
     __shared__ int scratch[32];
-    const int before = count_kept(v, v.lo, from, p.threshold, scratch);
-    copy_kept(p, v, from, max(from, to), p.kept_len[v.index] + before, scratch);
+    const int before = count_kept(v, v.lo, mine.from, p.threshold, scratch);
+    copy_kept(p, v, mine.from, mine.to, p.kept_len[v.index] + before, scratch);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) evict_commit_kernel(const kvzapEvictParams p) {
     const Head<T> v(p, blockIdx.x, blockIdx.y, blockIdx.z);
-    if (v.T_new <= 0) return;
+    if (v.T_new <= 0 || v.over_bound(p)) return;
     __shared__ int scratch[32];
     const int n_keep = count_kept(v, v.lo, v.hi, p.threshold, scratch);
     if (threadIdx.x == 0) {

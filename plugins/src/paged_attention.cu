@@ -17,6 +17,7 @@
 
 #include <float.h>
 
+#include "cache_index.cuh"
 #include "common.cuh"
 #include "kvzap_kernels.h"
 
@@ -27,11 +28,23 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kUnroll = 4;
 constexpr int kMaxSplit = 4096;  // keys per split at most: bounds the staged page ids (16 KB at page size 1)
-constexpr int kBlocksPerSm = 4;  // resident blocks per SM the split heuristic assumes (128 registers, bf16, G=4)
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Resident blocks per SM pinned by __launch_bounds__ for the kernel of query groups up to GMAX on
+// an sm_XY device (sm = XY): up to G = 4, 4 on Hopper (at most 128 registers) and 3 before it
+// (sm_80's code needs ~155 registers; forced into 128 it spills); 2 for G = 5..8, whose q and
+// accumulators need ~230. The split heuristic assumes exactly these (kvzapAttentionBlocksPerSm);
+// tests/test_kernels_build.py checks that no instance spills.
+__host__ __device__ constexpr int blocks_per_sm(int gmax, int sm) { return gmax <= 4 ? (sm >= 90 ? 4 : 3) : 2; }
+#ifdef __CUDA_ARCH__
+#define KVZAP_SM (__CUDA_ARCH__ / 10)
+#else
+#define KVZAP_SM 90  // the host pass parses the attribute but does not use it
+#endif
+
 template <typename T, int D, int GMAX>
-__global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentionParams p, const int split_size) {
+__global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
+    attention_kernel(const kvzapAttentionParams p, const int split_size) {
     constexpr int VEC = Vec16<T>::VEC;
     constexpr int TX = D / VEC;     // lanes per key
     constexpr int TY = 32 / TX;     // keys per warp step
@@ -46,19 +59,16 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentio
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tx = lane % TX, ty = lane / TX;
     const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, W = p.window, bs = p.block_size;
 
-    // Row -> sequence: the last b with cu_seqlens[b] <= n.
-    int lo_b = 0, hi_b = p.batch - 1;
-    while (lo_b < hi_b) {
-        const int mid = (lo_b + hi_b + 1) >> 1;
-        if (p.cu_seqlens[mid] <= n) lo_b = mid; else hi_b = mid - 1;
-    }
-    const int b = lo_b, start = p.cu_seqlens[b], t = n - start;
+    const int b = row_sequence(p.cu_seqlens, p.batch, n), start = p.cu_seqlens[b], t = n - start;
     const int s = p.seq_slots[b], c = p.ctx_lens[b];
-    const int kept = p.kept_len[(int64_t)s * H + h], r = min(c, W);
-    const int n_keys = kept + r + t + 1;
-    const int k_begin = split * split_size, k_end = min(n_keys, k_begin + split_size);
-
+    const int kept = p.kept_len[(int64_t)s * H + h], r = ring_keys(c, W);
+    const int n_keys = row_keys(kept, c, W, t);
     const int num_splits = gridDim.z;
+    if (split == 0 && threadIdx.x == 0 && n_keys > num_splits * split_size)
+        atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);  // max_keys was below this row's keys
+    const SplitKeys keys = split_keys(split, split_size, n_keys, kept, bs);
+    const int k_begin = keys.begin, k_end = keys.end;
+
     float* ws_o = p.workspace;
     float* ws_lse = p.workspace + (int64_t)p.num_rows * Hq * num_splits * D;
     if (k_begin >= k_end) {  // this split is past the row's keys: an empty partial
@@ -74,8 +84,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentio
 
     // Stage this split's page ids.
     const int32_t* table = p.block_table + ((int64_t)s * H + h) * p.max_blocks_per_head;
-    const int page_lo = k_begin / bs, page_hi = kept > k_begin ? (min(k_end, kept) - 1) / bs + 1 : page_lo;
-    for (int i = threadIdx.x; i < page_hi - page_lo; i += kThreads) s_pages[i] = table[page_lo + i];
+    const int page_lo = keys.page_lo;
+    for (int i = threadIdx.x; i < keys.page_hi - page_lo; i += kThreads) s_pages[i] = table[page_lo + i];
 
     // Queries of the group, pre-scaled into the log2 domain.
     float q[GMAX][VEC];
@@ -103,16 +113,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentio
     const T* new_v = static_cast<const T*>(p.v_new) + fresh0;
     // Element offset of key j's row in its source (pool, ring or new tokens) and which source.
     auto locate = [&](int j, int& src) -> int64_t {
-        if (j < kept) {
-            src = 0;
-            return ((int64_t)s_pages[j / bs - page_lo] * bs + j % bs) * D;
+        const KeyRef key = locate_key(j, kept, r);
+        src = key.source;
+        if (src == kKeyPage) {
+            const PageSlot at = page_slot(key.index, bs);
+            return ((int64_t)s_pages[at.column - page_lo] * bs + at.offset) * D;
         }
-        if (j < kept + r) {
-            src = 1;
-            return (int64_t)(j - kept) * D;
-        }
-        src = 2;
-        return (int64_t)(j - kept - r) * H * D;
+        return (int64_t)key.index * (src == kKeyRing ? D : H * D);
     };
 
     float m[GMAX], l[GMAX], acc[GMAX][VEC];
@@ -136,8 +143,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const kvzapAttentio
             if (valid[u]) {
                 int src;
                 const int64_t off = locate(j, src) + tx * VEC;
-                const T* kp = src == 0 ? k_pool : (src == 1 ? ring_k : new_k);
-                const T* vp = src == 0 ? v_pool : (src == 1 ? ring_v : new_v);
+                const T* kp = src == kKeyPage ? k_pool : (src == kKeyRing ? ring_k : new_k);
+                const T* vp = src == kKeyPage ? v_pool : (src == kKeyRing ? ring_v : new_v);
                 kraw[u] = load_stream(kp + off);
                 vraw[u] = load_stream(vp + off);
             }
@@ -255,11 +262,9 @@ __global__ void merge_kernel(const kvzapAttentionParams p, const int num_splits)
     }
 }
 
-int num_splits_for(int max_keys, int split_size) { return max(1, (max_keys + split_size - 1) / split_size); }
-
 template <typename T, int D, int GMAX>
 cudaError_t launch_attention(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
-    const int splits = num_splits_for(p.max_keys, split_size);
+    const int splits = num_splits(p.max_keys, split_size);
     const size_t page_smem = sizeof(int) * (split_size / p.block_size + 2);
     dim3 grid(p.num_rows, p.num_kv_heads, splits);
     attention_kernel<T, D, GMAX><<<grid, kThreads, page_smem, stream>>>(p, split_size);
@@ -289,19 +294,28 @@ cudaError_t dispatch_dim(const kvzapAttentionParams& p, int split_size, cudaStre
 }  // namespace
 }  // namespace kvzap
 
-extern "C" int kvzapAttentionSplitSize(int num_rows, int num_kv_heads, int max_keys, int num_sms) {
+// The group sizes dispatch_group instantiates: 1, 2, 4, 8.
+static int instantiated_group(int group_size) { return group_size <= 1 ? 1 : group_size <= 2 ? 2 : group_size <= 4 ? 4 : 8; }
+
+extern "C" int kvzapAttentionBlocksPerSm(int group_size, int sm) {
+    return kvzap::blocks_per_sm(instantiated_group(group_size), sm);
+}
+
+extern "C" int kvzapAttentionSplitSize(int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms,
+                                       int sm) {
     // About one full wave of blocks: (row, kv head) pairs x splits ~ SMs x resident blocks, so
     // that every SM streams keys and no second, nearly empty wave follows. Splits of 256 to
     // kMaxSplit keys, in multiples of 64 (a whole number of warp steps).
     const int pairs = max(1, num_rows * num_kv_heads);
-    const int want_splits = max(1, num_sms * kvzap::kBlocksPerSm / pairs);
+    const int resident = kvzapAttentionBlocksPerSm(num_kv_heads > 0 ? num_q_heads / num_kv_heads : 1, sm);
+    const int want_splits = max(1, num_sms * resident / pairs);
     int split = (max_keys + want_splits - 1) / want_splits;
     split = ((split + 63) / 64) * 64;
     return min(max(split, 256), kvzap::kMaxSplit);
 }
 
 extern "C" size_t kvzapAttentionWorkspaceBytes(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size) {
-    const int splits = kvzap::num_splits_for(max_keys, split_size);
+    const int splits = kvzap::num_splits(max_keys, split_size);
     if (splits == 1) return 0;
     return sizeof(float) * (size_t)num_rows * num_q_heads * splits * (head_dim + 1);
 }
@@ -310,7 +324,8 @@ extern "C" cudaError_t kvzapVarlenPagedAttention(const kvzapAttentionParams* p, 
     if (p->num_rows == 0) return cudaSuccess;
     if (p->num_kv_heads <= 0 || p->num_q_heads % p->num_kv_heads || split_size <= 0 || split_size > kvzap::kMaxSplit)
         return cudaErrorInvalidValue;
-    if (kvzap::num_splits_for(p->max_keys, split_size) > 1 && p->workspace == nullptr) return cudaErrorInvalidValue;
+    if (kvzap::num_splits(p->max_keys, split_size) > 1 && p->workspace == nullptr) return cudaErrorInvalidValue;
+    if (p->error == nullptr) return cudaErrorInvalidValue;
     switch (p->dtype) {
         case KVZAP_FLOAT32: return kvzap::dispatch_dim<float>(*p, split_size, stream);
         case KVZAP_FLOAT16: return kvzap::dispatch_dim<__half>(*p, split_size, stream);

@@ -2,14 +2,21 @@
 //
 // Arguments and layouts are those of the references in kvzap_trt/ops/ (see kvzap_kernels.h),
 // except that cu_seqlens, seq_slots and ctx_lens are int32 tensors on the device and the host
-// passes what it knows already (max_keys for attention). Every tensor must be contiguous on one
-// CUDA device, the current one. The caller passes the stream (torch.cuda.current_stream().cuda_stream):
-// the ops need no c10/cuda header, so they compile against any torch wheel, the CPU one included,
-// which is how CI checks them.
+// passes what it knows already (max_new_tokens for evict, max_keys and split_size for attention).
+// Every tensor must be contiguous on one CUDA device, the current one; every shape is checked
+// against the cache's and every vector-accessed pointer for 16-byte alignment, so a mismatch is
+// an error naming the argument, never an out-of-bounds access. The caller passes the stream
+// (torch.cuda.current_stream().cuda_stream) and owns every buffer the kernels write, the
+// attention workspace and error flag included, so they are allocated on the stream the op runs
+// on: the ops need no c10/cuda header and compile against any torch wheel, the CPU one included,
+// which is how CI checks them. attention_split and attention_workspace_floats (int-only) size
+// the workspace.
 
-#include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
+
+#include <initializer_list>
+#include <vector>
 
 #include "kvzap_kernels.h"
 
@@ -24,11 +31,22 @@ kvzapDtype dtype_of(const at::Tensor& t) {
     }
 }
 
-void check(const at::Tensor& t, const char* name, at::ScalarType type, const at::Tensor& like) {
-    TORCH_CHECK(t.is_cuda(), "kvzap_trt: ", name, " must be a CUDA tensor");
-    TORCH_CHECK(t.device() == like.device(), "kvzap_trt: ", name, " is on ", t.device(), ", expected ", like.device());
-    TORCH_CHECK(t.is_contiguous(), "kvzap_trt: ", name, " must be contiguous");
-    TORCH_CHECK(t.scalar_type() == type, "kvzap_trt: ", name, " has dtype ", t.scalar_type(), ", expected ", type);
+void check(const char* op, const at::Tensor& t, const char* name, at::ScalarType type, const at::Tensor& like) {
+    TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
+    TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK(t.scalar_type() == type, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", type);
+}
+
+void check_shape(const char* op, const at::Tensor& t, const char* name, std::initializer_list<int64_t> want) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(want), op, ": ", name, " has shape ", t.sizes(), ", expected ",
+                at::IntArrayRef(want));
+}
+
+// The kernels read and write these in 16-byte vectors.
+void check_aligned(const char* op, const at::Tensor& t, const char* name) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+                " must be 16-byte aligned (a view at an offset is not)");
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -42,7 +60,7 @@ void check_current_device(const at::Tensor& t) {
                 " is current (use `with torch.cuda.device(...)`)");
 }
 
-// One layer (block_table [S, H, M], k_new [N, H, D]) or a whole step (leading L on both).
+// One layer (block_table [S, H, M], k_new [N, H, D]) or a whole step (leading L on every per-layer tensor).
 void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& scores,
                   const at::Tensor& cu_seqlens, const at::Tensor& seq_slots, const at::Tensor& ctx_lens,
                   const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pos_pool,
@@ -50,38 +68,70 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
                   const at::Tensor& ring_v, const at::Tensor& ring_score, const at::Tensor& free_stack,
                   const at::Tensor& num_free, const at::Tensor& error, double threshold, int64_t max_new_tokens,
                   int64_t stream) {
+    constexpr const char* op = "kvzap_trt.evict_append";
     const auto dt = k_pool.scalar_type();
-    const bool layered = block_table.dim() == 4;
-    TORCH_CHECK(block_table.dim() == 3 || layered, "kvzap_trt.evict_append: block_table must be [S, H, M] or [L, S, H, M]");
-    const int64_t L = layered ? block_table.size(0) : 1;
-    const int off = layered ? 1 : 0;
-    TORCH_CHECK(k_new.dim() == 3 + off, "kvzap_trt.evict_append: k_new must be [", layered ? "L, " : "", "N, H, D]");
     for (auto [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"}, {v_pool, "v_pool"},
                            {ring_k, "ring_k"}, {ring_v, "ring_v"}})
-        check(t, name, dt, k_pool);
-    check(scores, "scores", at::kFloat, k_pool);
-    check(ring_score, "ring_score", at::kFloat, k_pool);
+        check(op, t, name, dt, k_pool);
+    check(op, scores, "scores", at::kFloat, k_pool);
+    check(op, ring_score, "ring_score", at::kFloat, k_pool);
     for (auto [t, name] : {std::pair{cu_seqlens, "cu_seqlens"}, {seq_slots, "seq_slots"}, {ctx_lens, "ctx_lens"},
                            {pos_pool, "pos_pool"}, {block_table, "block_table"}, {kept_len, "kept_len"},
                            {free_stack, "free_stack"}, {num_free, "num_free"}, {error, "error"}})
-        check(t, name, at::kInt, k_pool);
+        check(op, t, name, at::kInt, k_pool);
+    TORCH_CHECK(k_pool.dim() == 3, op, ": k_pool must be [num_blocks, block_size, D]");
+    TORCH_CHECK(block_table.dim() == 3 || block_table.dim() == 4, op, ": block_table must be [S, H, M] or [L, S, H, M]");
+    const bool layered = block_table.dim() == 4;
+    const int64_t L = layered ? block_table.size(0) : 1, off = layered ? 1 : 0;
+    const int64_t S = block_table.size(off), H = block_table.size(off + 1), M = block_table.size(off + 2);
+    const int64_t NB = k_pool.size(0), BS = k_pool.size(1), D = k_pool.size(2);
+    TORCH_CHECK(ring_k.dim() == 4 + off, op, ": ring_k must be [", layered ? "L, " : "", "S, H, W, D]");
+    const int64_t W = ring_k.size(off + 2);
+    TORCH_CHECK(k_new.dim() == 3 + off, op, ": k_new must be [", layered ? "L, " : "", "N, H, D]");
+    const int64_t N = k_new.size(off), B = seq_slots.numel();
+    auto per_layer = [&](std::initializer_list<int64_t> dims) {
+        std::vector<int64_t> v(dims);
+        if (layered) v.insert(v.begin(), L);
+        return v;
+    };
+    auto shape = [&](const at::Tensor& t, const char* name, std::vector<int64_t> want) {
+        TORCH_CHECK(t.sizes() == at::IntArrayRef(want), op, ": ", name, " has shape ", t.sizes(), ", expected ",
+                    at::IntArrayRef(want));
+    };
+    shape(k_new, "k_new", per_layer({N, H, D}));
+    shape(v_new, "v_new", per_layer({N, H, D}));
+    shape(scores, "scores", per_layer({N, H}));
+    shape(kept_len, "kept_len", per_layer({S, H}));
+    shape(ring_k, "ring_k", per_layer({S, H, W, D}));
+    shape(ring_v, "ring_v", per_layer({S, H, W, D}));
+    shape(ring_score, "ring_score", per_layer({S, H, W}));
+    check_shape(op, v_pool, "v_pool", {NB, BS, D});
+    check_shape(op, pos_pool, "pos_pool", {NB, BS});
+    check_shape(op, free_stack, "free_stack", {NB});
+    check_shape(op, num_free, "num_free", {1});
+    check_shape(op, error, "error", {1});
+    check_shape(op, cu_seqlens, "cu_seqlens", {B + 1});
+    check_shape(op, ctx_lens, "ctx_lens", {B});
+    TORCH_CHECK(D * k_pool.element_size() % 16 == 0, op, ": head_dim ", D, " x ", k_pool.element_size(),
+                " bytes must be a multiple of 16 bytes");
+    for (auto [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"}, {v_pool, "v_pool"},
+                           {ring_k, "ring_k"}, {ring_v, "ring_v"}})
+        check_aligned(op, t, name);
+    TORCH_CHECK(max_new_tokens >= 0, op, ": max_new_tokens must be >= 0 (0: unknown)");
 
     kvzapEvictParams p{};
     p.dtype = dtype_of(k_pool);
     p.num_layers = static_cast<int>(L);
-    p.batch = static_cast<int>(seq_slots.numel());
-    p.num_slots = static_cast<int>(block_table.size(off));
-    p.num_kv_heads = static_cast<int>(block_table.size(off + 1));
-    p.max_blocks_per_head = static_cast<int>(block_table.size(off + 2));
-    p.head_dim = static_cast<int>(k_pool.size(2));
-    p.block_size = static_cast<int>(k_pool.size(1));
-    p.window = static_cast<int>(ring_k.size(off + 2));
-    p.num_rows = static_cast<int>(k_new.size(off));
+    p.batch = static_cast<int>(B);
+    p.num_slots = static_cast<int>(S);
+    p.num_kv_heads = static_cast<int>(H);
+    p.max_blocks_per_head = static_cast<int>(M);
+    p.head_dim = static_cast<int>(D);
+    p.block_size = static_cast<int>(BS);
+    p.window = static_cast<int>(W);
+    p.num_rows = static_cast<int>(N);
     p.threshold = static_cast<float>(threshold);
     p.max_new_tokens = static_cast<int>(max_new_tokens);
-    TORCH_CHECK(cu_seqlens.numel() == p.batch + 1, "kvzap_trt.evict_append: cu_seqlens must have batch + 1 entries");
-    TORCH_CHECK(k_new.size(off + 1) == p.num_kv_heads && k_new.size(off + 2) == p.head_dim,
-                "kvzap_trt.evict_append: k_new heads/head_dim differ from the cache");
     p.k_new = k_new.data_ptr();
     p.v_new = v_new.data_ptr();
     p.scores = scores.data_ptr<float>();
@@ -103,37 +153,79 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     check_cuda(kvzapEvict(&p, reinterpret_cast<cudaStream_t>(stream)), "kvzapEvict");
 }
 
+// Keys per thread block for attention on a device of num_sms SMs and compute capability sm (XY).
+int64_t attention_split(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t max_keys,
+                        int64_t num_sms, int64_t sm) {
+    TORCH_CHECK(num_kv_heads > 0 && max_keys >= 0 && num_sms > 0, "kvzap_trt.attention_split: bad arguments");
+    return kvzapAttentionSplitSize(static_cast<int>(num_rows), static_cast<int>(num_q_heads),
+                                   static_cast<int>(num_kv_heads), static_cast<int>(max_keys),
+                                   static_cast<int>(num_sms), static_cast<int>(sm));
+}
+
+// float32 elements of workspace attention needs with this split (0: one split, none).
+int64_t attention_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_t head_dim, int64_t max_keys,
+                                   int64_t split_size) {
+    TORCH_CHECK(split_size > 0, "kvzap_trt.attention_workspace_floats: split_size must be > 0");
+    return static_cast<int64_t>(kvzapAttentionWorkspaceBytes(static_cast<int>(num_rows), static_cast<int>(num_q_heads),
+                                                             static_cast<int>(head_dim), static_cast<int>(max_keys),
+                                                             static_cast<int>(split_size)) / sizeof(float));
+}
+
 void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                      const at::Tensor& cu_seqlens, const at::Tensor& seq_slots, const at::Tensor& ctx_lens,
                      const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& block_table,
                      const at::Tensor& kept_len, const at::Tensor& ring_k, const at::Tensor& ring_v, double scale,
-                     int64_t max_keys, int64_t split_size, const at::Tensor& out, int64_t stream) {
+                     int64_t max_keys, int64_t split_size, const at::Tensor& out, const at::Tensor& workspace,
+                     const at::Tensor& error, int64_t stream) {
+    constexpr const char* op = "kvzap_trt.paged_attention";
     const auto dt = q.scalar_type();
     for (auto [t, name] : {std::pair{q, "q"}, {k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"},
                            {v_pool, "v_pool"}, {ring_k, "ring_k"}, {ring_v, "ring_v"}, {out, "out"}})
-        check(t, name, dt, q);
+        check(op, t, name, dt, q);
     for (auto [t, name] : {std::pair{cu_seqlens, "cu_seqlens"}, {seq_slots, "seq_slots"}, {ctx_lens, "ctx_lens"},
-                           {block_table, "block_table"}, {kept_len, "kept_len"}})
-        check(t, name, at::kInt, q);
-    TORCH_CHECK(q.dim() == 3 && block_table.dim() == 3, "kvzap_trt.paged_attention: q [N, Hq, D], block_table [S, H, M]");
-    TORCH_CHECK(out.sizes() == q.sizes(), "kvzap_trt.paged_attention: out must have q's shape");
+                           {block_table, "block_table"}, {kept_len, "kept_len"}, {error, "error"}})
+        check(op, t, name, at::kInt, q);
+    check(op, workspace, "workspace", at::kFloat, q);
+    TORCH_CHECK(q.dim() == 3, op, ": q must be [N, Hq, D]");
+    TORCH_CHECK(block_table.dim() == 3, op, ": block_table must be [S, H, M]");
+    TORCH_CHECK(k_pool.dim() == 3, op, ": k_pool must be [num_blocks, block_size, D]");
+    TORCH_CHECK(ring_k.dim() == 4, op, ": ring_k must be [S, H, W, D]");
+    const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), B = seq_slots.numel();
+    const int64_t S = block_table.size(0), H = block_table.size(1), W = ring_k.size(2);
+    TORCH_CHECK(H > 0 && Hq % H == 0 && Hq / H <= 8, op, ": q has ", Hq, " heads for ", H,
+                " kv heads: query heads per kv head must divide evenly and be at most 8");
+    TORCH_CHECK(D == 64 || D == 128, op, ": q's head_dim must be 64 or 128, got ", D);
+    check_shape(op, k_new, "k_new", {N, H, D});
+    check_shape(op, v_new, "v_new", {N, H, D});
+    TORCH_CHECK(k_pool.size(2) == D, op, ": k_pool has head_dim ", k_pool.size(2), ", q has ", D);
+    check_shape(op, v_pool, "v_pool", {k_pool.size(0), k_pool.size(1), D});
+    check_shape(op, kept_len, "kept_len", {S, H});
+    check_shape(op, ring_k, "ring_k", {S, H, W, D});
+    check_shape(op, ring_v, "ring_v", {S, H, W, D});
+    check_shape(op, out, "out", {N, Hq, D});
+    check_shape(op, cu_seqlens, "cu_seqlens", {B + 1});
+    check_shape(op, ctx_lens, "ctx_lens", {B});
+    check_shape(op, error, "error", {1});
+    for (auto [t, name] : {std::pair{q, "q"}, {k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"},
+                           {v_pool, "v_pool"}, {ring_k, "ring_k"}, {ring_v, "ring_v"}})
+        check_aligned(op, t, name);
+    TORCH_CHECK(split_size > 0, op, ": split_size must be > 0 (see attention_split)");
+    TORCH_CHECK(workspace.numel() >= attention_workspace_floats(N, Hq, D, max_keys, split_size), op, ": workspace has ",
+                workspace.numel(), " floats, needs ", attention_workspace_floats(N, Hq, D, max_keys, split_size));
 
     kvzapAttentionParams p{};
     p.dtype = dtype_of(q);
-    p.batch = static_cast<int>(seq_slots.numel());
-    p.num_slots = static_cast<int>(block_table.size(0));
-    p.num_kv_heads = static_cast<int>(block_table.size(1));
+    p.batch = static_cast<int>(B);
+    p.num_slots = static_cast<int>(S);
+    p.num_kv_heads = static_cast<int>(H);
     p.max_blocks_per_head = static_cast<int>(block_table.size(2));
-    p.num_q_heads = static_cast<int>(q.size(1));
-    p.head_dim = static_cast<int>(q.size(2));
-    p.window = static_cast<int>(ring_k.size(2));
+    p.num_q_heads = static_cast<int>(Hq);
+    p.head_dim = static_cast<int>(D);
+    p.window = static_cast<int>(W);
     p.block_size = static_cast<int>(k_pool.size(1));
-    p.num_rows = static_cast<int>(q.size(0));
+    p.num_rows = static_cast<int>(N);
     p.max_keys = static_cast<int>(max_keys);
     p.scale = static_cast<float>(scale);
-    TORCH_CHECK(p.num_q_heads % p.num_kv_heads == 0 && p.num_q_heads / p.num_kv_heads <= 8,
-                "kvzap_trt.paged_attention: query heads per kv head must divide evenly and be at most 8");
-    TORCH_CHECK(p.head_dim == 64 || p.head_dim == 128, "kvzap_trt.paged_attention: head_dim must be 64 or 128");
     p.q = q.data_ptr();
     p.k_new = k_new.data_ptr();
     p.v_new = v_new.data_ptr();
@@ -147,21 +239,11 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     p.ring_k = ring_k.data_ptr();
     p.ring_v = ring_v.data_ptr();
     p.out = out.data_ptr();
-
+    p.workspace = workspace.numel() ? workspace.data_ptr<float>() : nullptr;
+    p.error = error.data_ptr<int32_t>();
     check_current_device(q);
-    int split = static_cast<int>(split_size);
-    if (split <= 0) {
-        int sms = 0;
-        check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()), "reading the SM count");
-        split = kvzapAttentionSplitSize(p.num_rows, p.num_kv_heads, p.max_keys, sms);
-    }
-    const size_t ws_bytes = kvzapAttentionWorkspaceBytes(p.num_rows, p.num_q_heads, p.head_dim, p.max_keys, split);
-    at::Tensor workspace;
-    if (ws_bytes) {
-        workspace = at::empty({static_cast<int64_t>(ws_bytes / sizeof(float))}, q.options().dtype(at::kFloat));
-        p.workspace = workspace.data_ptr<float>();
-    }
-    check_cuda(kvzapVarlenPagedAttention(&p, split, reinterpret_cast<cudaStream_t>(stream)), "kvzapVarlenPagedAttention");
+    check_cuda(kvzapVarlenPagedAttention(&p, static_cast<int>(split_size), reinterpret_cast<cudaStream_t>(stream)),
+               "kvzapVarlenPagedAttention");
 }
 
 }  // namespace
@@ -173,7 +255,13 @@ TORCH_LIBRARY(kvzap_trt, m) {
           "Tensor(i!) free_stack, Tensor(j!) num_free, Tensor(k!) error, float threshold, int max_new_tokens, int stream) -> ()");
     m.def("paged_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cu_seqlens, Tensor seq_slots, "
           "Tensor ctx_lens, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor kept_len, Tensor ring_k, "
-          "Tensor ring_v, float scale, int max_keys, int split_size, Tensor(a!) out, int stream) -> ()");
+          "Tensor ring_v, float scale, int max_keys, int split_size, Tensor(a!) out, Tensor(b!) workspace, "
+          "Tensor(c!) error, int stream) -> ()");
+    // No tensor arguments: one kernel for every dispatch key.
+    m.def("attention_split(int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms, int sm) -> int",
+          &attention_split);
+    m.def("attention_workspace_floats(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size) -> int",
+          &attention_workspace_floats);
 }
 
 TORCH_LIBRARY_IMPL(kvzap_trt, CUDA, m) {

@@ -1,0 +1,91 @@
+// Index arithmetic of the kvzap-trt kernels, callable on host and device.
+//
+// Every position, slot, key and bound the kernels compute goes through these functions, and the
+// same functions are exported to the host through the C ABI (kvzapIndex* in index_abi.cu) so that
+// CI checks them against the PyTorch references on many random cases without a GPU
+// (tests/test_cache_index.py). Semantics: kvzap_trt/ops/evict_append.py and paged_attention.py.
+#pragma once
+
+#ifdef __CUDACC__
+#define KVZAP_HD __host__ __device__ __forceinline__
+#else
+#define KVZAP_HD inline
+#endif
+
+namespace kvzap {
+
+KVZAP_HD int imax(int a, int b) { return a > b ? a : b; }
+KVZAP_HD int imin(int a, int b) { return a < b ? a : b; }
+
+// Pages of `bs` tokens that hold `tokens` tokens.
+KVZAP_HD int pages_for(int tokens, int bs) { return (tokens + bs - 1) / bs; }
+
+// A head with c tokens written takes T new ones, window W. Positions [lo, hi) leave the window
+// (the first, [lo, min(c, hi)), come from the ring; the rest are new tokens); the new tokens
+// [stay_lo, c + T) stay in it.
+struct Leavers {
+    int lo, hi, stay_lo;
+};
+KVZAP_HD Leavers leavers(int c, int T, int W) {
+    return Leavers{imax(0, c - W), imax(0, c + T - W), imax(c, c + T - W)};
+}
+
+// Window slot of absolute position pos (W > 0).
+KVZAP_HD int ring_slot(int pos, int W) { return pos % W; }
+
+// The dst-th token of a head's kept pages sits in block table column dst / bs, offset dst % bs.
+struct PageSlot {
+    int column, offset;
+};
+KVZAP_HD PageSlot page_slot(int dst, int bs) { return PageSlot{dst / bs, dst % bs}; }
+
+// Keys of attention row t (0-based among its sequence's new tokens) for one kv head, in order:
+// [0, kept) kept pages, [kept, kept + r) ring slots 0..r-1 (r = min(c, W)), then new tokens 0..t.
+enum KeySource { kKeyPage = 0, kKeyRing = 1, kKeyNew = 2 };
+struct KeyRef {
+    int source;  // KeySource
+    int index;   // kept-token index, ring slot, or new-token offset
+};
+KVZAP_HD int ring_keys(int c, int W) { return imin(c, W); }
+KVZAP_HD int row_keys(int kept, int c, int W, int t) { return kept + ring_keys(c, W) + t + 1; }
+KVZAP_HD KeyRef locate_key(int j, int kept, int r) {
+    if (j < kept) return KeyRef{kKeyPage, j};
+    if (j < kept + r) return KeyRef{kKeyRing, j - kept};
+    return KeyRef{kKeyNew, j - kept - r};
+}
+
+// Split `split` of a row covers keys [begin, end) (empty when begin >= end); its kept-page keys
+// lie in table columns [page_lo, page_hi), the ids the kernel stages in shared memory.
+struct SplitKeys {
+    int begin, end, page_lo, page_hi;
+};
+KVZAP_HD SplitKeys split_keys(int split, int split_size, int n_keys, int kept, int bs) {
+    const int begin = split * split_size, end = imin(n_keys, begin + split_size);
+    const int page_lo = begin / bs;
+    const int page_hi = kept > begin ? (imin(end, kept) - 1) / bs + 1 : page_lo;
+    return SplitKeys{begin, end, page_lo, page_hi};
+}
+
+// Splits a launch needs so that every row's keys are covered.
+KVZAP_HD int num_splits(int max_keys, int split_size) { return imax(1, (max_keys + split_size - 1) / split_size); }
+
+// Chunk `chunk` of a head's leavers [lo, hi) in the chunked evict path: [from, to), empty past hi.
+struct Chunk {
+    int from, to;
+};
+KVZAP_HD Chunk leaver_chunk(int chunk, int chunk_size, int lo, int hi) {
+    const int from = lo + chunk * chunk_size;
+    return Chunk{from, imax(from, imin(hi, from + chunk_size))};
+}
+
+// Packed row n -> its sequence: the last b with cu_seqlens[b] <= n (cu_seqlens [batch + 1]).
+KVZAP_HD int row_sequence(const int* cu_seqlens, int batch, int n) {
+    int lo = 0, hi = batch - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (cu_seqlens[mid] <= n) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+}  // namespace kvzap

@@ -1,0 +1,43 @@
+// The host side of cache_index.cuh behind the C ABI: the exact functions the kernels call, so
+// tests/test_cache_index.py checks them against the PyTorch references without a GPU.
+
+#include "cache_index.cuh"
+#include "kvzap_kernels.h"
+
+using namespace kvzap;
+
+extern "C" void kvzapIndexLeavers(int ctx, int new_tokens, int window, int* lo, int* hi, int* stay_lo) {
+    const Leavers r = leavers(ctx, new_tokens, window);
+    *lo = r.lo, *hi = r.hi, *stay_lo = r.stay_lo;
+}
+
+extern "C" int kvzapIndexRingSlot(int pos, int window) { return ring_slot(pos, window); }
+
+extern "C" void kvzapIndexPageSlot(int dst, int block_size, int* column, int* offset) {
+    const PageSlot r = page_slot(dst, block_size);
+    *column = r.column, *offset = r.offset;
+}
+
+extern "C" int kvzapIndexRowKeys(int kept, int ctx, int window, int t) { return row_keys(kept, ctx, window, t); }
+
+extern "C" void kvzapIndexLocateKey(int j, int kept, int ring, int* source, int* index) {
+    const KeyRef r = locate_key(j, kept, ring);
+    *source = r.source, *index = r.index;
+}
+
+extern "C" void kvzapIndexSplitKeys(int split, int split_size, int n_keys, int kept, int block_size, int* begin,
+                                    int* end, int* page_lo, int* page_hi) {
+    const SplitKeys r = split_keys(split, split_size, n_keys, kept, block_size);
+    *begin = r.begin, *end = r.end, *page_lo = r.page_lo, *page_hi = r.page_hi;
+}
+
+extern "C" int kvzapIndexNumSplits(int max_keys, int split_size) { return num_splits(max_keys, split_size); }
+
+extern "C" void kvzapIndexLeaverChunk(int chunk, int chunk_size, int lo, int hi, int* from, int* to) {
+    const Chunk r = leaver_chunk(chunk, chunk_size, lo, hi);
+    *from = r.from, *to = r.to;
+}
+
+extern "C" int kvzapIndexRowSequence(const int32_t* cu_seqlens, int batch, int row) {
+    return row_sequence(cu_seqlens, batch, row);
+}

@@ -1,0 +1,166 @@
+"""The kernels' index arithmetic (plugins/src/cache_index.cuh), called on the host through the C
+ABI (kvzapIndex*), against the PyTorch references on many random cases: a bug in a leaver range,
+ring slot, page slot, key order, split or chunk bound fails here, in CI, not on the first GPU.
+
+The expected values come from running the references (kvzap_trt/ops/evict_append.py and
+paged_attention.py's key order) on tagged data, not from restating their formulas.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+
+import pytest
+import torch
+
+from kvzap_trt.ops.dispatch import REFERENCE
+from kvzap_trt.ops.paged_attention import gather_pages
+from tests.cache_sim import make_cache
+
+KEY_PAGE, KEY_RING, KEY_NEW = 0, 1, 2  # KeySource in cache_index.cuh
+
+
+@pytest.fixture(scope="module")
+def index(cmake_build):
+    """The C ABI's index functions as Python callables returning tuples."""
+    lib = ctypes.CDLL(str(cmake_build[0] / "libkvzap_kernels.so"))
+
+    def outs(fn, n_out):
+        def call(*args):
+            out = [ctypes.c_int() for _ in range(n_out)]
+            fn(*args, *[ctypes.byref(o) for o in out])
+            return tuple(o.value for o in out)
+        return call
+
+    class Index:
+        leavers = staticmethod(outs(lib.kvzapIndexLeavers, 3))
+        ring_slot = staticmethod(lib.kvzapIndexRingSlot)
+        page_slot = staticmethod(outs(lib.kvzapIndexPageSlot, 2))
+        row_keys = staticmethod(lib.kvzapIndexRowKeys)
+        locate_key = staticmethod(outs(lib.kvzapIndexLocateKey, 2))
+        split_keys = staticmethod(outs(lib.kvzapIndexSplitKeys, 4))
+        num_splits = staticmethod(lib.kvzapIndexNumSplits)
+        leaver_chunk = staticmethod(outs(lib.kvzapIndexLeaverChunk, 2))
+
+        @staticmethod
+        def row_sequence(cu: list[int], row: int) -> int:
+            arr = (ctypes.c_int32 * len(cu))(*cu)
+            return lib.kvzapIndexRowSequence(arr, len(cu) - 1, row)
+
+    return Index
+
+
+def tagged_write(cache, slot: int, start: int, n: int):
+    """Write positions [start, start + n) of one sequence, every one kept; K carries its position."""
+    H, D = cache.spec.num_kv_heads, cache.spec.head_dim
+    pos = torch.arange(start, start + n, dtype=torch.float32)
+    k = pos[:, None, None].expand(n, H, D).contiguous()
+    lc, a = cache.layer(0), cache.allocator
+    REFERENCE.evict_append(k, k.clone(), torch.zeros(n, H), torch.tensor([0, n]), torch.tensor([slot]),
+                           torch.tensor([start]), lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table, lc.kept_len,
+                           lc.ring_k, lc.ring_v, lc.ring_score, a.free_stack, a.num_free_t, -1.0)
+    cache.ctx_len[slot] = start + n
+
+
+def test_leavers_ring_and_page_slots_match_the_reference(index):
+    """For random (c, T, W, block size): the reference appends exactly positions [lo, hi) to the
+    pages, at the block-table column / offset page_slot gives, and leaves each window position p
+    in ring slot ring_slot(p, W); the new tokens from stay_lo on are in the ring."""
+    rng = random.Random(0)
+    for _ in range(150):
+        W, bs = rng.choice([0, 1, 3, 8, 16]), rng.choice([1, 3, 16])
+        c, T = rng.randrange(0, 40), rng.randrange(1, 40)
+        cache = make_cache(H=1, D=4, W=W, bs=bs, num_blocks=256, max_seqs=1, max_seq_len=128)
+        slot = cache.add_sequence()
+        if c:
+            tagged_write(cache, slot, 0, c)
+        before = int(cache.kept_len[0, slot, 0])
+        tagged_write(cache, slot, c, T)
+        after = int(cache.kept_len[0, slot, 0])
+        lo, hi, stay_lo = index.leavers(c, T, W)
+        table = cache.block_table[0, slot, 0]
+        appended = []
+        for dst in range(before, after):
+            column, offset = index.page_slot(dst, bs)
+            appended.append(int(cache.pos_pool[table[column], offset]))
+        assert appended == list(range(lo, hi)), (c, T, W, bs)
+        assert stay_lo == max(c, hi)  # the new tokens that did not leave
+        for p in range(max(0, c + T - W), c + T):
+            assert int(cache.ring_k[0, slot, 0, index.ring_slot(p, W), 0]) == p, (c, T, W, p)
+
+
+def test_key_order_matches_the_reference_attention(index):
+    """locate_key(j) names the j-th key the reference attends to for row t: its kept pages in
+    page order (gather_pages), then ring slots 0..r-1, then the new tokens 0..t."""
+    rng = random.Random(1)
+    for _ in range(40):
+        W, bs = rng.choice([0, 4, 8]), rng.choice([1, 3, 16])
+        c, T = rng.randrange(0, 60), rng.randrange(1, 6)
+        cache = make_cache(H=1, D=4, W=W, bs=bs, num_blocks=256, max_seqs=1, max_seq_len=128, seed=rng.randrange(99))
+        slot = cache.add_sequence()
+        if c:
+            tagged_write(cache, slot, 0, c)
+        kept = int(cache.kept_len[0, slot, 0])
+        r = min(c, W)
+        k_new = torch.arange(1000, 1000 + T, dtype=torch.float32)[:, None, None].expand(T, 1, 4)
+        pages, _, _ = gather_pages(cache.k_pool, cache.v_pool, cache.block_table[0, slot], cache.kept_len[0, slot])
+        for t in range(T):
+            want = torch.cat([pages[0, :kept, 0], cache.ring_k[0, slot, 0, :r, 0], k_new[: t + 1, 0, 0]]).tolist()
+            assert index.row_keys(kept, c, W, t) == len(want)
+            got = []
+            for j in range(len(want)):
+                source, i = index.locate_key(j, kept, r)
+                if source == KEY_PAGE:
+                    column, offset = index.page_slot(i, bs)
+                    got.append(float(cache.k_pool[cache.block_table[0, slot, 0, column], offset, 0]))
+                else:
+                    got.append(float((cache.ring_k[0, slot, 0, i, 0] if source == KEY_RING else k_new[i, 0, 0])))
+            assert got == want, (c, T, W, bs, t)
+
+
+def test_splits_partition_each_row_and_stage_exactly_its_pages(index):
+    rng = random.Random(2)
+    for _ in range(2000):
+        bs, split_size = rng.choice([1, 16, 24, 64]), rng.choice([64, 100, 256, 4096])
+        n_keys = rng.randrange(1, 20000)
+        kept = rng.randrange(0, n_keys)
+        max_keys = n_keys + rng.randrange(0, 3000)
+        splits = index.num_splits(max_keys, split_size)
+        assert (splits - 1) * split_size < max_keys <= splits * split_size or (max_keys == 0 and splits == 1)
+        covered = []
+        for split in range(splits):
+            begin, end, page_lo, page_hi = index.split_keys(split, split_size, n_keys, kept, bs)
+            covered += range(begin, end)
+            columns = {index.page_slot(j, bs)[0] for j in range(begin, min(end, kept))}
+            assert set(range(page_lo, page_hi)) == columns, (bs, split_size, n_keys, kept, split)
+            assert page_hi - page_lo <= split_size // bs + 2  # the launcher's shared-memory bound
+        assert covered == list(range(n_keys))
+
+
+def test_chunks_partition_the_leavers(index):
+    rng = random.Random(3)
+    for _ in range(500):
+        W, c, T = rng.choice([0, 128]), rng.randrange(0, 10000), rng.randrange(4096, 12000)
+        lo, hi, _ = index.leavers(c, T, W)
+        chunks = -(-T // 2048)  # the launcher's grid for max_new_tokens = T
+        covered = []
+        for chunk in range(chunks):
+            start, end = index.leaver_chunk(chunk, 2048, lo, hi)
+            assert start <= end
+            covered += range(start, end)
+        assert covered == list(range(lo, hi))
+
+
+def test_row_sequence_skips_idle_sequences(index):
+    rng = random.Random(4)
+    for _ in range(300):
+        lens = [rng.choice([0, 0, 1, 3, 17]) for _ in range(rng.randrange(1, 9))]
+        if not sum(lens):
+            continue
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        for row in range(cu[-1]):
+            b = index.row_sequence(cu, row)
+            assert cu[b] <= row < cu[b + 1], (lens, row)  # its own sequence, never an idle one
