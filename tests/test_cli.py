@@ -57,6 +57,15 @@ def bad_input_cases(tiny, tmp):
     (tmp / "bad.json").write_text('[1, "a"]')
     (tmp / "long.json").write_text(json.dumps([1] * 1025))
     (tmp / "ok.json").write_text("[1, 2, 3]")
+    (tmp / "oov.json").write_text("[1, 160, 2]")  # the tiny vocabulary is [0, 160)
+    (tmp / "negative.json").write_text("[1, -1]")
+    yarn = tmp / "yarn"
+    yarn.mkdir()
+    hf = json.loads((tiny / "config.json").read_text())
+    hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 256}
+    (yarn / "config.json").write_text(json.dumps(hf))
+    (yarn / "model.safetensors").symlink_to(tiny / "model.safetensors")
     m = ["--model", str(tiny), "--surrogate", "random:linear:0"]
     ok = ["--prompt-ids-file", str(tmp / "ok.json")]
     return [
@@ -71,6 +80,10 @@ def bad_input_cases(tiny, tmp):
         (m + ["--prompt", ""], "the prompt is empty"),
         (m + ["--prompt", "hello"], "has no tokenizer"),
         (m + ok + ["--max-new-tokens", "x"], "invalid int value"),
+        (m + ["--prompt-ids-file", str(tmp / "oov.json")], "prompt token id 160 is outside the vocabulary [0, 160)"),
+        (m + ["--prompt-ids-file", str(tmp / "negative.json")], "prompt token id -1 is outside the vocabulary"),
+        (["--model", str(yarn), "--surrogate", "random:linear:0"] + ok,
+         "unsupported RoPE type 'yarn'; supported: default, llama3"),
     ]
 
 

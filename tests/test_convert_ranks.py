@@ -62,9 +62,9 @@ def test_every_rank_holds_its_heads(tiny_dirs, tmp_path, family, kind, tp):
             assert torch.equal(qkv[: q_heads * D], q[r * q_heads * D : (r + 1) * q_heads * D]), (r, i, "q")
             assert torch.equal(qkv[q_heads * D : (q_heads + len(kv)) * D], rows(k, kv, D)), (r, i, "k")
             assert torch.equal(qkv[(q_heads + len(kv)) * D :], rows(v, kv, D)), (r, i, "v")
-            assert torch.equal(t[a + "dense.weight"], hf[f"layers.{i}.self_attn.o_proj.weight"][:, r * 128 // tp : (r + 1) * 128 // tp])
+            cut = slice(r * 128 // tp, (r + 1) * 128 // tp)  # o_proj's input and the MLP are both 128 wide
+            assert torch.equal(t[a + "dense.weight"], hf[f"layers.{i}.self_attn.o_proj.weight"][:, cut])
             m = f"transformer.layers.{i}.mlp."
-            cut = slice(r * 128 // tp, (r + 1) * 128 // tp)
             assert torch.equal(t[m + "fc.weight"], hf[f"layers.{i}.mlp.gate_proj.weight"][cut])
             assert torch.equal(t[m + "gate.weight"], hf[f"layers.{i}.mlp.up_proj.weight"][cut])
             assert torch.equal(t[m + "proj.weight"], hf[f"layers.{i}.mlp.down_proj.weight"][:, cut])

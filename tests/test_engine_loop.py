@@ -9,7 +9,7 @@ import pytest
 
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.generate import Runtime
-from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job, cut_at_stop_word
+from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
 
 PROMPTS = [
@@ -83,9 +83,12 @@ def test_stop_words_cut_the_answer(runtime):
     loop = EngineLoop.from_runtime(runtime).start()
     try:
         free = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20)])[0].text
-        word = free.strip().split()[1]
-        (c,) = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20, stop_words=[word])])
-        assert c.text == cut_at_stop_word(free, [word])[0] and word not in c.text
+        early, late = free.strip().split()[1], free.strip().split()[3]
+        # The later word listed first: the answer ends before whichever occurs first in the text.
+        (c,) = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20, stop_words=[late, "zzz", early])])
+        first_hit = next(i for i in range(len(free)) if free.startswith((late, early), i))
+        assert c.text == free[:first_hit] and early not in c.text and late not in c.text
+        assert len(c.text) < len(free)
     finally:
         loop.stop()
 
@@ -110,6 +113,15 @@ def test_refusals(runtime):
     loop = EngineLoop.from_runtime(runtime)
     with pytest.raises(BadRequest, match="exceeds the context limit of 8192"):
         loop.prepare(GenerationParams("hello", max_tokens=9000))
-    small = Runtime(resolve_config("smollm2-135m", window=8, kv_cache_mb=1), runtime.loaded, runtime.surrogate)
-    with pytest.raises(BadRequest, match="KV blocks; the pool has 127"):
-        EngineLoop.from_runtime(small).prepare(GenerationParams(PROMPTS[2] * 3, max_tokens=5))
+    small = EngineLoop.from_runtime(
+        Runtime(resolve_config("smollm2-135m", window=8, kv_cache_mb=1), runtime.loaded, runtime.surrogate))
+    cache = small.engine.cache
+    # The pool is as many blocks as 1 MiB holds, measured on its tensors, and the message says so.
+    pool_bytes = cache.k_pool.nbytes + cache.v_pool.nbytes + cache.pos_pool.nbytes
+    block_bytes = pool_bytes // cache.allocator.num_blocks
+    assert pool_bytes <= 2**20 < pool_bytes + block_bytes
+    with pytest.raises(BadRequest, match=f"KV blocks; the pool has {cache.allocator.num_free}$") as refused:
+        small.prepare(GenerationParams(PROMPTS[2] * 3, max_tokens=5))
+    need = int(str(refused.value).split(" may need ")[1].split()[0])
+    assert need > cache.allocator.num_free
+    assert small.prepare(GenerationParams(PROMPTS[0], max_tokens=5))  # a prompt that fits is accepted

@@ -47,6 +47,6 @@ def test_failed_build_leaves_no_directory(tmp_path, monkeypatch, capsys):
         return "ok"
 
     monkeypatch.setattr(repository, "model_config", broken)  # fails after the front model is written
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         main(["build", "--out", str(tmp_path / "repo")])
     assert list(tmp_path.iterdir()) == []
