@@ -14,7 +14,8 @@ import torch
 from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.ops.dispatch import CUDA, REFERENCE
 from kvzap_trt.ops.paged_attention import gather_pages
-from tests.cache_sim import chunk_args, make_cache, naive_kept, random_seq, write_chunk
+from tests.cache_sim import chunk_args, make_cache, misaligned, naive_kept, random_seq, resized, write_chunk
+from tests.test_evict_append import IMPLS, assert_same_cache
 
 
 def dense_reference(q, s, new, window, tau, G):
@@ -60,6 +61,45 @@ def test_paged_attention_matches_dense(window, block_size, seqs_spec, dtype):
     want = torch.cat([dense_reference(q[cu[i] : cu[i + 1]], s, n, window, tau, G) for i, (s, n) in enumerate(zip(seqs, new))])
     # The reference computes in fp32 and rounds once to the output dtype.
     atol = 1e-5 if dtype == torch.float32 else 2 * 2**-8
+    assert (out.double() - want).abs().max() <= atol
+
+
+# The cases issue 10 asks of both implementations, against the same dense model:
+# name: (window, block size, G query heads per kv head, head_dim, split_size, per sequence
+# (tokens already cached, new tokens)). split_size steers the kernel only (0: the launcher's).
+MATRIX = {
+    **{f"G{G}": (8, 16, G, 64, 0, [(300, 1), (17, 1)]) for G in (1, 2, 5, 6, 7, 8)},
+    "D128": (8, 16, 4, 128, 0, [(577, 1), (40, 3)]),
+    "page24": (8, 24, 3, 64, 0, [(600, 1), (100, 5)]),            # splits start mid-page
+    "split100": (8, 16, 3, 64, 100, [(600, 1), (100, 5)]),
+    "page24-split100": (8, 24, 3, 64, 100, [(600, 1), (30, 2)]),
+    "W0": (0, 16, 3, 64, 0, [(300, 1), (50, 4)]),
+    "partial-ring": (128, 16, 3, 64, 0, [(17, 1), (100, 3)]),     # c < W: nothing kept yet
+    "idle": (8, 16, 3, 64, 0, [(300, 1), (40, 0), (9, 1)]),       # T = 0 in the middle of the batch
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", MATRIX)
+def test_paged_attention_cases_match_dense(case, dtype, impl):
+    """The cache is filled and read by the same implementation (kernel or reference)."""
+    ops, device = impl
+    window, block_size, G, D, split_size, spec = MATRIX[case]
+    tau, H = 0.2, 2
+    cache = make_cache(H=H, D=D, W=window, bs=block_size, dtype=dtype, seed=block_size, device=device)
+    g = torch.Generator().manual_seed(G + D)
+    seqs = [random_seq(cache, c + n, g, dead_head=0 if i == 0 else None) for i, (c, n) in enumerate(spec)]
+    write_chunk(cache, seqs, [c for c, _ in spec], tau, ops)
+    new = [n for _, n in spec]
+    k, v, _, cu, slots, ctx = chunk_args(cache, seqs, new)
+    q = torch.randn(sum(new), H * G, D, generator=g).to(dtype)
+    lc = cache.layer(0)
+    kw = {"split_size": split_size} if ops is CUDA else {}
+    out = ops.paged_attention(q.to(device), k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
+                              lc.ring_k, lc.ring_v, D**-0.5, **kw).cpu()
+    want = torch.cat([dense_reference(q[cu[i] : cu[i + 1]], s, n, window, tau, G) for i, (s, n) in enumerate(zip(seqs, new))])
+    atol = 1e-5 if dtype == torch.float32 else 2 * 2**-8  # both compute in fp32 and round once
     assert (out.double() - want).abs().max() <= atol
 
 
@@ -188,3 +228,88 @@ def test_fresh_prompts_take_fused_attention_and_match_reference():
     out = torch.full_like(q, float("nan"))
     cuda_kernels.paged_attention(*args, out=out)
     assert (out - REFERENCE.paged_attention(*args)).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_ops_on_a_side_stream_equal_the_default_stream():
+    """Prefill then three decode steps (attention, then evict) under `with torch.cuda.stream(s)`.
+    The side stream sleeps first and each step's inputs are copied on it after the sleep, so an op
+    launched on another stream would read them unwritten. Caches and outputs equal those of the
+    same steps on the default stream."""
+    H, G, D, W, bs, tau = 2, 4, 64, 8, 16, 0.0
+    runs = {}
+    for name in ("default", "side"):
+        cache = make_cache(H=H, D=D, W=W, bs=bs, dtype=torch.bfloat16, seed=1, device="cuda")
+        g = torch.Generator().manual_seed(2)
+        seqs = [random_seq(cache, n + 3, g) for n in (700, 40)]
+        steps = []  # (q or None, evict inputs on the device, cu, slots, ctx), made on the default stream
+        for chunk in ([700, 40], [1, 1], [1, 1], [1, 1]):
+            k, v, sc, cu, slots, ctx = chunk_args(cache, seqs, chunk)
+            q = None if chunk[0] > 1 else torch.randn(2, H * G, D, generator=g).to("cuda", torch.bfloat16)
+            steps.append((q, (k, v, sc), cu, slots, ctx))
+            for s, n in zip(seqs, chunk):
+                s.written += n
+        stream = torch.cuda.Stream() if name == "side" else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        outs, lc, a = [], cache.layer(0), cache.allocator
+        with torch.cuda.stream(stream), CUDA.deferred_errors("cuda"):
+            torch.cuda._sleep(100_000_000)  # GPU cycles queued ahead of everything below on this stream
+            for q, new, cu, slots, ctx in steps:
+                k, v, sc = (t.clone() for t in new)  # written on this stream, after the sleep
+                if q is not None:
+                    outs.append(CUDA.paged_attention(q.clone(), k, v, cu, slots, ctx, lc.k_pool, lc.v_pool,
+                                                     lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5,
+                                                     split_size=64))
+                CUDA.evict_append(k, v, sc, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table,
+                                  lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score, a.free_stack, a.num_free_t, tau)
+        torch.cuda.current_stream().wait_stream(stream)
+        for s in seqs:
+            cache.ctx_len[s.slot] = s.written
+        runs[name] = cache, [s.slot for s in seqs], torch.stack(outs).cpu()
+    (want, slots, want_out), (got, _, got_out) = runs["default"], runs["side"]
+    assert_same_cache(got, want, slots)
+    assert int(want.kept_len.sum()) > 0
+    assert torch.equal(got_out, want_out)
+
+
+def attention_args(cache, seqs, G: int) -> dict:
+    """Keyword arguments of paged_attention for one decode row of each sequence (ctx > 0)."""
+    k, v, _, cu, slots, ctx = chunk_args(cache, seqs, [1] * len(seqs))
+    H, D = cache.spec.num_kv_heads, cache.spec.head_dim
+    q = torch.randn(len(seqs), H * G, D, generator=torch.Generator().manual_seed(1)).to(cache.device, cache.spec.dtype)
+    lc = cache.layer(0)
+    return dict(q=q, k_new=k, v_new=v, cu_seqlens=cu, seq_slots=slots, ctx_lens=ctx, k_pool=lc.k_pool,
+                v_pool=lc.v_pool, block_table=lc.block_table, kept_len=lc.kept_len, ring_k=lc.ring_k,
+                ring_v=lc.ring_v, scale=D**-0.5)
+
+
+# (argument, (dim, size change) or "misaligned", what the RuntimeError must say)
+ATTENTION_MUTATIONS = [
+    ("q", (2, 64), r"\bq\b"),              # head_dim 128 against a pool of 64
+    ("k_new", (1, 1), "k_new"),             # a kv head more than the cache
+    ("v_new", (0, 1), "v_new"),             # a row more than k_new
+    ("ring_k", (2, 1), "ring_k"),           # window
+    ("ring_k", (3, 64), "ring_k"),          # head_dim
+    ("kept_len", (1, 1), "kept_len"),
+    ("cu_seqlens", (0, 1), "cu_seqlens"),   # B + 2 entries
+    ("q", "misaligned", "16-byte aligned"),
+    ("k_pool", "misaligned", "16-byte aligned"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("argument,change,match", ATTENTION_MUTATIONS,
+                         ids=[f"{a}-{c if isinstance(c, str) else 'dim%d%+d' % c}" for a, c, _ in ATTENTION_MUTATIONS])
+def test_cuda_attention_rejects_an_inconsistent_argument(argument, change, match):
+    from kvzap_trt.ops import cuda_kernels
+
+    cache = make_cache(H=2, D=64, W=4, bs=16, num_blocks=64, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    seqs = [random_seq(cache, 11, g) for _ in range(2)]
+    for s in seqs:
+        s.written = cache.ctx_len[s.slot] = 10  # decode rows over a context: the kernel's path
+    args = attention_args(cache, seqs, G=3)
+    assert not cuda_kernels.paged_attention(**args).isnan().any()  # unchanged, the call is valid
+    args[argument] = misaligned(args[argument]) if change == "misaligned" else resized(args[argument], *change)
+    with pytest.raises(RuntimeError, match=match):
+        cuda_kernels.paged_attention(**args)
