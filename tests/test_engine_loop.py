@@ -83,12 +83,14 @@ def test_stop_words_cut_the_answer(runtime):
     loop = EngineLoop.from_runtime(runtime).start()
     try:
         free = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20)])[0].text
-        early, late = free.strip().split()[1], free.strip().split()[3]
-        # The later word listed first: the answer ends before whichever occurs first in the text.
-        (c,) = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20, stop_words=[late, "zzz", early])])
-        first_hit = next(i for i in range(len(free)) if free.startswith((late, early), i))
-        assert c.text == free[:first_hit] and early not in c.text and late not in c.text
-        assert len(c.text) < len(free)
+        words = free.strip().split()
+        # A word whose tail first occurs inside it: both stop words complete in the same step.
+        i, word = next((i, w) for i, w in enumerate(words[:-1]) if i and len(w) >= 3 and free.find(w[1:]) == free.find(w) + 1)
+        stop_words = [words[i + 1], word[1:], "zzz", word]  # listed in no particular order
+        (c,) = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20, stop_words=stop_words)])
+        first_hit = next(j for j in range(len(free)) if free.startswith(tuple(stop_words), j))
+        assert c.text == free[:first_hit] and not any(w in c.text for w in stop_words)
+        assert 0 < len(c.text) < len(free)
     finally:
         loop.stop()
 
