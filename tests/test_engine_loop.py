@@ -85,7 +85,8 @@ def test_stop_words_cut_the_answer(runtime):
         free = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20)])[0].text
         words = free.strip().split()
         # A word whose tail first occurs inside it: both stop words complete in the same step.
-        i, word = next((i, w) for i, w in enumerate(words[:-1]) if i and len(w) >= 3 and free.find(w[1:]) == free.find(w) + 1)
+        i, word = next((i, w) for i, w in enumerate(words[:-1])
+                       if i and len(w) >= 3 and free.find(w[1:]) == free.find(w) + 1)
         stop_words = [words[i + 1], word[1:], "zzz", word]  # listed in no particular order
         (c,) = run_jobs(loop, [GenerationParams(PROMPTS[1], max_tokens=20, stop_words=stop_words)])
         first_hit = next(j for j in range(len(free)) if free.startswith(tuple(stop_words), j))
