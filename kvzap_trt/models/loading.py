@@ -63,7 +63,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         with atomic_dir(out) as tmp:
             kw: dict[str, Any] = {"gguf_file": gguf.name}
             AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw, **dense_gguf())
             model.save_pretrained(tmp, safe_serialization=True)
     except KvzapError:
         raise
@@ -72,6 +72,18 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     finally:
         hf_logging.enable_progress_bar()
     return out
+
+
+def dense_gguf() -> dict[str, Any]:
+    """from_pretrained kwargs that unpack every GGUF weight into a plain, saveable model. Newer
+    transformers 5.x (seen on 5.23) load a GGUF through a quantizer that keeps weights packed
+    where a kernel exists and refuses save_pretrained even when it unpacked them; GgufConfig(dequantize=True) asks for the
+    dense model without it. Older releases have no GgufConfig and always dequantise."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def resolve_model_dir(spec: str) -> Path:
