@@ -18,7 +18,7 @@ import torch
 
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.ops import cuda_kernels
-from kvzap_trt.ops.dispatch import REFERENCE, ops
+from kvzap_trt.ops.dispatch import CPU, REFERENCE, ops
 from tests.plugin_build import nvcc
 
 PLUGINS = cuda_kernels.PLUGINS
@@ -124,10 +124,10 @@ def test_batch_args_bound_every_row_and_are_reused_within_a_step():
     assert cuda_kernels.batch_args(cu, slots, ctx + 1, "cpu").max_keys == 40001 + 300
 
 
-def test_dispatch_uses_the_reference_on_cpu_and_rejects_bad_choices(monkeypatch):
-    assert ops("cpu") is REFERENCE
+def test_dispatch_uses_the_fast_path_on_cpu_and_rejects_bad_choices(monkeypatch):
+    assert ops("cpu") is CPU
     monkeypatch.setenv("KVZAP_TRT_OPS", "reference")
-    assert ops("cuda") is REFERENCE
+    assert ops("cuda") is REFERENCE and ops("cpu") is REFERENCE
     monkeypatch.setenv("KVZAP_TRT_OPS", "triton")
     with pytest.raises(KvzapError, match="KVZAP_TRT_OPS='triton'"):
         ops("cpu")

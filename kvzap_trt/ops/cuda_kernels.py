@@ -33,6 +33,7 @@ import torch
 
 from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
+from kvzap_trt.ops.fresh_prompts import attend_routing_fresh_prompts
 
 # The CUDA sources: beside the package in a source checkout, or where $KVZAP_TRT_PLUGINS says.
 PLUGINS = Path(os.environ.get("KVZAP_TRT_PLUGINS") or Path(__file__).resolve().parents[2] / "plugins")
@@ -184,24 +185,20 @@ def paged_attention(
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     batch = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device)
-    bounds = list(zip(batch.host_cu[:-1], batch.host_cu[1:], batch.host_ctx))
-    fresh = [b for b, (start, end, c) in enumerate(bounds) if c == 0 and end - start > 1]
-    for b in fresh:
-        start, end, _ = bounds[b]
-        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k_new, v_new))  # [1, heads, T, D]
-        attn = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        out[start:end] = attn[0].transpose(0, 1)
-    if len(fresh) == len(bounds):
+
+    def kernel(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out):
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+        launch_paged_attention(q, k_new, v_new, batch_args(cu_seqlens, seq_slots, ctx_lens, q.device), k_pool, v_pool,
+                               block_table, kept_len, ring_k, ring_v, scale, split_size, out)
         return out
-    if fresh:  # the rest as a packed sub-batch
-        rest = sorted(set(range(len(bounds))) - set(fresh))
-        rows = torch.cat([torch.arange(bounds[b][0], bounds[b][1]) for b in rest]).to(q.device)
-        lens = torch.tensor([bounds[b][1] - bounds[b][0] for b in rest])
-        sub_cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-        idx = torch.tensor(rest)
-        out[rows] = paged_attention(q[rows], k_new[rows], v_new[rows], sub_cu, seq_slots[idx], ctx_lens[idx], k_pool,
-                                    v_pool, block_table, kept_len, ring_k, ring_v, scale, split_size)
-        return out
+
+    return attend_routing_fresh_prompts(q, k_new, v_new, list(batch.host_cu), list(batch.host_ctx), seq_slots, scale,
+                                        out, kernel)
+
+
+def launch_paged_attention(q, k_new, v_new, batch: BatchArgs, k_pool, v_pool, block_table, kept_len, ring_k, ring_v,
+                           scale: float, split_size: int, out: torch.Tensor) -> None:
+    """torch.ops.kvzap_trt.paged_attention on a prepared batch description, into `out`."""
     load()
     dev = q.device
     error, check_now = _error_flag(dev)
@@ -215,7 +212,6 @@ def paged_attention(
         )
     if check_now:
         raise_kernel_error(int(to_host(error)[0]))
-    return out
 
 
 def attention_plan(num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int, max_keys: int,

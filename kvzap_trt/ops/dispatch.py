@@ -2,12 +2,15 @@
 
 Every op exists as a PyTorch reference (this package) with the signature and layout of its CUDA
 kernel. The references run on any device, CPU included, and are the test oracle. On CUDA
-tensors the kernels of plugins/ (`cuda_kernels`, torch.ops.kvzap_trt.*) are chosen; surrogate
-scoring is a GEMM and stays on PyTorch (cuBLAS) everywhere. Callers never import an
-implementation directly.
+tensors the kernels of plugins/ (`cuda_kernels`, torch.ops.kvzap_trt.*) are chosen; on CPU
+tensors the CPU fast path (`cpu_fast`: PyTorch's fused attention over whole gathered pages);
+surrogate scoring is a GEMM and stays on PyTorch everywhere, and so does eviction on CPU (the
+reference is already vectorised over heads and tokens). Callers never import an implementation
+directly.
 
 $KVZAP_TRT_OPS: `auto` (default: kernels on CUDA, falling back to the reference with a warning
-when they cannot be built), `cuda` (kernels or an error), `reference` (always the reference).
+when they cannot be built; the fast path on CPU), `cuda` (kernels or an error on CUDA; the fast
+path on CPU), `reference` (always the reference).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from kvzap_trt.errors import KvzapError
-from kvzap_trt.ops import cuda_kernels
+from kvzap_trt.ops import cpu_fast, cuda_kernels
 from kvzap_trt.ops.evict_append import evict_append
 from kvzap_trt.ops.paged_attention import paged_attention
 from kvzap_trt.ops.surrogate_score import surrogate_score
@@ -30,6 +33,10 @@ from kvzap_trt.ops.surrogate_score import surrogate_score
 # kernels' error flag is checked once when it closes.
 REFERENCE = SimpleNamespace(
     name="reference", surrogate_score=surrogate_score, evict_append=evict_append, paged_attention=paged_attention,
+    deferred_errors=lambda device: contextlib.nullcontext(),
+)
+CPU = SimpleNamespace(
+    name="cpu", surrogate_score=surrogate_score, evict_append=evict_append, paged_attention=cpu_fast.paged_attention,
     deferred_errors=lambda device: contextlib.nullcontext(),
 )
 CUDA = SimpleNamespace(
@@ -44,8 +51,10 @@ def ops(device: torch.device | str) -> SimpleNamespace:
     choice = os.environ.get("KVZAP_TRT_OPS", "auto")
     if choice not in CHOICES:
         raise KvzapError(f"KVZAP_TRT_OPS={choice!r}: expected one of {', '.join(CHOICES)}")
-    if torch.device(device).type != "cuda" or choice == "reference":
+    if choice == "reference":
         return REFERENCE
+    if torch.device(device).type != "cuda":
+        return CPU
     return _cuda_ops(choice)
 
 
