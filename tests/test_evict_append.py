@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from kvzap_trt.errors import CacheFullError
-from kvzap_trt.ops.dispatch import CUDA, REFERENCE
+from kvzap_trt.ops.dispatch import CPU, CUDA, REFERENCE
 from tests.cache_sim import SimSeq, chunk_args, make_cache, misaligned, naive_kept, random_seq, resized, write_chunk
 
-# (ops, device): the reference on CPU everywhere, the kernel where a GPU is.
+# (ops, device): the reference and the CPU fast path on CPU everywhere, the kernel where a GPU is.
 IMPLS = [
     pytest.param((REFERENCE, "cpu"), id="reference"),
+    pytest.param((CPU, "cpu"), id="cpu-fast"),
     pytest.param((CUDA, "cuda"), id="cuda", marks=pytest.mark.gpu),
 ]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvzap_trt.cache.allocator import pop_blocks
-from kvzap_trt.ops.dispatch import CPU, CUDA, REFERENCE
+from kvzap_trt.ops.dispatch import CUDA, REFERENCE
 from kvzap_trt.ops.paged_attention import gather_pages
 from tests.cache_sim import chunk_args, make_cache, misaligned, naive_kept, random_seq, resized, write_chunk
 from tests.test_evict_append import IMPLS, assert_same_cache
@@ -79,12 +79,7 @@ MATRIX = {
 }
 
 
-# The CPU fast path (kvzap_trt/ops/cpu_fast.py) reads caches the reference filled: it has no
-# eviction of its own.
-ATTENTION_IMPLS = [*IMPLS, pytest.param((CPU, "cpu"), id="cpu-fast")]
-
-
-@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", MATRIX)
 def test_paged_attention_cases_match_dense(case, dtype, impl):

@@ -3,10 +3,9 @@
 Every op exists as a PyTorch reference (this package) with the signature and layout of its CUDA
 kernel. The references run on any device, CPU included, and are the test oracle. On CUDA
 tensors the kernels of plugins/ (`cuda_kernels`, torch.ops.kvzap_trt.*) are chosen; on CPU
-tensors the CPU fast path (`cpu_fast`: PyTorch's fused attention over whole gathered pages);
-surrogate scoring is a GEMM and stays on PyTorch everywhere, and so does eviction on CPU (the
-reference is already vectorised over heads and tokens). Callers never import an implementation
-directly.
+tensors the CPU fast path (`cpu_fast`: batched over sequences, PyTorch's fused attention);
+surrogate scoring is a GEMM and stays on PyTorch everywhere. Callers never import an
+implementation directly.
 
 $KVZAP_TRT_OPS: `auto` (default: kernels on CUDA, falling back to the reference with a warning
 when they cannot be built; the fast path on CPU), `cuda` (kernels or an error on CUDA; the fast
@@ -36,7 +35,8 @@ REFERENCE = SimpleNamespace(
     deferred_errors=lambda device: contextlib.nullcontext(),
 )
 CPU = SimpleNamespace(
-    name="cpu", surrogate_score=surrogate_score, evict_append=evict_append, paged_attention=cpu_fast.paged_attention,
+    name="cpu", surrogate_score=surrogate_score, evict_append=cpu_fast.evict_append,
+    paged_attention=cpu_fast.paged_attention,
     deferred_errors=lambda device: contextlib.nullcontext(),
 )
 CUDA = SimpleNamespace(
