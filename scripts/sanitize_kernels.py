@@ -70,7 +70,7 @@ def evict_check(chunks: list[list[int]], device: str, ops, dtype: torch.dtype, g
 
 def kept_pages(cache: PagedKVCache, slot: int, head: int) -> tuple[torch.Tensor, ...]:
     """(positions [n], K [n, D], V [n, D]) of one head's kept pages in page order, on CPU."""
-    n, bs, D = int(cache.kept_len[0, slot, head]), cache.spec.block_size, cache.spec.head_dim
+    n, bs = int(cache.kept_len[0, slot, head]), cache.spec.block_size
     blocks = cache.block_table[0, slot, head, : math.ceil(n / bs)].long()
     return tuple(t[blocks].reshape(-1, *t.shape[2:])[:n].cpu() for t in (cache.pos_pool, cache.k_pool, cache.v_pool))
 

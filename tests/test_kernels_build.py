@@ -124,6 +124,21 @@ def test_batch_args_bound_every_row_and_are_reused_within_a_step():
     assert cuda_kernels.batch_args(cu, slots, ctx + 1, "cpu").max_keys == 40001 + 300
 
 
+@pytest.mark.parametrize("cu,slots,ctx,match", [
+    ([0, 2, 3], [0, 1], [5, 5], "cu_seqlens"),      # ends at 3 rows, N is 4
+    ([0, 3, 2, 4], [0, 1, 2], [1, 1, 1], "cu_seqlens"),  # decreasing
+    ([0, 2, 4], [0, 0], [5, 5], "seq_slots"),       # one slot twice: two blocks race on its heads
+    ([0, 2, 4], [0, 4], [5, 5], "seq_slots"),       # slot past S = 4
+    ([0, 2, 4], [0, 1], [5, -1], "ctx_lens"),
+    ([0, 2, 4], [0, 1, 2], [5, 5, 5], "cu_seqlens"),  # B + 1 entries expected
+])
+def test_batch_description_values_are_checked_before_a_kernel_indexes_with_them(cu, slots, ctx, match):
+    t = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(KvzapError, match=match):
+        cuda_kernels.batch_args(t(cu), t(slots), t(ctx), "cpu", num_slots=4, num_rows=4)
+    cuda_kernels.batch_args(t([0, 2, 4]), t([3, 1]), t([5, 0]), "cpu", num_slots=4, num_rows=4)  # valid
+
+
 def test_dispatch_uses_the_fast_path_on_cpu_and_rejects_bad_choices(monkeypatch):
     assert ops("cpu") is CPU
     monkeypatch.setenv("KVZAP_TRT_OPS", "reference")

@@ -89,25 +89,47 @@ class BatchArgs:
     max_keys: int  # most keys any row sees: the longest context plus the longest chunk
 
 
-def batch_args(cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor, device) -> BatchArgs:
+def batch_args(cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor, device,
+               num_slots: int | None = None, num_rows: int | None = None) -> BatchArgs:
     """Device copies of the host batch description (host tensors: .tolist() reads no device),
     reused while it does not change: every layer of a step passes the same one, so a step pays 3
     small copies, not 3 per op per layer. Keyed by the current stream too: a copy queued on one
-    stream is not safe to read on another before that stream reaches it."""
+    stream is not safe to read on another before that stream reaches it.
+
+    With num_slots (S) and num_rows (N), the values are checked first (once per distinct batch):
+    the kernels index the cache with them and cannot check them without a device read."""
     host = (tuple(t.tolist()) for t in (cu_seqlens, seq_slots, ctx_lens))
     device = torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    return _batch_args(str(device), stream, *host)
+    return _batch_args(str(device), stream, *host, num_slots, num_rows)
+
+
+def check_batch(cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...], num_slots: int | None,
+                num_rows: int | None) -> None:
+    """KvzapError naming the argument if the batch description could make a kernel index out of
+    its tensors: cu_seqlens [B+1] from 0, non-decreasing, ending at N; seq_slots [B] distinct, in
+    [0, S); ctx_lens [B] >= 0."""
+    if len(cu) != len(slots) + 1 or len(ctx) != len(slots):
+        raise KvzapError(f"cu_seqlens has {len(cu)} entries and ctx_lens {len(ctx)} for {len(slots)} seq_slots")
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or (num_rows is not None and cu[-1] != num_rows):
+        raise KvzapError(f"cu_seqlens {list(cu)} must rise from 0 to the {num_rows} packed rows")
+    if len(set(slots)) != len(slots) or (num_slots is not None and not all(0 <= s < num_slots for s in slots)):
+        raise KvzapError(f"seq_slots {list(slots)} must be distinct slots in [0, {num_slots})")
+    if any(c < 0 for c in ctx):
+        raise KvzapError(f"ctx_lens {list(ctx)} must be >= 0")
 
 
 @functools.lru_cache(maxsize=4)  # a step's batch, and the sub-batch of a step mixing fresh prompts in
-def _batch_args(device: str, stream: int, cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...]) -> BatchArgs:
+def _batch_args(device: str, stream: int, cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...],
+                num_slots: int | None, num_rows: int | None) -> BatchArgs:
+    check_batch(cu, slots, ctx, num_slots, num_rows)
     dev_cu, dev_slots, dev_ctx = (torch.tensor(h, dtype=torch.int32).to(device, non_blocking=True) for h in (cu, slots, ctx))
     chunk = max((b - a for a, b in zip(cu, cu[1:])), default=0)
     return BatchArgs(cu, ctx, dev_cu, dev_slots, dev_ctx, chunk, max(ctx, default=0) + chunk)
 
 
-_deferred: dict[torch.device, torch.Tensor] = {}  # device -> error flag of the open deferred_errors() block
+# device -> (error flag, stream) of the open deferred_errors() block
+_deferred: dict[torch.device, tuple[torch.Tensor, int]] = {}
 
 
 def _cuda_key(device: torch.device | str) -> torch.device:
@@ -138,7 +160,8 @@ def deferred_errors(device: torch.device | str):
         yield
         return
     device = _cuda_key(device)
-    _deferred[device] = flag = torch.zeros(1, dtype=torch.int32, device=device)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    _deferred[device] = (flag, torch.cuda.current_stream(device).cuda_stream)
     try:
         yield
     finally:
@@ -147,9 +170,14 @@ def deferred_errors(device: torch.device | str):
 
 
 def _error_flag(device: torch.device) -> tuple[torch.Tensor, bool]:
-    """(flag to pass, whether the caller reads it now): the open deferred block's, else a new one."""
-    deferred = _deferred.get(_cuda_key(device))
-    return (deferred, False) if deferred is not None else (torch.zeros(1, dtype=torch.int32, device=device), True)
+    """(flag to pass, whether the caller reads it now): the open deferred block's when the op runs
+    on the stream the block was opened on (the flag was zeroed, and is read, on that stream), else
+    a new one read after the call."""
+    key = _cuda_key(device)
+    flag, stream = _deferred.get(key, (None, None))
+    if flag is not None and stream == torch.cuda.current_stream(key).cuda_stream:
+        return flag, False
+    return torch.zeros(1, dtype=torch.int32, device=device), True
 
 
 def evict_append(
@@ -160,7 +188,8 @@ def evict_append(
     load()
     dev = k_pool.device
     error, check_now = _error_flag(dev)
-    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, dev)
+    layered = block_table.dim() == 4
+    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, dev, block_table.shape[int(layered)], k_new.shape[int(layered)])
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.evict_append(
             k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), batch.cu_seqlens, batch.seq_slots,
@@ -184,12 +213,13 @@ def paged_attention(
     out: written in place if given.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device)
+    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
 
     def kernel(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-        launch_paged_attention(q, k_new, v_new, batch_args(cu_seqlens, seq_slots, ctx_lens, q.device), k_pool, v_pool,
-                               block_table, kept_len, ring_k, ring_v, scale, split_size, out)
+        sub = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
+        launch_paged_attention(q, k_new, v_new, sub, k_pool, v_pool, block_table, kept_len, ring_k, ring_v, scale,
+                               split_size, out)
         return out
 
     return attend_routing_fresh_prompts(q, k_new, v_new, list(batch.host_cu), list(batch.host_ctx), seq_slots, scale,

@@ -80,8 +80,9 @@ typedef struct {
     kvzapDtype dtype;
     int batch, num_slots, num_q_heads, num_kv_heads, head_dim, window, block_size, max_blocks_per_head;
     int num_rows;     // N
-    int max_keys;     // an upper bound of keys seen by any row: max_b(ctx_lens[b]) + max_b(T_b);
-                      // a row with more keys sets KVZAP_ERR_BOUND_EXCEEDED (its output is incomplete)
+    int max_keys;     // an upper bound of keys seen by any row: max_b(ctx_lens[b]) + max_b(T_b); the
+                      // launch covers ceil(max_keys / split_size) splits, and a row with more keys than
+                      // they hold sets KVZAP_ERR_BOUND_EXCEEDED (its output is incomplete)
     float scale;
     const void* q;        // [N, Hq, D]
     const void* k_new;    // [N, H, D]

@@ -132,7 +132,7 @@ __device__ bool take_blocks(const kvzapEvictParams& p, const Head<T>& v, int n_k
 }
 
 // Copy the kept leavers of [from, to) to page slots first_dst, first_dst + 1, ... in order.
-// A slot whose page is missing (-1: its head failed to take blocks) is skipped.
+// A slot whose page is missing (-1, or past the table: its head failed to take blocks) is skipped.
 template <typename T>
 __device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from, int to, int first_dst, int* scratch) {
     constexpr int VEC = Vec16<T>::VEC;
@@ -155,6 +155,7 @@ __device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from,
             const int r = i / vecs_per_row, e = (i % vecs_per_row) * VEC;
             const int src = s_src[r];
             const PageSlot dst = page_slot(s_dst[r], v.bs);
+            if (dst.column >= v.M) continue;
             const int32_t block = v.table[dst.column];
             if (block < 0) continue;
             const int64_t slot = (int64_t)block * v.bs + dst.offset;

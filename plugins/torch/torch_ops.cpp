@@ -4,8 +4,10 @@
 // except that cu_seqlens, seq_slots and ctx_lens are int32 tensors on the device and the host
 // passes what it knows already (max_new_tokens for evict, max_keys and split_size for attention).
 // Every tensor must be contiguous on one CUDA device, the current one; every shape is checked
-// against the cache's and every vector-accessed pointer for 16-byte alignment, so a mismatch is
-// an error naming the argument, never an out-of-bounds access. The caller passes the stream
+// against the cache's and every vector-accessed pointer for 16-byte alignment: a mismatch is an
+// error naming the argument. Values inside the index tensors (slots, lengths, block ids) are not
+// read here (that would sync): kvzap_trt/ops/cuda_kernels.py checks the batch description on its
+// host copy; a direct caller must pass valid ones. The caller passes the stream
 // (torch.cuda.current_stream().cuda_stream) and owns every buffer the kernels write, the
 // attention workspace and error flag included, so they are allocated on the stream the op runs
 // on: the ops need no c10/cuda header and compile against any torch wheel, the CPU one included,
@@ -15,6 +17,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <initializer_list>
 #include <vector>
 
@@ -85,8 +88,8 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     const int64_t L = layered ? block_table.size(0) : 1, off = layered ? 1 : 0;
     const int64_t S = block_table.size(off), H = block_table.size(off + 1), M = block_table.size(off + 2);
     const int64_t NB = k_pool.size(0), BS = k_pool.size(1), D = k_pool.size(2);
-    TORCH_CHECK(ring_k.dim() == 4 + off, op, ": ring_k must be [", layered ? "L, " : "", "S, H, W, D]");
-    const int64_t W = ring_k.size(off + 2);
+    TORCH_CHECK(ring_score.dim() == 3 + off, op, ": ring_score must be [", layered ? "L, " : "", "S, H, W]");
+    const int64_t W = ring_score.size(off + 2);
     TORCH_CHECK(k_new.dim() == 3 + off, op, ": k_new must be [", layered ? "L, " : "", "N, H, D]");
     const int64_t N = k_new.size(off), B = seq_slots.numel();
     auto per_layer = [&](std::initializer_list<int64_t> dims) {
@@ -117,7 +120,9 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     for (auto [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"}, {v_pool, "v_pool"},
                            {ring_k, "ring_k"}, {ring_v, "ring_v"}})
         check_aligned(op, t, name);
-    TORCH_CHECK(max_new_tokens >= 0, op, ": max_new_tokens must be >= 0 (0: unknown)");
+    TORCH_CHECK(seq_slots.dim() == 1, op, ": seq_slots must be [B]");
+    TORCH_CHECK(max_new_tokens >= 0 && max_new_tokens <= N, op, ": max_new_tokens must be in [0, N] (0: unknown), got ",
+                max_new_tokens);
 
     kvzapEvictParams p{};
     p.dtype = dtype_of(k_pool);
@@ -189,19 +194,22 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     TORCH_CHECK(q.dim() == 3, op, ": q must be [N, Hq, D]");
     TORCH_CHECK(block_table.dim() == 3, op, ": block_table must be [S, H, M]");
     TORCH_CHECK(k_pool.dim() == 3, op, ": k_pool must be [num_blocks, block_size, D]");
-    TORCH_CHECK(ring_k.dim() == 4, op, ": ring_k must be [S, H, W, D]");
-    const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), B = seq_slots.numel();
-    const int64_t S = block_table.size(0), H = block_table.size(1), W = ring_k.size(2);
+    TORCH_CHECK(ring_k.dim() == 4 && ring_v.dim() == 4, op, ": ring_k and ring_v must be [S, H, W, D]");
+    TORCH_CHECK(seq_slots.dim() == 1, op, ": seq_slots must be [B]");
+    const int64_t N = q.size(0), Hq = q.size(1), D = k_pool.size(2), B = seq_slots.numel();
+    const int64_t S = block_table.size(0), H = block_table.size(1);
+    check_shape(op, q, "q", {N, Hq, D});  // head_dim from the cache
     TORCH_CHECK(H > 0 && Hq % H == 0 && Hq / H <= 8, op, ": q has ", Hq, " heads for ", H,
                 " kv heads: query heads per kv head must divide evenly and be at most 8");
-    TORCH_CHECK(D == 64 || D == 128, op, ": q's head_dim must be 64 or 128, got ", D);
+    TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
     check_shape(op, k_new, "k_new", {N, H, D});
     check_shape(op, v_new, "v_new", {N, H, D});
-    TORCH_CHECK(k_pool.size(2) == D, op, ": k_pool has head_dim ", k_pool.size(2), ", q has ", D);
     check_shape(op, v_pool, "v_pool", {k_pool.size(0), k_pool.size(1), D});
     check_shape(op, kept_len, "kept_len", {S, H});
-    check_shape(op, ring_k, "ring_k", {S, H, W, D});
-    check_shape(op, ring_v, "ring_v", {S, H, W, D});
+    // No tensor of attention fixes W but the rings: either may be the wrong one.
+    TORCH_CHECK(ring_k.sizes() == ring_v.sizes() && ring_k.size(0) == S && ring_k.size(1) == H && ring_k.size(3) == D,
+                op, ": ring_k ", ring_k.sizes(), " and ring_v ", ring_v.sizes(), " must both be [S=", S, ", H=", H,
+                ", W, D=", D, "]");
     check_shape(op, out, "out", {N, Hq, D});
     check_shape(op, cu_seqlens, "cu_seqlens", {B + 1});
     check_shape(op, ctx_lens, "ctx_lens", {B});
@@ -209,7 +217,9 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     for (auto [t, name] : {std::pair{q, "q"}, {k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"},
                            {v_pool, "v_pool"}, {ring_k, "ring_k"}, {ring_v, "ring_v"}})
         check_aligned(op, t, name);
-    TORCH_CHECK(split_size > 0, op, ": split_size must be > 0 (see attention_split)");
+    TORCH_CHECK(split_size > 0 && split_size <= 4096, op, ": split_size must be in [1, 4096] (see attention_split), got ",
+                split_size);
+    TORCH_CHECK(max_keys >= 0 && max_keys <= INT_MAX, op, ": max_keys out of range: ", max_keys);
     TORCH_CHECK(workspace.numel() >= attention_workspace_floats(N, Hq, D, max_keys, split_size), op, ": workspace has ",
                 workspace.numel(), " floats, needs ", attention_workspace_floats(N, Hq, D, max_keys, split_size));
 
@@ -221,7 +231,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     p.max_blocks_per_head = static_cast<int>(block_table.size(2));
     p.num_q_heads = static_cast<int>(Hq);
     p.head_dim = static_cast<int>(D);
-    p.window = static_cast<int>(W);
+    p.window = static_cast<int>(ring_k.size(2));
     p.block_size = static_cast<int>(k_pool.size(1));
     p.num_rows = static_cast<int>(N);
     p.max_keys = static_cast<int>(max_keys);
