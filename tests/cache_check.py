@@ -26,7 +26,9 @@ def check_cache(cache: PagedKVCache, seqs: list[SimSeq], tau: float) -> None:
         assert cache.ctx_len[s.slot] == s.written
         in_window = min(s.written, W)
         window = torch.arange(s.written - in_window, s.written)  # positions in the ring
-        for h, positions in enumerate(naive_kept(s.scores, s.written, W, tau)):
+        want = naive_kept(s.scores, s.written, W, tau)
+        assert cache.kept_positions(s.slot)[0] == want, s.slot  # what --positions reports
+        for h, positions in enumerate(want):
             paged = torch.tensor(positions[: len(positions) - in_window], dtype=torch.long)
             n, blocks_needed = len(paged), -(-len(paged) // bs)
             assert int(kept_len[s.slot, h]) == n, (s.slot, h)

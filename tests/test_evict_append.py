@@ -10,6 +10,7 @@ import torch
 
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.ops.dispatch import CPU, CUDA, REFERENCE
+from tests.cache_check import check_cache
 from tests.cache_sim import SimSeq, chunk_args, make_cache, misaligned, naive_kept, random_seq, resized, write_chunk
 
 # (ops, device): the reference and the CPU fast path on CPU everywhere, the kernel where a GPU is.
@@ -36,31 +37,6 @@ SCHEDULES = [
     (0, 16, [[100, 5000, 1]]),                 # chunked, no window
     (128, 1, [[4096, 1]]),                     # chunked from exactly 4096, page size 1
 ]
-
-
-def check_cache(cache, seqs, tau):
-    spec = cache.spec
-    block_table, ring_k, ring_score = cache.block_table.cpu(), cache.ring_k.cpu(), cache.ring_score.cpu()
-    pages = kept_pages(cache, [s.slot for s in seqs])
-    for s in seqs:
-        want = naive_kept(s.scores, s.written, spec.window, tau)
-        assert cache.kept_positions(s.slot)[0] == want
-        in_window = min(s.written, spec.window)
-        for h, positions in enumerate(want):
-            pos, k, v = pages[0, s.slot, h]
-            n = len(pos)
-            assert n == len(positions) - in_window
-            pos = pos.long()
-            assert torch.equal(pos, torch.tensor(positions[: n], dtype=torch.long))  # kept in order
-            assert torch.equal(k, s.k[pos, h])
-            assert torch.equal(v, s.v[pos, h])
-            window = torch.arange(s.written - in_window, s.written)
-            assert torch.equal(ring_k[0, s.slot, h, window % max(spec.window, 1)], s.k[window, h])
-            assert torch.equal(ring_score[0, s.slot, h, window % max(spec.window, 1)], s.scores[window, h])
-            # Exactly the blocks the kept tokens need, no more.
-            assert int((block_table[0, s.slot, h] >= 0).sum()) == math.ceil(n / spec.block_size)
-    used = sum(cache.blocks_held(s.slot) for s in seqs)
-    assert cache.allocator.num_used == used
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -104,14 +104,21 @@ def test_paged_attention_cases_match_dense(case, dtype, impl):
     assert (out.double() - want).abs().max() <= atol
 
 
-def test_empty_batch():
-    cache = make_cache()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch_touches_nothing(impl):
+    """No sequence: an empty output, and the cache's every tensor (the pool too) unchanged."""
+    ops, device = impl
+    cache = make_cache(device=device)
+    seq = random_seq(cache, 30, torch.Generator().manual_seed(0))
+    write_chunk(cache, [seq], [30], 0.0, ops)
+    before = {name: getattr(cache, name).clone() for name in ("k_pool", "v_pool", "block_table", "kept_len", "ring_k")}
     lc = cache.layer(0)
-    empty = torch.empty(0, 2, 8)
-    out = REFERENCE.paged_attention(empty.repeat(1, 2, 1), empty, empty, torch.zeros(1, dtype=torch.int32),
-                                    torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
-                                    lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, 0.35)
-    assert out.shape == (0, 4, 8)
+    empty = torch.empty(0, 2, 8, device=device)
+    ints = torch.empty(0, dtype=torch.int32)
+    out = ops.paged_attention(empty.repeat(1, 2, 1), empty, empty, torch.zeros(1, dtype=torch.int32), ints, ints,
+                              lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, 0.35)
+    assert out.shape == (0, 4, 8) and out.device.type == torch.device(device).type
+    assert all(torch.equal(getattr(cache, name), t) for name, t in before.items())
 
 
 def fill_kept(cache, slot, lengths, g):

@@ -63,7 +63,7 @@ def test_three_eos_ids_in_the_model_config_all_stop(greedy, tmp_path):
 def test_stop_id_on_the_last_allowed_token(runtime, greedy):
     ids, i = greedy
     last = runtime.generate([PROMPT], runtime.sampling(max_new_tokens=i + 1, stop_token_ids=(ids[i],)))[0]
-    assert last.token_ids == ids[: i + 1]
+    assert last.token_ids == ids[: i + 1] and last.finish_reason == "stop"  # stop wins over length
     one_short = runtime.generate([PROMPT], runtime.sampling(max_new_tokens=i, stop_token_ids=(ids[i],)))[0]
     assert one_short.token_ids == ids[:i] and one_short.finish_reason == "length"
 

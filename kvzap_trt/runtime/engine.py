@@ -178,10 +178,10 @@ class Engine:
             if r.sampling.max_new_tokens > 0:
                 r.output_ids.append(token)
             total = len(r.prompt_ids) + len(r.output_ids)
-            if r.sampling.max_new_tokens == len(r.output_ids) or total >= self.max_seq_len:
+            if r.output_ids and r.output_ids[-1] in r.sampling.stop_token_ids:
+                r.finish_reason = "stop"  # also on the last allowed token, as vLLM and OpenAI report it
+            elif r.sampling.max_new_tokens == len(r.output_ids) or total >= self.max_seq_len:
                 r.finish_reason = "length"
-            elif r.output_ids and r.output_ids[-1] in r.sampling.stop_token_ids:
-                r.finish_reason = "stop"
             if r.finish_reason:
                 done.append(r)
         for r in done:
