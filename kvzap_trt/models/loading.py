@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kvzap_trt.atomic import atomic_dir
 from kvzap_trt.errors import KvzapError
@@ -116,10 +119,23 @@ class LoadedModel:
     surrogate: Any = None  # the surrogate a TensorRT-LLM checkpoint carries, if any
 
 
+@contextlib.contextmanager
+def skip_weight_init():
+    """Modules built inside keep their parameters uninitialised (torch.empty: pages never touched,
+    so never resident) until a state dict is assigned. Cheaper than building on the meta device,
+    whose first use costs seconds of lazy imports: this is start-up time of every command."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str = "float32", device: str = "cpu",
                 what: str = "model") -> Transformer:
     """Our Transformer from a state dict in HF names (`model.` prefix removed); shapes checked."""
-    with torch.device("meta"):
+    with skip_weight_init():
         model = Transformer(cfg)
     state = {k: v for k, v in state.items() if "rotary_emb" not in k}
     expected = dict(model.state_dict())
@@ -145,14 +161,17 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> 
     """A HF directory, or a TensorRT-LLM checkpoint written by `kvzap-trt convert` (any tp)."""
     from kvzap_trt.convert.reader import is_trtllm_checkpoint, read_checkpoint
 
-    surrogate = None
-    if is_trtllm_checkpoint(model_dir):
-        ckpt = read_checkpoint(model_dir)
-        cfg, state, surrogate = ckpt.model_config, ckpt.state, ckpt.surrogate
-    else:
-        cfg, state = ModelConfig.from_dir(model_dir), load_state_dict(model_dir)
-    model = build_model(cfg, state, dtype, device, what=f"model {model_dir}")
-    return LoadedModel(model, cfg, load_tokenizer(model_dir), model_dir, surrogate)
+    # The tokenizer (importing transformers: seconds) loads in a thread while the weights do.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(load_tokenizer, model_dir)
+        surrogate = None
+        if is_trtllm_checkpoint(model_dir):
+            ckpt = read_checkpoint(model_dir)
+            cfg, state, surrogate = ckpt.model_config, ckpt.state, ckpt.surrogate
+        else:
+            cfg, state = ModelConfig.from_dir(model_dir), load_state_dict(model_dir)
+        model = build_model(cfg, state, dtype, device, what=f"model {model_dir}")
+        return LoadedModel(model, cfg, tokenizer.result(), model_dir, surrogate)
 
 
 def load_tokenizer(model_dir: Path):
