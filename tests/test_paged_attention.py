@@ -202,9 +202,14 @@ def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype
     truth = REFERENCE.paged_attention(f32(q), f32(k_new), f32(v_new), cu, slots_t, ctx, f32(lc.k_pool), f32(lc.v_pool),
                                       lc.block_table, lc.kept_len, f32(lc.ring_k), f32(lc.ring_v), scale)
     framework = low_precision_attention(q, k_new, v_new, cu, slots_t, ctx, cache, scale)
-    framework_err = (framework.float() - truth).abs().max().item()
-    err = (out.float() - truth).abs().max().item()
-    assert err <= 2 * framework_err + 1e-5, (err, framework_err)
+    # Per (row, query head), not over the whole output: one dropped key in one long head moves
+    # only that head's output, which a global bound set by the noisiest head would let pass.
+    # The kernel rounds once to q's dtype: half an ulp of the head's largest output is its floor.
+    framework_err = (framework.float() - truth).abs().amax(-1)  # [N, Hq]
+    err = (out.float() - truth).abs().amax(-1)
+    bound = 2 * framework_err + torch.finfo(dtype).eps / 2 * truth.abs().amax(-1) + 1e-5
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), (divmod(worst, q_heads), err.flatten()[worst], bound.flatten()[worst])
 
 
 @pytest.mark.gpu
