@@ -121,7 +121,7 @@ def test_key_order_matches_the_reference_attention(index):
 
 def test_splits_partition_each_row_and_stage_exactly_its_pages(index):
     rng = random.Random(2)
-    for _ in range(2000):
+    for _ in range(600):
         bs, split_size = rng.choice([1, 16, 24, 64]), rng.choice([64, 100, 256, 4096])
         n_keys = rng.randrange(1, 20000)
         kept = rng.randrange(0, n_keys)
@@ -132,8 +132,12 @@ def test_splits_partition_each_row_and_stage_exactly_its_pages(index):
         for split in range(splits):
             begin, end, page_lo, page_hi = index.split_keys(split, split_size, n_keys, kept, bs)
             covered += range(begin, end)
-            columns = {index.page_slot(j, bs)[0] for j in range(begin, min(end, kept))}
-            assert set(range(page_lo, page_hi)) == columns, (bs, split_size, n_keys, kept, split)
+            # Kept keys are consecutive page slots, so their columns run from the first one's
+            # column to the last one's (page_slot itself is checked against the reference above).
+            last = min(end, kept) - 1
+            columns = (index.page_slot(begin, bs)[0], index.page_slot(last, bs)[0] + 1) if last >= begin else None
+            assert (page_lo, page_hi) == columns or (columns is None and page_lo == page_hi), (bs, split_size, n_keys,
+                                                                                               kept, split)
             assert page_hi - page_lo <= split_size // bs + 2  # the launcher's shared-memory bound
         assert covered == list(range(n_keys))
 
