@@ -12,7 +12,7 @@ from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.config import RunConfig
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.models.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_model_dir
-from kvzap_trt.runtime.engine import Engine, EvictionPolicy
+from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
 from kvzap_trt.runtime.sampler import SamplingParams
 from kvzap_trt.surrogate import Surrogate, load_surrogate
 
@@ -81,9 +81,13 @@ class Runtime:
                          num_blocks, max_seqs, max_seq_len, TORCH_DTYPES[self.cfg.dtype])
         return PagedKVCache(spec, self.cfg.device)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-                 positions: bool = False) -> list[GenerationResult]:
-        """Generate for all prompts in one continuous batch; the pool holds them all uncompressed."""
+    def start(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+              positions: bool = False) -> tuple[Engine, list[Request]]:
+        """An engine holding `prompts`, not yet stepped, in a pool that holds them all uncompressed.
+
+        `generate` runs it to the end; a caller that times steps (scripts/bench_cpu.py: time to
+        first token) calls `engine.step()` itself, then `result(r)` for each request.
+        """
         sampling = sampling or self.sampling()
         m = self.loaded.config
         max_seq_len = m.max_position_embeddings
@@ -96,7 +100,14 @@ class Runtime:
         cache = self.make_cache(max(lens), len(prompts), num_blocks)
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
         engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions)
-        reqs = [engine.submit(p, sampling) for p in prompts]
+        return engine, [engine.submit(p, sampling) for p in prompts]
+
+    def result(self, r: Request) -> GenerationResult:
+        return GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+                 positions: bool = False) -> list[GenerationResult]:
+        """Generate for all prompts in one continuous batch; the pool holds them all uncompressed."""
+        engine, reqs = self.start(prompts, sampling, positions)
         engine.run()
-        return [GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv)
-                for r in reqs]
+        return [self.result(r) for r in reqs]
