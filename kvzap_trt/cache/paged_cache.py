@@ -104,6 +104,18 @@ class PagedKVCache:
             self.ring_k[i], self.ring_v[i], self.ring_score[i],
         )
 
+    def all_layers(self) -> LayerCache:
+        """Every layer's views with the layer folded into the slot dimension: slot l * S + s here is
+        slot s of layer l (block_table [L*S, Hkv, M], ring_k [L*S, Hkv, W, D], ...). A layer's
+        eviction touches only its own tables, so one op call over these can evict all layers."""
+        L, S = self.spec.num_layers, self.spec.max_seqs
+
+        def fold(t: torch.Tensor) -> torch.Tensor:
+            return t.view(L * S, *t.shape[2:])
+
+        return LayerCache(self.k_pool, self.v_pool, self.pos_pool, fold(self.block_table), fold(self.kept_len),
+                          fold(self.ring_k), fold(self.ring_v), fold(self.ring_score))
+
     def add_sequence(self) -> int:
         if not self.free_slots:
             raise CacheFullError(f"all {self.spec.max_seqs} sequence slots are in use")

@@ -211,6 +211,13 @@ class Engine:
         self.running.remove(r)
         r.slot = None
 
+    def _evict(self, k, v, scores, cu, slots, ctx, lc) -> None:
+        """evict_append of packed rows into the cache views `lc` (one layer, or all folded)."""
+        alloc = self.cache.allocator
+        self.ops.evict_append(k, v, scores, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table,
+                              lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score, alloc.free_stack, alloc.num_free_t,
+                              self.policy.threshold)
+
     def _forward(self, batch: list[Request], feeds: list[list[int]], is_decode: list[bool]) -> torch.Tensor:
         dev, cache, policy = self.cache.device, self.cache, self.policy
         lens = [len(f) for f in feeds]
@@ -225,7 +232,11 @@ class Engine:
         # decoding is not compressed (kvpress decoding=False). Known here, so no layer asks the device.
         never_seq = [policy.surrogate is None or (d and not policy.compress_decoding) for d in is_decode]
         never = torch.tensor([v for v, n in zip(never_seq, lens) for _ in range(n)], device=dev)  # [N]
-        alloc = cache.allocator
+        # A step of one token per sequence (decode) evicts every layer in one call after the forward:
+        # a layer's eviction changes only its own cache, which its attention has read already. Its
+        # new K/V/scores wait in `stash` ([L, N, ...]: small). Steps with prompts evict per layer.
+        stash: dict[str, torch.Tensor] = {}
+        one_evict = all(n == 1 for n in lens)
 
         def attend(layer: int, h_norm, q, k, v):
             lc = cache.layer(layer)
@@ -236,15 +247,23 @@ class Engine:
             out = self.ops.paged_attention(
                 q, k, v, cu, slots, ctx_t, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, self.scale
             )
-            self.ops.evict_append(
-                k, v, scores, cu, slots, ctx_t, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table, lc.kept_len,
-                lc.ring_k, lc.ring_v, lc.ring_score, alloc.free_stack, alloc.num_free_t, policy.threshold,
-            )
+            if one_evict:
+                for name, t in (("k", k), ("v", v), ("scores", scores)):
+                    if name not in stash:
+                        stash[name] = t.new_empty((cache.spec.num_layers, *t.shape))
+                    stash[name][layer] = t
+            else:
+                self._evict(k, v, scores, cu, slots, ctx_t, lc)
             return out
 
         last_rows = (cu[1:] - 1).to(dev)
         with self.ops.deferred_errors(dev):  # kernels: one error check per step, not per layer
             logits = self.model(tokens, positions, attend, logits_at=last_rows)
+            if one_evict:
+                L, S, N = cache.spec.num_layers, cache.spec.max_seqs, len(lens)
+                folded = (torch.arange(L, dtype=torch.int32)[:, None] * S + slots[None, :]).reshape(-1)  # [L*N]
+                self._evict(*(stash[n].flatten(0, 1) for n in ("k", "v", "scores")),
+                            torch.arange(L * N + 1, dtype=torch.int32), folded, ctx_t.repeat(L), cache.all_layers())
         for r, n, d in zip(batch, lens, is_decode):
             cache.ctx_len[r.slot] += n
             if not d and not policy.compress_decoding:
