@@ -5,8 +5,10 @@ the sequences admitted in this step (their whole prompt), then samples one token
 Sequences join as slots and free blocks allow and leave as soon as they finish, returning their
 blocks. Admission counts exact worst cases from the cache's own state (a head can only need a
 block when its last one is full and a token leaves its window), so what KVzap evicts is room
-for more sequences; when the running set outgrows the pool, the youngest are restarted later. Per layer the forward scores the new tokens with the surrogate, attends over kept pages
-+ window + new tokens, then evicts (kvpress order: eviction after attention). Device data is
+for more sequences; when the running set outgrows the pool, the youngest are restarted later.
+Per layer the forward scores the new tokens with the surrogate and attends over kept pages +
+window + new tokens; eviction follows the layer's attention (kvpress order), at once in a step
+that feeds a prompt, for all layers in one call after the forward in a decode step. Device data is
 read on the host only through `device_reads.to_host`, a fixed few times per step and never per
 layer or per sequence (tests/test_device_reads.py counts them).
 """
