@@ -1,0 +1,382 @@
+// Tests of the plugins' host logic without TensorRT (common/kvzapPluginHost.cpp), linked with
+// libkvzap_kernels.so for the split heuristic and workspace size. Run by tests/test_trt_plugins.py:
+//   testPluginHost fields|io|shapes|workspace
+// prints each failed check and exits 1 if any failed.
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kvzapPluginHost.h"
+#include "kvzap_kernels.h"
+
+using namespace kvzap_trt;
+
+namespace {
+
+int gFailures = 0, gChecks = 0;
+
+#define CHECK(cond, ...)                                                            \
+    do {                                                                            \
+        ++gChecks;                                                                  \
+        if (!(cond)) {                                                              \
+            ++gFailures;                                                            \
+            std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);             \
+            std::printf(__VA_ARGS__);                                               \
+            std::printf("\n");                                                      \
+        }                                                                           \
+    } while (0)
+
+bool contains(std::string const& s, char const* part) { return s.find(part) != std::string::npos; }
+
+// ---------------------------------------------------------------- fields
+
+struct FieldCase {
+    char const* what;
+    std::vector<Field> fields;
+    char const* error;  // nullptr: must parse
+};
+
+void testFields() {
+    int32_t const layer3 = 3, layerNeg = -1, layerNeg2 = -2, two[2] = {1, 2};
+    float const scale = 0.125f, zero = 0.f, negative = -1.f, inf = std::numeric_limits<float>::infinity(),
+                nan = std::numeric_limits<float>::quiet_NaN(), ninf = -inf;
+    Field const layer{"layer", &layer3, kFIELD_INT32, 1}, sc{"scale", &scale, kFIELD_FLOAT32, 1};
+
+    std::vector<FieldCase> const attention{
+        {"both", {layer, sc}, nullptr},
+        {"any order", {sc, layer}, nullptr},
+        {"none", {}, "missing field 'layer'"},
+        {"no scale", {layer}, "missing field 'scale'"},
+        {"scale as int32", {layer, {"scale", &layer3, kFIELD_INT32, 1}}, "'scale' must be float32, got int32"},
+        {"layer as float32", {{"layer", &scale, kFIELD_FLOAT32, 1}, sc}, "'layer' must be int32, got float32"},
+        {"layer of another type", {{"layer", &layer3, 10, 1}, sc}, "'layer' must be int32, got another type"},
+        {"two values", {{"layer", two, kFIELD_INT32, 2}, sc}, "must hold one value, got 2"},
+        {"no value", {{"layer", &layer3, kFIELD_INT32, 0}, sc}, "must hold one value, got 0"},
+        {"unknown", {layer, sc, {"window", &layer3, kFIELD_INT32, 1}}, "unknown field 'window' (fields: layer, scale)"},
+        {"twice", {layer, sc, layer}, "'layer' given twice"},
+        {"no name", {{nullptr, &layer3, kFIELD_INT32, 1}, sc}, "field 0 has no name"},
+        {"no data", {{"layer", nullptr, kFIELD_INT32, 1}, sc}, "'layer' has no data"},
+        {"layer -1", {{"layer", &layerNeg, kFIELD_INT32, 1}, sc}, "'layer' must be >= 0"},
+        {"scale 0", {layer, {"scale", &zero, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+        {"scale < 0", {layer, {"scale", &negative, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+        {"scale inf", {layer, {"scale", &inf, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+        {"scale nan", {layer, {"scale", &nan, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+    };
+    for (auto const& c : attention) {
+        AttentionFields f;
+        f.layer = 77;
+        std::string const e = parseAttentionFields(c.fields.data(), static_cast<int32_t>(c.fields.size()), f);
+        if (c.error == nullptr) {
+            CHECK(e.empty() && f.layer == 3 && f.scale == 0.125f, "attention %s: '%s'", c.what, e.c_str());
+        } else {
+            CHECK(contains(e, c.error) && contains(e, "KvzapVarlenPagedAttention"), "attention %s: '%s'", c.what,
+                  e.c_str());
+            CHECK(f.layer == 77, "attention %s: a rejected collection wrote the result", c.what);
+        }
+    }
+    AttentionFields a;
+    CHECK(contains(parseAttentionFields(nullptr, 2, a), "no field collection"), "null fields");
+
+    Field const th{"threshold", &negative, kFIELD_FLOAT32, 1};
+    std::vector<FieldCase> const evict{
+        {"both", {layer, th}, nullptr},
+        {"layer -1 (all layers)", {{"layer", &layerNeg, kFIELD_INT32, 1}, th}, nullptr},
+        {"threshold -inf", {layer, {"threshold", &ninf, kFIELD_FLOAT32, 1}}, nullptr},
+        {"threshold +inf", {layer, {"threshold", &inf, kFIELD_FLOAT32, 1}}, nullptr},
+        {"layer -2", {{"layer", &layerNeg2, kFIELD_INT32, 1}, th}, "'layer' must be >= 0, or -1 for all layers"},
+        {"threshold nan", {layer, {"threshold", &nan, kFIELD_FLOAT32, 1}}, "'threshold' is NaN"},
+        {"no threshold", {layer}, "missing field 'threshold'"},
+        {"scale is attention's", {layer, th, sc}, "unknown field 'scale' (fields: layer, threshold)"},
+        {"threshold as int32", {layer, {"threshold", &layer3, kFIELD_INT32, 1}}, "'threshold' must be float32"},
+    };
+    for (auto const& c : evict) {
+        EvictFields f;
+        std::string const e = parseEvictFields(c.fields.data(), static_cast<int32_t>(c.fields.size()), f);
+        if (c.error == nullptr)
+            CHECK(e.empty(), "evict %s: '%s'", c.what, e.c_str());
+        else
+            CHECK(contains(e, c.error) && contains(e, "KvzapEvict"), "evict %s: '%s'", c.what, e.c_str());
+    }
+
+    // What a plugin serializes parses back to itself (the runtime phase's createPlugin).
+    AttentionFields const af{5, 0.0883883f};
+    std::vector<Field> const out = attentionFieldsOf(af);
+    AttentionFields back;
+    CHECK(parseAttentionFields(out.data(), 2, back).empty() && back.layer == 5 && back.scale == af.scale, "round trip");
+    EvictFields const ef{-1, -6.5f};
+    std::vector<Field> const eout = evictFieldsOf(ef);
+    EvictFields eback;
+    CHECK(parseEvictFields(eout.data(), 2, eback).empty() && eback.layer == -1 && eback.threshold == -6.5f,
+          "evict round trip");
+}
+
+// ---------------------------------------------------------------- I/O tables
+
+void testIo() {
+    for (PluginIo const* io : {&attentionIo(), &evictIo()}) {
+        int32_t const nbIn = static_cast<int32_t>(io->inputs.size());
+        std::vector<int> aliasedBy(nbIn, 0);
+        for (auto const& o : io->outputs) {
+            CHECK(o.followsInput >= 0 && o.followsInput < nbIn, "%s follows no input", o.name);
+            CHECK(io->inputs[o.followsInput].kind == o.kind, "%s: kind differs from its input", o.name);
+            if (o.aliasedInput >= 0) {
+                CHECK(o.aliasedInput == o.followsInput, "%s aliases another input than it follows", o.name);
+                CHECK(std::string(o.name) == std::string(io->inputs[o.aliasedInput].name) + "_out", "%s", o.name);
+                ++aliasedBy[o.aliasedInput];
+            }
+        }
+        for (int32_t i = 0; i < nbIn; ++i) CHECK(aliasedBy[i] <= 1, "input %s aliased twice", io->inputs[i].name);
+        // dtype rules: position 0 fixes the K/V dtype; int32 and float32 tensors whatever it is.
+        int32_t const nb = nbIn + static_cast<int32_t>(io->outputs.size());
+        for (int32_t data : {kDTYPE_FLOAT, kDTYPE_HALF, kDTYPE_BF16}) {
+            CHECK(supportsDtype(*io, 0, data, data), "position 0 refuses dtype %d", data);
+            for (int32_t pos = 0; pos < nb; ++pos) {
+                IoSpec const& s = pos < nbIn ? io->inputs[pos] : io->outputs[pos - nbIn];
+                for (int32_t t : {0, 1, 3, 7, 8 /* int64 */, 2 /* int8 */}) {
+                    bool const want = s.kind == Kind::kINT32     ? t == kDTYPE_INT32
+                                      : s.kind == Kind::kFLOAT32 ? t == kDTYPE_FLOAT
+                                      : pos == 0                 ? dtypeBytes(t) > 0
+                                                                 : t == data;
+                    CHECK(supportsDtype(*io, pos, t, data) == want, "%s dtype %d with data %d", s.name, t, data);
+                }
+            }
+        }
+        CHECK(!supportsDtype(*io, 0, kDTYPE_INT32, kDTYPE_INT32), "position 0 takes int32");
+        CHECK(!supportsDtype(*io, nb, kDTYPE_INT32, kDTYPE_FLOAT) && !supportsDtype(*io, -1, kDTYPE_INT32, kDTYPE_FLOAT),
+              "out of range positions");
+    }
+    PluginIo const& a = attentionIo();
+    CHECK(a.inputs.size() == attn::kNB_INPUTS && a.outputs.size() == attn::kNB_OUTPUTS, "attention counts");
+    CHECK(a.outputs[attn::kOUT].aliasedInput == -1 && a.outputs[attn::kOUT].followsInput == attn::kQ, "out");
+    CHECK(a.inputs[attn::kSEQ_SLOTS].kind == Kind::kINT32 && a.inputs[attn::kRING_V].kind == Kind::kDATA, "kinds");
+    PluginIo const& e = evictIo();
+    CHECK(e.inputs.size() == evict::kNB_INPUTS && e.outputs.size() == evict::kNB_OUTPUTS, "evict counts");
+    CHECK(e.inputs[evict::kSCORES].kind == Kind::kFLOAT32 && e.inputs[evict::kRING_SCORE].kind == Kind::kFLOAT32,
+          "scores are float32");
+    for (auto const& o : e.outputs) CHECK(o.aliasedInput >= evict::kK_POOL, "evict output %s not aliased", o.name);
+}
+
+// ---------------------------------------------------------------- shapes
+
+Shape shape(std::vector<int64_t> const& d) {
+    Shape s;
+    s.nbDims = static_cast<int32_t>(d.size());
+    for (size_t i = 0; i < d.size(); ++i) s.d[i] = d[i];
+    return s;
+}
+
+bool same(Shape const& a, Shape const& b) {
+    if (a.nbDims != b.nbDims) return false;
+    for (int32_t i = 0; i < a.nbDims; ++i)
+        if (a.d[i] != b.d[i]) return false;
+    return true;
+}
+
+struct Dims {
+    int64_t N, Hq, H, D, B, L, S, M, NB, BS, W;
+};
+
+std::vector<Shape> attentionInputs(Dims const& d) {
+    return {shape({d.N, d.Hq, d.D}), shape({d.N, d.H, d.D}), shape({d.N, d.H, d.D}), shape({d.B + 1}), shape({d.B}),
+            shape({d.B}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS, d.D}), shape({d.L, d.S, d.H, d.M}),
+            shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, d.W, d.D}), shape({d.L, d.S, d.H, d.W, d.D}), shape({1})};
+}
+
+std::vector<Shape> evictInputs(Dims const& d, bool all) {
+    auto per = [&](std::vector<int64_t> v) {
+        if (all) v.insert(v.begin(), d.L);
+        return shape(v);
+    };
+    return {per({d.N, d.H, d.D}), per({d.N, d.H, d.D}), per({d.N, d.H}), shape({d.B + 1}), shape({d.B}),
+            shape({d.B}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS}),
+            shape({d.L, d.S, d.H, d.M}), shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, d.W, d.D}),
+            shape({d.L, d.S, d.H, d.W, d.D}), shape({d.L, d.S, d.H, d.W}), shape({d.NB}), shape({1}), shape({1})};
+}
+
+// N, Hq, H, D, B, L, S, M, NB, BS, W: decode, prefill, odd sizes, W = 0, an empty batch, GQA 1..8.
+std::vector<Dims> const kCases{
+    {8, 32, 8, 128, 8, 36, 64, 2048, 100000, 16, 128},  // Qwen3-8B-like decode
+    {577, 9, 3, 64, 3, 30, 4, 300, 4000, 24, 17},       // SmolLM2-like chunked prefill
+    {1, 4, 4, 64, 1, 1, 1, 1, 1, 1, 0},                 // one token, W = 0, page size 1
+    {0, 16, 2, 128, 0, 2, 8, 64, 512, 64, 32},          // empty batch
+    {4096, 56, 7, 128, 1, 4, 2, 512, 4096, 64, 1024},   // G = 8, long prefill
+};
+
+void testShapes() {
+    AttentionFields const af{0, 0.125f};
+    for (Dims const& d : kCases) {
+        std::vector<Shape> in = attentionInputs(d);
+        CallDims c;
+        std::string e = checkAttentionShapes(in.data(), attn::kNB_INPUTS, af, kDTYPE_BF16, c);
+        CHECK(e.empty(), "attention N=%lld: %s", (long long)d.N, e.c_str());
+        CHECK(c.N == d.N && c.Hq == d.Hq && c.H == d.H && c.D == d.D && c.B == d.B && c.L == d.L && c.S == d.S &&
+                  c.M == d.M && c.NB == d.NB && c.BS == d.BS && c.W == d.W,
+              "resolved dims N=%lld", (long long)d.N);
+        CHECK(attentionMaxKeys(c) == d.M * d.BS + d.W + d.N, "max_keys");
+        std::vector<Shape> const out = outputShapes(attentionIo(), in.data(), attn::kNB_INPUTS);
+        CHECK(out.size() == attn::kNB_OUTPUTS && same(out[attn::kOUT], shape({d.N, d.Hq, d.D})), "out shape");
+        for (size_t i = 1; i < out.size(); ++i)
+            CHECK(same(out[i], in[attentionIo().outputs[i].aliasedInput]), "aliased output %zu shape", i);
+        // Any dimension off by one is refused, but block_table's M (it defines M, nothing else has it);
+        // a wrong rank is named.
+        for (int32_t i = 0; i < attn::kNB_INPUTS; ++i) {
+            CallDims unused;
+            for (int32_t k = 0; k < in[i].nbDims; ++k) {
+                if (i == attn::kBLOCK_TABLE && k == 3) continue;
+                std::vector<Shape> bad = in;
+                bad[i].d[k] += 1;
+                e = checkAttentionShapes(bad.data(), attn::kNB_INPUTS, af, kDTYPE_BF16, unused);
+                CHECK(!e.empty(), "attention accepts a wrong %s dim %d", attentionIo().inputs[i].name, k);
+            }
+            std::vector<Shape> bad = in;
+            bad[i].nbDims += 1;
+            e = checkAttentionShapes(bad.data(), attn::kNB_INPUTS, af, kDTYPE_BF16, unused);
+            CHECK(contains(e, attentionIo().inputs[i].name), "wrong rank of %s: '%s'", attentionIo().inputs[i].name,
+                  e.c_str());
+        }
+        for (bool all : {false, true}) {
+            EvictFields const ef{all ? -1 : static_cast<int32_t>(d.L - 1), 0.f};
+            std::vector<Shape> ein = evictInputs(d, all);
+            e = checkEvictShapes(ein.data(), evict::kNB_INPUTS, ef, kDTYPE_HALF, c);
+            CHECK(e.empty(), "evict N=%lld all=%d: %s", (long long)d.N, all, e.c_str());
+            CHECK(c.layers == (all ? d.L : 1) && c.N == d.N && c.W == d.W && c.NB == d.NB, "evict dims");
+            CHECK(evictMaxNewTokens(c) == d.N, "max_new_tokens");
+            std::vector<Shape> const eout = outputShapes(evictIo(), ein.data(), evict::kNB_INPUTS);
+            for (size_t i = 0; i < eout.size(); ++i)
+                CHECK(same(eout[i], ein[evictIo().outputs[i].aliasedInput]), "evict output %zu", i);
+            for (int32_t i = 0; i < evict::kNB_INPUTS; ++i)
+                for (int32_t k = 0; k < ein[i].nbDims; ++k) {
+                    if (i == evict::kBLOCK_TABLE && k == 3) continue;
+                    std::vector<Shape> bad = ein;
+                    bad[i].d[k] += 1;
+                    CallDims unused;
+                    e = checkEvictShapes(bad.data(), evict::kNB_INPUTS, ef, kDTYPE_HALF, unused);
+                    CHECK(!e.empty(), "evict accepts a wrong %s dim %d", evictIo().inputs[i].name, k);
+                }
+        }
+    }
+    // What the kernels are not built for.
+    struct Bad {
+        Dims d;
+        int32_t layer, dtype;
+        char const* error;
+    };
+    std::vector<Bad> const bad{
+        {{4, 8, 8, 96, 1, 1, 1, 4, 8, 16, 4}, 0, kDTYPE_HALF, "head_dim must be 64 or 128"},
+        {{4, 12, 8, 64, 1, 1, 1, 4, 8, 16, 4}, 0, kDTYPE_HALF, "must divide evenly and be at most 8"},
+        {{4, 72, 8, 64, 1, 1, 1, 4, 8, 16, 4}, 0, kDTYPE_HALF, "must divide evenly and be at most 8"},
+        {{4, 8, 8, 64, 1, 2, 1, 4, 8, 16, 4}, 2, kDTYPE_HALF, "field 'layer' is 2 but the cache has L = 2"},
+        {{4, 8, 8, 64, 1, 1, 1, 4, 8, 16, 4}, 0, kDTYPE_INT32, "q must be float32, float16 or bfloat16"},
+        {{4, 8, 8, 64, 1, 1, 1, 4, 8, 0, 4}, 0, kDTYPE_HALF, "block_size"},
+        {{4, 8, 8, 64, 1, 1, 1, 1 << 20, 8, 4096, 4}, 0, kDTYPE_HALF, "exceeds the kernels' int range"},
+    };
+    for (auto const& b : bad) {
+        std::vector<Shape> in = attentionInputs(b.d);
+        CallDims c;
+        std::string const e = checkAttentionShapes(in.data(), attn::kNB_INPUTS, {b.layer, 1.f}, b.dtype, c);
+        CHECK(contains(e, b.error), "expected '%s', got '%s'", b.error, e.c_str());
+    }
+    // Evict: 16-byte rows (D = 4 is fine in fp32, not in fp16); k_new's rank must match `layer`.
+    Dims const small{3, 4, 4, 4, 1, 2, 1, 2, 8, 4, 4};
+    std::vector<Shape> ein = evictInputs(small, false);
+    CallDims c;
+    CHECK(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {1, 0.f}, kDTYPE_FLOAT, c).empty(), "D=4 fp32");
+    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {1, 0.f}, kDTYPE_HALF, c), "multiple of 16 bytes"),
+          "D=4 fp16");
+    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {-1, 0.f}, kDTYPE_FLOAT, c), "all layers, [L, N, H, D]"),
+          "layer -1 with [N, H, D]");
+    std::vector<Shape> const allIn = evictInputs(small, true);
+    CHECK(contains(checkEvictShapes(allIn.data(), evict::kNB_INPUTS, {0, 0.f}, kDTYPE_FLOAT, c), "one layer, [N, H, D]"),
+          "layer 0 with [L, N, H, D]");
+    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {2, 0.f}, kDTYPE_FLOAT, c), "L = 2"), "layer >= L");
+    CHECK(contains(checkEvictShapes(ein.data(), 16, {0, 0.f}, kDTYPE_FLOAT, c), "expected 17 inputs"), "count");
+    std::vector<Shape> unresolved = ein;
+    unresolved[evict::kK_NEW].d[0] = -1;
+    CHECK(contains(checkEvictShapes(unresolved.data(), evict::kNB_INPUTS, {0, 0.f}, kDTYPE_FLOAT, c), "unresolved"),
+          "wildcard");
+}
+
+// ---------------------------------------------------------------- split and workspace
+
+void testWorkspace() {
+    for (int g = 1; g <= 8; ++g)
+        for (int sm : {70, 75, 80, 86, 89, 90, 100, 120})
+            CHECK(kvzapAttentionBlocksPerSm(g, sm) <= kMAX_BLOCKS_PER_SM, "G=%d sm=%d", g, sm);
+    int checked = 0;
+    for (int64_t N : {1, 2, 7, 64, 577, 4096})
+        for (auto hq_h : std::vector<std::pair<int64_t, int64_t>>{{32, 8}, {9, 3}, {4, 4}, {56, 7}})
+            for (int64_t D : {64, 128})
+                for (auto m_bs : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {64, 16}, {2048, 16}, {300, 24}})
+                    for (int64_t W : {0, 128})
+                        for (int sms : {1, 80, 108, 132, 256, 5000})
+                            for (int sm : {80, 90}) {
+                                CallDims d;
+                                d.N = N, d.Hq = hq_h.first, d.H = hq_h.second, d.D = D, d.M = m_bs.first,
+                                d.BS = m_bs.second, d.W = W;
+                                int const keys = static_cast<int>(attentionMaxKeys(d));
+                                int const split = attentionSplit(d, sms, sm);
+                                int const want = kvzapAttentionSplitSize(int(N), int(d.Hq), int(d.H), keys,
+                                                                         sms < kMAX_SMS ? sms : kMAX_SMS, sm);
+                                CHECK(split == want && split >= 256 && split <= kMAX_SPLIT, "split %d vs %d", split,
+                                      want);
+                                size_t const need = attentionWorkspaceBytes(d, split);
+                                CHECK(need == kvzapAttentionWorkspaceBytes(int(N), int(d.Hq), int(D), keys, split),
+                                      "workspace bytes");
+                                size_t const bound = attentionWorkspaceBound(d);
+                                CHECK(need <= bound, "N=%lld Hq=%lld D=%lld keys=%d sms=%d: need %zu > bound %zu",
+                                      (long long)N, (long long)d.Hq, (long long)D, keys, sms, need, bound);
+                                // Fewer rows or keys never need more than the bound of the larger call.
+                                CallDims fewer = d;
+                                fewer.N = N / 2 + 1;
+                                fewer.M = d.M / 3;
+                                CHECK(attentionWorkspaceBound(fewer) <= bound, "bound not monotone");
+                                CHECK(attentionWorkspaceBytes(fewer, attentionSplit(fewer, sms, sm)) <= bound,
+                                      "smaller call needs more");
+                                ++checked;
+                            }
+    CHECK(checked > 1000, "%d cases", checked);
+
+    // getWorkspaceSize over a profile covers every shape inside it.
+    Dims const lo{1, 32, 8, 128, 1, 36, 64, 2048, 100000, 16, 128}, hi{8192, 32, 8, 128, 64, 36, 64, 2048, 100000, 16, 128};
+    std::vector<Shape> const minIn = attentionInputs(lo), maxIn = attentionInputs(hi);
+    size_t const profile = attentionProfileWorkspace(minIn.data(), maxIn.data(), attn::kNB_INPUTS);
+    for (int64_t N : {1, 3, 64, 100, 1000, 8192}) {
+        Dims mid = hi;
+        mid.N = N;
+        std::vector<Shape> in = attentionInputs(mid);
+        CallDims c;
+        CHECK(checkAttentionShapes(in.data(), attn::kNB_INPUTS, {0, 1.f}, kDTYPE_BF16, c).empty(), "profile shape");
+        for (int sms : {108, 132, 148})
+            CHECK(attentionWorkspaceBytes(c, attentionSplit(c, sms, 90)) <= profile, "N=%lld beyond the profile's %zu",
+                  (long long)N, profile);
+    }
+    CHECK(attentionProfileWorkspace(minIn.data(), maxIn.data(), 12) == 0, "wrong input count");
+    // The numbers the README quotes (bf16 Qwen3-8B-like: Hq 32, H 8, D 128, M*BS = 32768, W = 128).
+    CallDims q;
+    q.Hq = 32, q.H = 8, q.D = 128, q.M = 2048, q.BS = 16, q.W = 128;
+    for (int64_t N : {64, 8192}) {
+        q.N = N;
+        std::printf("workspace bound N=%lld: %zu bytes\n", (long long)N, attentionWorkspaceBound(q));
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::printf("usage: %s fields|io|shapes|workspace\n", argv[0]);
+        return 2;
+    }
+    std::string const what = argv[1];
+    if (what == "fields") testFields();
+    else if (what == "io") testIo();
+    else if (what == "shapes") testShapes();
+    else if (what == "workspace") testWorkspace();
+    else return 2;
+    std::printf("%s: %d checks, %d failed\n", what.c_str(), gChecks, gFailures);
+    return gFailures ? 1 : 0;
+}
