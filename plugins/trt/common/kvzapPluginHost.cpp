@@ -101,7 +101,43 @@ struct Checker {
     void require(bool ok, std::string const& message) {
         if (error.empty() && !ok) error = std::string(plugin) + ": " + message;
     }
+    void layerInRange(int32_t layer, int64_t L) {
+        require(layer < L, "field 'layer' is " + std::to_string(layer) + " but the cache has L = " + std::to_string(L) +
+                               " layers");
+    }
 };
+
+// The inputs both plugins take, by their index in each plugin's input order.
+struct CacheInputs {
+    int32_t cuSeqlens, seqSlots, ctxLens, kPool, vPool, blockTable, keptLen, ringK, ringV;
+};
+
+// The dims k_pool, block_table and seq_slots fix (ranks already checked): NB, BS, D, L, S, H, M and B.
+void readCacheDims(Shape const* in, CacheInputs const& i, CallDims& d) {
+    d.NB = in[i.kPool].d[0];
+    d.BS = in[i.kPool].d[1];
+    d.D = in[i.kPool].d[2];
+    d.L = in[i.blockTable].d[0];
+    d.S = in[i.blockTable].d[1];
+    d.H = in[i.blockTable].d[2];
+    d.M = in[i.blockTable].d[3];
+    d.B = in[i.seqSlots].d[0];
+}
+
+// The batch inputs and the pool against `d`. Two groups (this and checkLayerCache), so that each
+// plugin keeps its order of checks: evict checks pos_pool between them.
+void checkBatchAndPool(Checker& c, CacheInputs const& i, CallDims const& d) {
+    c.shape(i.cuSeqlens, {d.B + 1}, "[B + 1]");
+    c.shape(i.ctxLens, {d.B}, "[B]");
+    c.shape(i.vPool, {d.NB, d.BS, d.D}, "[num_blocks, block_size, D]");
+}
+
+// The per-layer cache tensors kept_len, ring_k and ring_v against `d`.
+void checkLayerCache(Checker& c, CacheInputs const& i, CallDims const& d) {
+    c.shape(i.keptLen, {d.L, d.S, d.H}, "[L, S, H]");
+    c.shape(i.ringK, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
+    c.shape(i.ringV, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
+}
 
 bool fitsInt(CallDims const& d) {
     for (int64_t v : {d.N, d.Hq, d.H, d.D, d.B, d.L, d.S, d.M, d.NB, d.BS, d.W})
@@ -234,35 +270,25 @@ std::string checkAttentionShapes(Shape const* in, int32_t nbInputs, AttentionFie
     if (!c.rank(kQ, 3) || !c.rank(kK_POOL, 3) || !c.rank(kBLOCK_TABLE, 4) || !c.rank(kSEQ_SLOTS, 1) ||
         !c.rank(kRING_K, 5))
         return c.error;
+    CacheInputs const cache{kCU_SEQLENS,  kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL,
+                            kBLOCK_TABLE, kKEPT_LEN,  kRING_K,   kRING_V};
     CallDims d;
+    readCacheDims(in, cache, d);
     d.N = in[kQ].d[0];
     d.Hq = in[kQ].d[1];
-    d.NB = in[kK_POOL].d[0];
-    d.BS = in[kK_POOL].d[1];
-    d.D = in[kK_POOL].d[2];
-    d.L = in[kBLOCK_TABLE].d[0];
-    d.S = in[kBLOCK_TABLE].d[1];
-    d.H = in[kBLOCK_TABLE].d[2];
-    d.M = in[kBLOCK_TABLE].d[3];
     d.W = in[kRING_K].d[3];
-    d.B = in[kSEQ_SLOTS].d[0];
     c.shape(kQ, {d.N, d.Hq, d.D}, "[N, Hq, D] (D from k_pool)");
     c.shape(kK_NEW, {d.N, d.H, d.D}, "[N, H, D]");
     c.shape(kV_NEW, {d.N, d.H, d.D}, "[N, H, D]");
-    c.shape(kCU_SEQLENS, {d.B + 1}, "[B + 1]");
-    c.shape(kCTX_LENS, {d.B}, "[B]");
-    c.shape(kV_POOL, {d.NB, d.BS, d.D}, "[num_blocks, block_size, D]");
-    c.shape(kKEPT_LEN, {d.L, d.S, d.H}, "[L, S, H]");
-    c.shape(kRING_K, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
-    c.shape(kRING_V, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
+    checkBatchAndPool(c, cache, d);
+    checkLayerCache(c, cache, d);
     c.shape(kERROR, {1}, "[1]");
     c.require(d.BS > 0, "block_size (k_pool dim 1) must be > 0");
     c.require(d.H > 0 && d.Hq % d.H == 0 && d.Hq / d.H <= 8,
               "q has " + std::to_string(d.Hq) + " heads for " + std::to_string(d.H) +
                   " kv heads: query heads per kv head must divide evenly and be at most 8");
     c.require(d.D == 64 || d.D == 128, "head_dim must be 64 or 128, got " + std::to_string(d.D));
-    c.require(f.layer < d.L, "field 'layer' is " + std::to_string(f.layer) + " but the cache has L = " +
-                                 std::to_string(d.L) + " layers");
+    c.layerInRange(f.layer, d.L);
     c.require(fitsInt(d) && attentionMaxKeys(d) <= INT_MAX,
               "a dimension or the key bound M * block_size + W + N exceeds the kernels' int range");
     if (!c.error.empty()) return c.error;
@@ -282,18 +308,13 @@ std::string checkEvictShapes(Shape const* in, int32_t nbInputs, EvictFields cons
             c.error += all ? " (layer = -1: all layers, [L, N, H, D])" : " (layer >= 0: one layer, [N, H, D])";
         return c.error;
     }
+    CacheInputs const cache{kCU_SEQLENS,  kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL,
+                            kBLOCK_TABLE, kKEPT_LEN,  kRING_K,   kRING_V};
     CallDims d;
+    readCacheDims(in, cache, d);
     int32_t const off = all ? 1 : 0;
     d.N = in[kK_NEW].d[off];
-    d.NB = in[kK_POOL].d[0];
-    d.BS = in[kK_POOL].d[1];
-    d.D = in[kK_POOL].d[2];
-    d.L = in[kBLOCK_TABLE].d[0];
-    d.S = in[kBLOCK_TABLE].d[1];
-    d.H = in[kBLOCK_TABLE].d[2];
-    d.M = in[kBLOCK_TABLE].d[3];
     d.W = in[kRING_SCORE].d[3];
-    d.B = in[kSEQ_SLOTS].d[0];
     d.layers = all ? d.L : 1;
     auto perCall = [&](std::vector<int64_t> v) {
         if (all) v.insert(v.begin(), d.L);
@@ -302,13 +323,9 @@ std::string checkEvictShapes(Shape const* in, int32_t nbInputs, EvictFields cons
     c.shape(kK_NEW, perCall({d.N, d.H, d.D}), all ? "[L, N, H, D]" : "[N, H, D]");
     c.shape(kV_NEW, perCall({d.N, d.H, d.D}), all ? "[L, N, H, D]" : "[N, H, D]");
     c.shape(kSCORES, perCall({d.N, d.H}), all ? "[L, N, H]" : "[N, H]");
-    c.shape(kCU_SEQLENS, {d.B + 1}, "[B + 1]");
-    c.shape(kCTX_LENS, {d.B}, "[B]");
-    c.shape(kV_POOL, {d.NB, d.BS, d.D}, "[num_blocks, block_size, D]");
+    checkBatchAndPool(c, cache, d);
     c.shape(kPOS_POOL, {d.NB, d.BS}, "[num_blocks, block_size]");
-    c.shape(kKEPT_LEN, {d.L, d.S, d.H}, "[L, S, H]");
-    c.shape(kRING_K, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
-    c.shape(kRING_V, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
+    checkLayerCache(c, cache, d);
     c.shape(kRING_SCORE, {d.L, d.S, d.H, d.W}, "[L, S, H, W]");
     c.shape(kFREE_STACK, {d.NB}, "[num_blocks]");
     c.shape(kNUM_FREE, {1}, "[1]");
@@ -317,8 +334,7 @@ std::string checkEvictShapes(Shape const* in, int32_t nbInputs, EvictFields cons
     int32_t const bytes = dtypeBytes(dtype);
     c.require(bytes == 0 || (d.D > 0 && d.D * bytes % 16 == 0),
               "head_dim " + std::to_string(d.D) + " x " + std::to_string(bytes) + " bytes must be a multiple of 16 bytes");
-    c.require(f.layer < d.L, "field 'layer' is " + std::to_string(f.layer) + " but the cache has L = " +
-                                 std::to_string(d.L) + " layers");
+    c.layerInRange(f.layer, d.L);
     c.require(fitsInt(d), "a dimension exceeds the kernels' int range");
     if (!c.error.empty()) return c.error;
     dims = d;

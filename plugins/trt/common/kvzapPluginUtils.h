@@ -47,6 +47,19 @@ std::vector<nvinfer1::PluginField> toPluginFields(std::vector<Field> const& fiel
 Shape toShape(nvinfer1::Dims const& dims);
 kvzapDtype toKernelDtype(nvinfer1::DataType type);
 
+// The dimensions both kernels' params structs (kvzapAttentionParams, kvzapEvictParams) take, from `d`.
+template <typename Params>
+void setKernelDims(Params& p, CallDims const& d) {
+    p.batch = static_cast<int>(d.B);
+    p.num_slots = static_cast<int>(d.S);
+    p.num_kv_heads = static_cast<int>(d.H);
+    p.head_dim = static_cast<int>(d.D);
+    p.window = static_cast<int>(d.W);
+    p.block_size = static_cast<int>(d.BS);
+    p.max_blocks_per_head = static_cast<int>(d.M);
+    p.num_rows = static_cast<int>(d.N);
+}
+
 // The current device's SM count and compute capability (major * 10 + minor).
 void currentDevice(int32_t& numSms, int32_t& sm);
 

@@ -1,86 +1,42 @@
 // KvzapEvict: kvzapEvict (include/kvzap_kernels.h) as a TensorRT
 // IPluginV3 (IPluginV3OneCore + IPluginV3OneBuildV2 + IPluginV3OneRuntime). Inputs, outputs,
-// fields and aliasing: README.md beside this file; the host logic is in common/kvzapPluginHost.h.
+// fields and aliasing: README.md beside this file; the host logic is in common/kvzapPluginHost.h,
+// the IPluginV3 methods both plugins share and the creator in common/kvzapPluginBase.h.
 
 #ifndef KVZAP_EVICT_PLUGIN_H_
 #define KVZAP_EVICT_PLUGIN_H_
 
 #include <NvInferRuntime.h>
 
-#include <vector>
-
+#include "kvzapPluginBase.h"
+#include "kvzapPluginConstants.h"
 #include "kvzapPluginHost.h"
 
 namespace kvzap_trt {
 
-class KvzapEvictPlugin : public nvinfer1::IPluginV3,
-                                        public nvinfer1::IPluginV3OneCore,
-                                        public nvinfer1::IPluginV3OneBuildV2,
-                                        public nvinfer1::IPluginV3OneRuntime {
+struct KvzapEvictTraits {
+    using Fields = EvictFields;
+    static constexpr char const* kName = kEVICT_NAME;
+    static constexpr int32_t kNbInputs = evict::kNB_INPUTS;
+    static constexpr int32_t kNbOutputs = evict::kNB_OUTPUTS;
+    static constexpr int32_t kDtypeInput = evict::kK_NEW;
+    static constexpr auto io = &evictIo;
+    static constexpr auto parseFields = &parseEvictFields;
+    static constexpr auto fieldsOf = &evictFieldsOf;
+    static constexpr auto checkShapes = &checkEvictShapes;
+};
+
+class KvzapEvictPlugin : public KvzapPluginBase<KvzapEvictPlugin, KvzapEvictTraits> {
 public:
-    explicit KvzapEvictPlugin(EvictFields const& fields);
-    KvzapEvictPlugin(KvzapEvictPlugin const& other);
-    KvzapEvictPlugin& operator=(KvzapEvictPlugin const&) = delete;
-    ~KvzapEvictPlugin() override = default;
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
-    // IPluginV3OneBuildV2
-    int32_t getNbOutputs() const noexcept override;
-    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs, nvinfer1::DataType const* inputTypes,
-                               int32_t nbInputs) const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-                            int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-                            nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-                                   int32_t nbOutputs) noexcept override;
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-                            nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-    int32_t getAliasedInput(int32_t outputIndex) noexcept override;
+    using KvzapPluginBase::KvzapPluginBase;
 
     // IPluginV3OneRuntime
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-                          int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
                     void const* const* inputs, void* const* outputs, void* workspace,
                     cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
-
-private:
-    void error(char const* message) const noexcept;
-
-    EvictFields mFields;
-    nvinfer1::IErrorRecorder* mRecorder = nullptr;  // the execution context's, from attachToContext
-    CallDims mDims;                                 // from the last onShapeChange
-    int32_t mDtype = -1;                            // K/V DataType of mDims, -1: not resolved
-    std::vector<nvinfer1::PluginField> mSerialized;
-    nvinfer1::PluginFieldCollection mSerializedFC{};
 };
 
-class KvzapEvictPluginCreator : public nvinfer1::IPluginCreatorV3One {
-public:
-    KvzapEvictPluginCreator();
-    ~KvzapEvictPluginCreator() override = default;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
-                                      nvinfer1::TensorRTPhase phase) noexcept override;
-
-private:
-    std::vector<nvinfer1::PluginField> mFields;
-    nvinfer1::PluginFieldCollection mFC{};
-};
+using KvzapEvictPluginCreator = KvzapPluginCreator<KvzapEvictPlugin>;
 
 }  // namespace kvzap_trt
 

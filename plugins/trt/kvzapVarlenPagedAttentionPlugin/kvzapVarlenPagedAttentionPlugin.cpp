@@ -4,9 +4,9 @@
 
 #include "kvzapVarlenPagedAttentionPlugin.h"
 
-#include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kvzapPluginConstants.h"
 #include "kvzapPluginUtils.h"
@@ -15,104 +15,6 @@
 using namespace nvinfer1;
 
 namespace kvzap_trt {
-namespace {
-
-constexpr char const* kWHERE = "KvzapVarlenPagedAttention";
-
-std::vector<Shape> shapesOf(PluginTensorDesc const* desc, int32_t n) {
-    std::vector<Shape> shapes;
-    for (int32_t i = 0; i < n; ++i) shapes.push_back(toShape(desc[i].dims));
-    return shapes;
-}
-
-}  // namespace
-
-KvzapVarlenPagedAttentionPlugin::KvzapVarlenPagedAttentionPlugin(AttentionFields const& fields) : mFields(fields) {}
-
-// A copy starts unattached and unresolved: attachToContext / onShapeChange fill those in.
-KvzapVarlenPagedAttentionPlugin::KvzapVarlenPagedAttentionPlugin(KvzapVarlenPagedAttentionPlugin const& other)
-    : IPluginV3(), IPluginV3OneCore(), IPluginV3OneBuildV2(), IPluginV3OneRuntime(), mFields(other.mFields) {}
-
-void KvzapVarlenPagedAttentionPlugin::error(char const* message) const noexcept {
-    reportError(mRecorder, ErrorCode::kINVALID_ARGUMENT, message);
-}
-
-IPluginCapability* KvzapVarlenPagedAttentionPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
-    switch (type) {
-        case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-        case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuildV2*>(this);
-        case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    error("KvzapVarlenPagedAttention: unknown plugin capability");
-    return nullptr;
-}
-
-IPluginV3* KvzapVarlenPagedAttentionPlugin::clone() noexcept {
-    try {
-        return std::make_unique<KvzapVarlenPagedAttentionPlugin>(*this).release();
-    } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
-    }
-    return nullptr;
-}
-
-char const* KvzapVarlenPagedAttentionPlugin::getPluginName() const noexcept { return kATTENTION_NAME; }
-char const* KvzapVarlenPagedAttentionPlugin::getPluginVersion() const noexcept { return kPLUGIN_VERSION; }
-char const* KvzapVarlenPagedAttentionPlugin::getPluginNamespace() const noexcept { return kPLUGIN_NAMESPACE; }
-
-int32_t KvzapVarlenPagedAttentionPlugin::getNbOutputs() const noexcept { return attn::kNB_OUTPUTS; }
-
-int32_t KvzapVarlenPagedAttentionPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs,
-                                                            DataType const* inputTypes, int32_t nbInputs) const noexcept {
-    try {
-        PluginIo const& io = attentionIo();
-        if (nbInputs != attn::kNB_INPUTS || nbOutputs != attn::kNB_OUTPUTS)
-            throw InvalidArgument("expected 13 inputs and 8 outputs");
-        for (int32_t i = 0; i < nbOutputs; ++i) outputTypes[i] = inputTypes[io.outputs[i].followsInput];
-        return 0;
-    } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
-    }
-    return -1;
-}
-
-int32_t KvzapVarlenPagedAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
-                                                         DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/,
-                                                         DimsExprs* outputs, int32_t nbOutputs,
-                                                         IExprBuilder& /*exprBuilder*/) noexcept {
-    try {
-        PluginIo const& io = attentionIo();
-        if (nbInputs != attn::kNB_INPUTS || nbOutputs != attn::kNB_OUTPUTS)
-            throw InvalidArgument("expected 13 inputs and 8 outputs");
-        for (int32_t i = 0; i < nbOutputs; ++i) outputs[i] = inputs[io.outputs[i].followsInput];
-        return 0;
-    } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
-    }
-    return -1;
-}
-
-bool KvzapVarlenPagedAttentionPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut,
-                                                                int32_t nbInputs, int32_t nbOutputs) noexcept {
-    try {
-        if (inOut == nullptr || nbInputs != attn::kNB_INPUTS || nbOutputs != attn::kNB_OUTPUTS) return false;
-        return inOut[pos].desc.format == TensorFormat::kLINEAR &&
-               supportsDtype(attentionIo(), pos, static_cast<int32_t>(inOut[pos].desc.type),
-                             static_cast<int32_t>(inOut[0].desc.type));
-    } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
-    }
-    return false;
-}
-
-int32_t KvzapVarlenPagedAttentionPlugin::configurePlugin(DynamicPluginTensorDesc const* /*in*/, int32_t nbInputs,
-                                                         DynamicPluginTensorDesc const* /*out*/,
-                                                         int32_t nbOutputs) noexcept {
-    // Shapes may still hold wildcards here: they are checked for real in onShapeChange.
-    if (nbInputs == attn::kNB_INPUTS && nbOutputs == attn::kNB_OUTPUTS) return 0;
-    error("KvzapVarlenPagedAttention: expected 13 inputs and 8 outputs");
-    return -1;
-}
 
 size_t KvzapVarlenPagedAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                                                          DynamicPluginTensorDesc const* /*outputs*/,
@@ -126,32 +28,13 @@ size_t KvzapVarlenPagedAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc
         }
         return attentionProfileWorkspace(lo.data(), hi.data(), nbInputs);
     } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
+        reportException(mRecorder, kATTENTION_NAME, e);
     }
     return 0;
 }
 
-int32_t KvzapVarlenPagedAttentionPlugin::getAliasedInput(int32_t outputIndex) noexcept {
-    PluginIo const& io = attentionIo();
-    if (outputIndex < 0 || outputIndex >= static_cast<int32_t>(io.outputs.size())) return -1;
-    return io.outputs[outputIndex].aliasedInput;
-}
-
-int32_t KvzapVarlenPagedAttentionPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs,
-                                                       PluginTensorDesc const* /*out*/, int32_t /*nbOutputs*/) noexcept {
-    try {
-        mDtype = -1;
-        std::vector<Shape> const shapes = shapesOf(in, nbInputs);
-        int32_t const dtype = nbInputs > 0 ? static_cast<int32_t>(in[attn::kQ].type) : -1;
-        std::string const problem = checkAttentionShapes(shapes.data(), nbInputs, mFields, dtype, mDims);
-        if (!problem.empty()) throw InvalidArgument(problem);
-        if (mNumSms == 0) currentDevice(mNumSms, mSm);
-        mDtype = dtype;
-        return 0;
-    } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
-    }
-    return -1;
+void KvzapVarlenPagedAttentionPlugin::onShapesAccepted() {
+    if (mNumSms == 0) currentDevice(mNumSms, mSm);
 }
 
 int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
@@ -159,8 +42,7 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
                                                  cudaStream_t stream) noexcept {
     try {
         using namespace attn;
-        if (mDtype < 0 || static_cast<int32_t>(inputDesc[kQ].type) != mDtype)
-            throw InvalidArgument("enqueue before a successful onShapeChange");
+        requireResolved(inputDesc);
         CallDims const& d = mDims;
         int32_t const split = attentionSplit(d, mNumSms, mSm);
         size_t const need = attentionWorkspaceBytes(d, split);
@@ -175,15 +57,8 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
         auto bytes = [](void const* p, int64_t offset) { return static_cast<char const*>(p) + offset; };
         kvzapAttentionParams p{};
         p.dtype = toKernelDtype(inputDesc[kQ].type);
-        p.batch = static_cast<int>(d.B);
-        p.num_slots = static_cast<int>(d.S);
+        setKernelDims(p, d);
         p.num_q_heads = static_cast<int>(d.Hq);
-        p.num_kv_heads = static_cast<int>(d.H);
-        p.head_dim = static_cast<int>(d.D);
-        p.window = static_cast<int>(d.W);
-        p.block_size = static_cast<int>(d.BS);
-        p.max_blocks_per_head = static_cast<int>(d.M);
-        p.num_rows = static_cast<int>(d.N);
         p.max_keys = static_cast<int>(attentionMaxKeys(d));
         p.scale = mFields.scale;
         p.q = inputs[kQ];
@@ -206,58 +81,9 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
             throw std::runtime_error(std::string("kvzapVarlenPagedAttention: ") + cudaGetErrorString(err));
         return 0;
     } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
+        reportException(mRecorder, kATTENTION_NAME, e);
     }
     return -1;
-}
-
-IPluginV3* KvzapVarlenPagedAttentionPlugin::attachToContext(IPluginResourceContext* context) noexcept {
-    try {
-        auto plugin = std::make_unique<KvzapVarlenPagedAttentionPlugin>(*this);
-        plugin->mRecorder = context != nullptr ? context->getErrorRecorder() : nullptr;
-        return plugin.release();
-    } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
-    }
-    return nullptr;
-}
-
-PluginFieldCollection const* KvzapVarlenPagedAttentionPlugin::getFieldsToSerialize() noexcept {
-    try {
-        mSerialized = toPluginFields(attentionFieldsOf(mFields));
-        mSerializedFC.nbFields = static_cast<int32_t>(mSerialized.size());
-        mSerializedFC.fields = mSerialized.data();
-        return &mSerializedFC;
-    } catch (std::exception const& e) {
-        reportException(mRecorder, kWHERE, e);
-    }
-    return nullptr;
-}
-
-KvzapVarlenPagedAttentionPluginCreator::KvzapVarlenPagedAttentionPluginCreator() {
-    for (auto const& f : attentionFieldsOf(AttentionFields{}))
-        mFields.emplace_back(f.name, nullptr, static_cast<PluginFieldType>(f.type), f.length);
-    mFC.nbFields = static_cast<int32_t>(mFields.size());
-    mFC.fields = mFields.data();
-}
-
-char const* KvzapVarlenPagedAttentionPluginCreator::getPluginName() const noexcept { return kATTENTION_NAME; }
-char const* KvzapVarlenPagedAttentionPluginCreator::getPluginVersion() const noexcept { return kPLUGIN_VERSION; }
-char const* KvzapVarlenPagedAttentionPluginCreator::getPluginNamespace() const noexcept { return kPLUGIN_NAMESPACE; }
-PluginFieldCollection const* KvzapVarlenPagedAttentionPluginCreator::getFieldNames() noexcept { return &mFC; }
-
-IPluginV3* KvzapVarlenPagedAttentionPluginCreator::createPlugin(char const* /*name*/, PluginFieldCollection const* fc,
-                                                                TensorRTPhase /*phase*/) noexcept {
-    try {
-        std::vector<Field> const fields = toFields(fc);
-        AttentionFields parsed;
-        std::string const problem = parseAttentionFields(fields.data(), static_cast<int32_t>(fields.size()), parsed);
-        if (!problem.empty()) throw InvalidArgument(problem);
-        return std::make_unique<KvzapVarlenPagedAttentionPlugin>(parsed).release();
-    } catch (std::exception const& e) {
-        reportException(nullptr, "KvzapVarlenPagedAttention creator", e);
-    }
-    return nullptr;
 }
 
 }  // namespace kvzap_trt
