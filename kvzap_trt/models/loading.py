@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import importlib.metadata
@@ -19,6 +18,7 @@ from kvzap_trt.atomic import atomic_dir
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.hub import hub_snapshot, looks_like_hub_id
 from kvzap_trt.models.config import ModelConfig
+from kvzap_trt.models.tokenizer import FastTokenizer
 from kvzap_trt.models.transformer import Transformer, rope_inv_freq
 from kvzap_trt.tensor_files import read_safetensors_dir
 
@@ -161,25 +161,25 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> 
     """A HF directory, or a TensorRT-LLM checkpoint written by `kvzap-trt convert` (any tp)."""
     from kvzap_trt.convert.reader import is_trtllm_checkpoint, read_checkpoint
 
-    # The tokenizer (importing transformers: seconds) loads in a thread while the weights do.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        tokenizer = pool.submit(load_tokenizer, model_dir)
-        surrogate = None
-        if is_trtllm_checkpoint(model_dir):
-            ckpt = read_checkpoint(model_dir)
-            cfg, state, surrogate = ckpt.model_config, ckpt.state, ckpt.surrogate
-        else:
-            cfg, state = ModelConfig.from_dir(model_dir), load_state_dict(model_dir)
-        model = build_model(cfg, state, dtype, device, what=f"model {model_dir}")
-        return LoadedModel(model, cfg, tokenizer.result(), model_dir, surrogate)
+    surrogate = None
+    if is_trtllm_checkpoint(model_dir):
+        ckpt = read_checkpoint(model_dir)
+        cfg, state, surrogate = ckpt.model_config, ckpt.state, ckpt.surrogate
+    else:
+        cfg, state = ModelConfig.from_dir(model_dir), load_state_dict(model_dir)
+    model = build_model(cfg, state, dtype, device, what=f"model {model_dir}")
+    return LoadedModel(model, cfg, load_tokenizer(model_dir), model_dir, surrogate)
 
 
 def load_tokenizer(model_dir: Path):
-    """The directory's tokenizer, or its `tokenizer/` subdirectory's (converted checkpoints)."""
+    """The directory's tokenizer, or its `tokenizer/` subdirectory's (converted checkpoints): a
+    FastTokenizer where a tokenizer.json exists (no transformers import), else transformers'."""
     if (model_dir / "tokenizer").is_dir():
         model_dir = model_dir / "tokenizer"
     if not any(model_dir.glob("tokenizer*")):
         return None
+    if (model_dir / "tokenizer.json").is_file():
+        return FastTokenizer(model_dir)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
