@@ -11,7 +11,7 @@ import torch
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.ops.dispatch import CPU, CUDA, REFERENCE
 from tests.cache_check import check_cache
-from tests.cache_sim import SimSeq, chunk_args, make_cache, misaligned, naive_kept, random_seq, resized, write_chunk
+from tests.cache_sim import SimSeq, chunk_args, make_cache, misaligned, random_seq, resized, write_chunk
 
 # (ops, device): the reference and the CPU fast path on CPU everywhere, the kernel where a GPU is.
 IMPLS = [
