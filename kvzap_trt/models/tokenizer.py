@@ -33,7 +33,7 @@ class FastTokenizer:
         self.model_dir = model_dir
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         config_file = model_dir / "tokenizer_config.json"
-        config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         self._clean_up = bool(config.get("clean_up_tokenization_spaces", False))
         eos = config.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
