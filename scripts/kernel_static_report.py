@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Static report of the attention kernel's hot loop from its sm_90a SASS (no GPU needed).
+
+For every instance attention_kernel<T, D, G> in libkvzap_kernels.so: the hot loop (the backward
+branch whose body holds the most FFMA: the per-key loop), its SASS instructions, the K/V bytes one
+warp moves per trip (TY keys x kUnroll x D x 2 tensors x elem bytes, as in paged_attention.cu),
+instructions per KiB moved, registers, stack (spills) and the resident blocks per SM the
+registers allow. Prints a table and writes bench/results/kernel-static-<date>.json keyed
+`attention.<dtype>_d<D>_g<G>`.
+
+    cmake -S plugins -B build/plugins -DCMAKE_CUDA_ARCHITECTURES=90a && cmake --build build/plugins -j
+    .venv/bin/python scripts/kernel_static_report.py --lib build/plugins/libkvzap_kernels.so
+
+cuobjdump and nvdisasm come from the PyPI wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm
+(the dev extra), or PATH. tests/test_kernel_static.py holds the budget CI enforces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kvzap_trt.atomic import atomic_write_text
+
+SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "src" / "paged_attention.cu"
+ELEM_BYTES = {"__nv_bfloat16": 2, "__half": 2, "f": 4}
+DTYPE_NAMES = {"__nv_bfloat16": "bf16", "__half": "fp16", "f": "fp32"}
+INSTANCE = re.compile(r"attention_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)ELi(\d+)E")
+LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def cuda_tool(name: str) -> str:
+    """Path of cuobjdump / nvdisasm: the nvidia-cuda-* wheel's, else PATH's."""
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            for found in Path(root).glob(f"cu*/bin/{name}"):
+                return str(found)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    return found
+
+
+def unroll() -> int:
+    """kUnroll of paged_attention.cu (keys per lane per trip)."""
+    return int(re.search(r"constexpr int kUnroll = (\d+);", SOURCE.read_text()).group(1))
+
+
+def sass_functions(lib: Path, arch: str) -> tuple[dict[str, list[tuple[int, str]]], dict[str, dict[str, int]]]:
+    """{function: [(address, instruction)]} and {function: {REG, STACK, ...}} of paged_attention's cubin."""
+    cuobjdump = cuda_tool("cuobjdump")
+    env = dict(os.environ, PATH=f"{Path(cuda_tool('nvdisasm')).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = f"paged_attention.{arch}.cubin"
+        subprocess.run([cuobjdump, "-xelf", cubin, str(lib)], cwd=tmp, check=True, capture_output=True)
+        sass = subprocess.run([cuobjdump, "-sass", cubin], cwd=tmp, check=True, capture_output=True, text=True,
+                              env=env).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin], cwd=tmp, check=True, capture_output=True,
+                               text=True, env=env).stdout
+    functions: dict[str, list[tuple[int, str]]] = {}
+    current = None
+    for line in sass.splitlines():
+        if "Function :" in line:
+            current = line.split("Function :")[1].strip()
+            functions[current] = []
+        elif current and (m := LINE.search(line)):
+            functions[current].append((int(m.group(1), 16), m.group(2)))
+    resources = {}
+    for name, fields in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage):
+        resources[name] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", fields)}
+    return functions, resources
+
+
+def hot_loop(code: list[tuple[int, str]]) -> list[str]:
+    """Instructions of the backward-branch loop (`[@P] BRA <earlier address>`) with the most FFMA.
+    Its body is taken as the address range from the target to the branch, inner code included."""
+    def ffma(body: list[str]) -> int:
+        return sum(bool(re.match(r"(@!?U?P\w+\s+)?FFMA", t)) for t in body)
+
+    best: list[str] = []
+    for address, text in code:
+        m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= address:
+            continue
+        start = int(m.group(1), 16)
+        body = [t for a, t in code if start <= a <= address]
+        if ffma(body) > ffma(best):
+            best = body
+    return best
+
+
+def report(lib: Path, arch: str = "sm_90a") -> dict[str, dict]:
+    functions, resources = sass_functions(lib, arch)
+    kunroll, out = unroll(), {}
+    for name, code in functions.items():
+        m = INSTANCE.search(name)
+        if not m:
+            continue
+        dtype, D, G = m.group(1).lstrip("0123456789"), int(m.group(2)), int(m.group(3))
+        elem = ELEM_BYTES[dtype]
+        vec = 16 // elem
+        keys_per_trip = (32 // (D // vec)) * kunroll  # TY keys per warp step x kUnroll
+        kib = keys_per_trip * D * elem * 2 / 1024  # K and V
+        loop = hot_loop(code)
+        res = resources.get(name, {})
+        regs = res.get("REG", 0)
+        out[f"attention.{DTYPE_NAMES[dtype]}_d{D}_g{G}"] = {
+            "hot_loop_instructions": len(loop),
+            "ffma": sum(bool(re.match(r"(@!?U?P\w+\s+)?FFMA", t)) for t in loop),
+            "kib_per_trip": kib,
+            "instructions_per_kib": round(len(loop) / kib, 1),
+            "registers": regs,
+            "stack_bytes": res.get("STACK", 0),
+            "resident_blocks_per_sm": 65536 // (max(regs, 1) * 128),
+        }
+    return dict(sorted(out.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lib", type=Path, required=True, help="libkvzap_kernels.so built for sm_90a (CMake)")
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args(argv)
+    rows = report(args.lib, args.arch)
+    if not rows:
+        raise SystemExit(f"no attention_kernel instance for {args.arch} in {args.lib}")
+    print(f"{'instance':<28}{'loop instr':>11}{'FFMA':>6}{'KiB/trip':>9}{'instr/KiB':>10}{'regs':>6}{'stack':>6}{'blocks/SM':>10}")
+    for key, r in rows.items():
+        print(f"{key:<28}{r['hot_loop_instructions']:>11}{r['ffma']:>6}{r['kib_per_trip']:>9.1f}"
+              f"{r['instructions_per_kib']:>10}{r['registers']:>6}{r['stack_bytes']:>6}{r['resident_blocks_per_sm']:>10}")
+    date = datetime.date.today().isoformat()
+    result = {"benchmark": "kernel_static", "date": date, "arch": args.arch, "command": " ".join(sys.argv),
+              "kernels": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / f"kernel-static-{date}.json", json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out / f'kernel-static-{date}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
