@@ -86,3 +86,24 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
     view = buf[1:].view(t.shape)
     view.copy_(t)
     return view
+
+
+def mutation_ids(table: list[tuple]) -> list[str]:
+    """pytest ids of a table of (argument, (dim, size change) or "misaligned", match) mutations."""
+    return [f"{a}-{c if isinstance(c, str) else 'dim%d%+d' % c}" for a, c, _ in table]
+
+
+def mutate(args: dict, argument: str, change) -> None:
+    """args[argument] replaced by a misaligned copy, or one with a dimension resized (in place)."""
+    args[argument] = misaligned(args[argument]) if change == "misaligned" else resized(args[argument], *change)
+
+
+def decode_cache_for_validation(device: str = "cuda") -> tuple[PagedKVCache, list[SimSeq]]:
+    """Two sequences with 10 tokens written and an 11th to feed, bf16, D = 64: decode rows over a
+    context, the kernels' path (an empty cache is valid memory, so failures are the checks')."""
+    cache = make_cache(H=2, D=64, W=4, bs=16, num_blocks=64, dtype=torch.bfloat16, device=device)
+    g = torch.Generator().manual_seed(0)
+    seqs = [random_seq(cache, 11, g) for _ in range(2)]
+    for s in seqs:
+        s.written = cache.ctx_len[s.slot] = 10
+    return cache, seqs

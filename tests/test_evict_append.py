@@ -11,7 +11,8 @@ import torch
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.ops.dispatch import CPU, CUDA, REFERENCE
 from tests.cache_check import check_cache
-from tests.cache_sim import SimSeq, chunk_args, make_cache, misaligned, random_seq, resized, write_chunk
+from tests.cache_sim import (SimSeq, chunk_args, decode_cache_for_validation, make_cache, mutate,
+                             mutation_ids, random_seq, write_chunk)
 
 # (ops, device): the reference and the CPU fast path on CPU everywhere, the kernel where a GPU is.
 IMPLS = [
@@ -284,18 +285,14 @@ EVICT_MUTATIONS = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("argument,change,match", EVICT_MUTATIONS,
-                         ids=[f"{a}-{c if isinstance(c, str) else 'dim%d%+d' % c}" for a, c, _ in EVICT_MUTATIONS])
+                         ids=mutation_ids(EVICT_MUTATIONS))
 def test_cuda_evict_rejects_an_inconsistent_argument(argument, change, match):
     from kvzap_trt.ops import cuda_kernels
 
-    cache = make_cache(H=2, D=64, W=4, bs=16, num_blocks=64, dtype=torch.bfloat16, device="cuda")
-    g = torch.Generator().manual_seed(0)
-    seqs = [random_seq(cache, 11, g) for _ in range(2)]
-    for s in seqs:
-        s.written = cache.ctx_len[s.slot] = 10  # decode rows over a context (an empty cache is valid memory)
+    cache, seqs = decode_cache_for_validation()
     args = evict_args(cache, seqs)
     cuda_kernels.evict_append(**args)  # unchanged, the call is valid
-    args[argument] = misaligned(args[argument]) if change == "misaligned" else resized(args[argument], *change)
+    mutate(args, argument, change)
     with pytest.raises((RuntimeError, KvzapError), match=match):  # torch op checks, or the wrapper's batch checks
         cuda_kernels.evict_append(**args)
 

@@ -15,7 +15,8 @@ from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.ops.dispatch import CUDA, REFERENCE
 from kvzap_trt.ops.paged_attention import gather_pages
-from tests.cache_sim import chunk_args, make_cache, misaligned, naive_kept, random_seq, resized, write_chunk
+from tests.cache_sim import (chunk_args, decode_cache_for_validation, make_cache, mutate, mutation_ids,
+                             naive_kept, random_seq, write_chunk)
 from tests.test_evict_append import IMPLS, assert_same_cache
 
 
@@ -312,17 +313,13 @@ ATTENTION_MUTATIONS = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("argument,change,match", ATTENTION_MUTATIONS,
-                         ids=[f"{a}-{c if isinstance(c, str) else 'dim%d%+d' % c}" for a, c, _ in ATTENTION_MUTATIONS])
+                         ids=mutation_ids(ATTENTION_MUTATIONS))
 def test_cuda_attention_rejects_an_inconsistent_argument(argument, change, match):
     from kvzap_trt.ops import cuda_kernels
 
-    cache = make_cache(H=2, D=64, W=4, bs=16, num_blocks=64, dtype=torch.bfloat16, device="cuda")
-    g = torch.Generator().manual_seed(0)
-    seqs = [random_seq(cache, 11, g) for _ in range(2)]
-    for s in seqs:
-        s.written = cache.ctx_len[s.slot] = 10  # decode rows over a context: the kernel's path
+    cache, seqs = decode_cache_for_validation()
     args = attention_args(cache, seqs, G=3)
     assert not cuda_kernels.paged_attention(**args).isnan().any()  # unchanged, the call is valid
-    args[argument] = misaligned(args[argument]) if change == "misaligned" else resized(args[argument], *change)
+    mutate(args, argument, change)
     with pytest.raises((RuntimeError, KvzapError), match=match):  # torch op checks, or the wrapper's batch checks
         cuda_kernels.paged_attention(**args)
