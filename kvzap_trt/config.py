@@ -53,7 +53,7 @@ class RunConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    # serving: sequence slots, and the KV block pool's size (the window rings come on top)
+    # serving: sequence slots, and the KV block pool's size (the whole KV budget: kept and window pages)
     max_seqs: int = 32
     kv_cache_mb: float = 256.0
 

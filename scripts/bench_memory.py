@@ -5,10 +5,12 @@ Runs SmolLM2-135M (the smollm2-135m preset, CPU by default) on one long prompt (
 real English: the documentation of Python's standard library), once without eviction and once
 per threshold, and checks the allocation bound
 
-    bytes_allocated <= (1 - compression) * bytes_dense * 1.05 + window ring bytes
+    bytes_allocated <= (1 - compression) * bytes_dense * stored / kv + layers * kv_heads * block_bytes
 
-(5% is the slack of partly filled blocks plus the 4-byte position kept per token). Prints a
-table, writes bench/results/memory-<date>.json (with the resolved config) and a PNG plot.
+Every stored token, kept or in the window, lives in pool blocks; (1 - compression) of the dense
+K/V is what they hold, stored / kv the 8 bytes of position and score a token carries beside its
+K and V, and one partly filled block per head the rest. Prints a table, writes
+bench/results/memory-<date>.json (with the resolved config) and a PNG plot.
 
     .venv/bin/python scripts/bench_memory.py [--tokens 4096] [--thresholds -0.4 -0.2 0 0.2 0.35]
 """
@@ -54,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         kv = run.generate([prompt], run.sampling(stop_token_ids=()))[0].kv
         seconds = time.perf_counter() - t0
-        ring = run.make_cache(1, 1, 1).spec.ring_bytes
-        bound = (1 - kv["compression_ratio"]) * kv["bytes_dense"] * 1.05 + ring
+        spec = run.make_cache(1, 1, 1).spec
+        stored_per_kv = spec.block_bytes / (spec.block_size * 2 * spec.head_dim * spec.elem_bytes)
+        partial = spec.num_layers * spec.num_kv_heads * spec.block_bytes  # one partly filled block per head
+        bound = (1 - kv["compression_ratio"]) * kv["bytes_dense"] * stored_per_kv + partial
         rows.append({"threshold": tau, "tokens": kv["tokens"], "compression_ratio": kv["compression_ratio"],
                      "bytes_allocated": kv["bytes_allocated"], "bytes_dense": kv["bytes_dense"],
-                     "window_ring_bytes": ring, "bound_bytes": int(bound),
+                     "partial_block_bytes": partial, "bound_bytes": int(bound),
                      "within_bound": kv["bytes_allocated"] <= bound, "seconds_cpu": round(seconds, 2)})
 
     print(f"\nSmolLM2-135M, {len(prompt)}-token prompt + {args.new_tokens} new, window {base.window}, "
@@ -89,8 +93,8 @@ def plot(rows: list[dict], path: Path, tokens: int) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     cr = [r["compression_ratio"] for r in rows]
-    ax.plot(cr, [r["bytes_allocated"] / 2**20 for r in rows], "o-", label="allocated (pages + window ring)")
-    ax.plot(cr, [r["bound_bytes"] / 2**20 for r in rows], "--", label="bound: (1-c)·dense·1.05 + ring")
+    ax.plot(cr, [r["bytes_allocated"] / 2**20 for r in rows], "o-", label="allocated (kept + window pages)")
+    ax.plot(cr, [r["bound_bytes"] / 2**20 for r in rows], "--", label="bound: (1-c)·dense·stored/kv + a block per head")
     ax.axhline(rows[0]["bytes_dense"] / 2**20, color="gray", lw=1, label="dense cache")
     ax.set_xlabel("compression ratio (evicted / all KV pairs)")
     ax.set_ylabel("KV cache MiB")

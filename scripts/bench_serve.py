@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [ids[i * n : (i + 1) * n] for i in range(args.requests)]
 
     spec = rt.make_cache(1, 1, 1).spec
-    heads = spec.num_layers * spec.num_kv_heads
-    dense_blocks_per_req = heads * math.ceil((n + args.new_tokens - args.window) / spec.block_size)
+    dense_blocks_per_req = spec.prefill_blocks(n + args.new_tokens)  # kept and window pages, nothing evicted
     num_blocks = args.budget_seqs * dense_blocks_per_req
     budget_mib = num_blocks * spec.block_bytes / 2**20
 
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["scripts/bench_serve.py"] + (argv if argv is not None else sys.argv[1:])),
               "config": base.to_dict(), "requests": args.requests, "prompt_tokens": n,
               "new_tokens": args.new_tokens, "kv_pool_blocks": num_blocks, "kv_pool_mib": round(budget_mib, 2),
-              "window_ring_bytes_per_seq": spec.ring_bytes, "rows": rows}
+              "rows": rows}
     path = args.out / f"serve-{date}.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     plot(rows, path.with_suffix(".png"), budget_mib)

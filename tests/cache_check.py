@@ -1,8 +1,9 @@
 """Read back every tensor a one-layer cache stores and compare it with the naive model of KVzap.
 
-Kept pages (positions, K and V in order), the window ring (K, V and scores), the block table
-(exactly the blocks the kept tokens need, -1 after them), kept_len, and the allocator: live
-block ids unique, none of them in the free region, counts that add up. The expectations come
+Kept pages (positions, K, V and scores in order), the window's pages (K, V, positions and scores
+at each position's window slot), the block and ring tables (exactly the blocks the kept tokens
+and the window need, -1 after them), kept_len, and the allocator: live block ids unique, none of
+them in the free region, counts that add up. The expectations come
 from `tests/cache_sim.naive_kept` and the sequences' own random streams, never from the ops.
 """
 
@@ -19,8 +20,9 @@ def check_cache(cache: PagedKVCache, seqs: list[SimSeq], tau: float) -> None:
     spec = cache.spec
     bs, W, D = spec.block_size, spec.window, spec.head_dim
     pos_pool, k_pool, v_pool = cache.pos_pool.cpu(), cache.k_pool.cpu(), cache.v_pool.cpu()
+    score_pool = cache.score_pool.cpu()
     table, kept_len = cache.block_table[0].cpu(), cache.kept_len[0].cpu()  # [S, H, M], [S, H]
-    ring_k, ring_v, ring_score = cache.ring_k[0].cpu(), cache.ring_v[0].cpu(), cache.ring_score[0].cpu()
+    ring_table = cache.ring_table[0].cpu()  # [S, H, R]
     live: list[int] = []
     for s in seqs:
         assert cache.ctx_len[s.slot] == s.written
@@ -39,10 +41,17 @@ def check_cache(cache: PagedKVCache, seqs: list[SimSeq], tau: float) -> None:
             assert torch.equal(pos_pool[blocks].reshape(-1)[:n].long(), paged), (s.slot, h)
             assert torch.equal(k_pool[blocks].reshape(-1, D)[:n], s.k[paged, h]), (s.slot, h)
             assert torch.equal(v_pool[blocks].reshape(-1, D)[:n], s.v[paged, h]), (s.slot, h)
+            assert torch.equal(score_pool[blocks].reshape(-1)[:n], s.scores[paged, h].float()), (s.slot, h)
+            # The window: pages for slots [0, min(written, W)), then -1; position p at slot p % W.
+            ring_row, ring_held = ring_table[s.slot, h], -(-in_window // bs)  # [R]
+            assert bool((ring_row[:ring_held] >= 0).all()) and bool((ring_row[ring_held:] == -1).all()), ring_row
+            live += ring_row[:ring_held].tolist()
             slots = window % max(W, 1)
-            assert torch.equal(ring_k[s.slot, h, slots], s.k[window, h]), (s.slot, h)
-            assert torch.equal(ring_v[s.slot, h, slots], s.v[window, h]), (s.slot, h)
-            assert torch.equal(ring_score[s.slot, h, slots], s.scores[window, h].float()), (s.slot, h)
+            blk, off = ring_row[slots // bs].long(), slots % bs
+            assert torch.equal(k_pool[blk, off], s.k[window, h]), (s.slot, h)
+            assert torch.equal(v_pool[blk, off], s.v[window, h]), (s.slot, h)
+            assert torch.equal(pos_pool[blk, off].long(), window), (s.slot, h)
+            assert torch.equal(score_pool[blk, off], s.scores[window, h].float()), (s.slot, h)
     alloc = cache.allocator
     free = alloc.free_stack[: alloc.num_free].cpu().tolist()
     assert len(set(live)) == len(live), "a block is held by two heads"

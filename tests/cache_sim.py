@@ -65,8 +65,8 @@ def chunk_args(cache: PagedKVCache, seqs: list[SimSeq], chunk: list[int]):
 def write_chunk(cache: PagedKVCache, seqs: list[SimSeq], chunk: list[int], tau: float, ops=REFERENCE) -> None:
     k, v, sc, cu, slots, ctx = chunk_args(cache, seqs, chunk)
     lc, a = cache.layer(0), cache.allocator
-    ops.evict_append(k, v, sc, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table,
-                           lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score, a.free_stack, a.num_free_t, tau)
+    ops.evict_append(k, v, sc, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool, lc.block_table,
+                     lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t, cache.spec.window, tau)
     for s, n in zip(seqs, chunk):
         s.written += n
         cache.ctx_len[s.slot] = s.written

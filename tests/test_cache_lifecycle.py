@@ -91,14 +91,14 @@ def test_cache_random_add_write_release(seed):
 
 def test_pool_exhaustion_mid_run_takes_nothing_and_release_makes_room():
     tau, g = 0.0, torch.Generator().manual_seed(0)
-    cache = make_cache(H=2, D=4, W=2, bs=2, num_blocks=12, max_seqs=2, max_seq_len=64)
+    cache = make_cache(H=2, D=4, W=2, bs=2, num_blocks=14, max_seqs=2, max_seq_len=64)
     seqs = []
     for _ in range(2):
         k, v = torch.randn(40, 2, 4, generator=g), torch.randn(40, 2, 4, generator=g)
         seqs.append(SimSeq(k, v, torch.ones(40, 2), cache.add_sequence()))  # everything kept
-    write_chunk(cache, [seqs[0]], [12], tau)  # 10 leavers per head: 5 blocks each, 10 in all
+    write_chunk(cache, [seqs[0]], [12], tau)  # per head 10 leavers (5 blocks) + a window page: 12 in all
     check_cache(cache, seqs, tau)
-    with pytest.raises(CacheFullError, match="exhausted: 4 blocks needed, 2 free"):
+    with pytest.raises(CacheFullError, match="exhausted: 6 blocks needed, 2 free"):  # 2 x (2 kept + 1 window)
         write_chunk(cache, [seqs[1]], [6], tau)
     seqs[1].written = 0  # write_chunk raised before counting the chunk
     check_cache(cache, seqs, tau)  # the failed write took nothing and changed nothing
@@ -112,11 +112,11 @@ def test_block_table_full_is_a_clear_error():
     g = torch.Generator().manual_seed(0)
     seq = SimSeq(torch.randn(19, 2, 4, generator=g), torch.randn(19, 2, 4, generator=g), torch.ones(19, 2),
                  cache.add_sequence())
-    write_chunk(cache, [seq], [18], tau=0.0)  # 16 leavers per head: the table's 4 blocks, full
+    write_chunk(cache, [seq], [18], tau=0.0)  # 16 leavers per head: the table's 4 blocks, full; a window page
     check_cache(cache, [seq], 0.0)
     with pytest.raises(CacheFullError, match="a head needs 5 blocks, block table holds 4"):
         write_chunk(cache, [seq], [1], tau=0.0)
-    assert cache.allocator.num_free == 100 - 8
+    assert cache.allocator.num_free == 100 - 2 * (4 + 1)
 
 
 def test_all_sequence_slots_in_use_is_a_clear_error():

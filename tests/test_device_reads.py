@@ -84,14 +84,17 @@ def test_blocks_needed_many_is_the_per_head_worst_case():
             c = cache.ctx_len[s]
             leaving = max(0, c + new - 5) - max(0, c - 5)
             heads = cache.kept_len[:, s].flatten().tolist()
-            # A head takes a block for each block boundary its kept length crosses.
-            want.append(sum(math.ceil((k + leaving) / 4) - math.ceil(k / 4) for k in heads))
+            # A head takes a block for each block boundary its kept length crosses, and one for
+            # each window page (4 slots of the 5-token window) its new tokens reach first.
+            window = math.ceil(min(c + new, 5) / 4) - math.ceil(min(c, 5) / 4)
+            want.append(sum(math.ceil((k + leaving) / 4) - math.ceil(k / 4) + window for k in heads))
         with count_reads() as reads:
             got = cache.blocks_needed_many(slots, new)
         assert got == want and reads.n == 1
         assert [cache.blocks_needed(s, new) for s in slots] == want
-    # Slots 0 (empty) and 1 (3 tokens of a 5-token window) need none for one token; others do.
-    assert wants[1][1] == wants[1][4] == 0 and all(wants[1][i] > 0 for i in (0, 2, 3, 5))
+    # For one token: slot 0 (empty) opens its first window page; slot 1 (3 tokens of a 5-token
+    # window) fills its first page and needs nothing; the others have leavers.
+    assert wants[1][4] == 0 and wants[1][1] == 6 and all(wants[1][i] > 0 for i in (0, 2, 3, 5))
 
 
 def test_to_host_copies_and_counts():

@@ -120,7 +120,7 @@ def test_refusals(runtime):
         Runtime(resolve_config("smollm2-135m", window=8, kv_cache_mb=1), runtime.loaded, runtime.surrogate))
     cache = small.engine.cache
     # The pool is as many blocks as 1 MiB holds, measured on its tensors, and the message says so.
-    pool_bytes = cache.k_pool.nbytes + cache.v_pool.nbytes + cache.pos_pool.nbytes
+    pool_bytes = sum(pool.nbytes for pool in (cache.k_pool, cache.v_pool, cache.pos_pool, cache.score_pool))
     block_bytes = pool_bytes // cache.allocator.num_blocks
     assert pool_bytes <= 2**20 < pool_bytes + block_bytes
     with pytest.raises(BadRequest, match=f"KV blocks; the pool has {cache.allocator.num_free}$") as refused:

@@ -72,28 +72,34 @@ def test_pool_exhaustion_is_a_clear_error(impl, prompt):
 
 
 def kept_pages(cache, slots):
-    """{(layer, slot, head): (positions, K, V)} of each head's kept pages, in page order, on CPU.
-    Gathered on the cache's device: only the pages travel, never the pool."""
-    bs, D = cache.spec.block_size, cache.spec.head_dim
-    table, kept_len = cache.block_table.cpu(), cache.kept_len.cpu()
+    """{(layer, slot, head): (positions, scores, K, V)} of each head's kept pages in page order and
+    of its window in slot order, on CPU. Gathered on the cache's device: only the pages travel,
+    never the pool."""
+    bs, D, W = cache.spec.block_size, cache.spec.head_dim, cache.spec.window
+    table, kept_len, ring = cache.block_table.cpu(), cache.kept_len.cpu(), cache.ring_table.cpu()
     out = {}
     for layer in range(cache.spec.num_layers):
         for s in slots:
+            in_window = torch.arange(min(cache.ctx_len[s], W))  # window slots in use
             for h in range(cache.spec.num_kv_heads):
                 n = int(kept_len[layer, s, h])
                 blocks = table[layer, s, h, : math.ceil(n / bs)].long().to(cache.device)
-                out[layer, s, h] = (cache.pos_pool[blocks].reshape(-1)[:n].cpu(),
-                                    cache.k_pool[blocks].reshape(-1, D)[:n].cpu(),
-                                    cache.v_pool[blocks].reshape(-1, D)[:n].cpu())
+                rows = [(blocks, slice(None)), (ring[layer, s, h, in_window // bs].long().to(cache.device), in_window % bs)]
+                for where, (blk, off) in zip(("kept", "window"), rows):
+                    pools = (cache.pos_pool, cache.score_pool, cache.k_pool, cache.v_pool)
+                    if where == "kept":
+                        out[layer, s, h, where] = tuple(pool[blk].flatten(0, 1)[:n].cpu() for pool in pools)
+                    else:
+                        out[layer, s, h, where] = tuple(pool[blk, off.to(cache.device)].cpu() for pool in pools)
     return out
 
 
 def assert_same_cache(got, want, slots):
-    """Same kept positions, K/V in order, lengths, ring and blocks used; block ids may differ."""
+    """Same kept and window positions, scores, K/V in order, lengths and blocks used; block ids may
+    differ."""
     assert got.allocator.num_used == want.allocator.num_used
     assert torch.equal(got.kept_len.cpu(), want.kept_len.cpu())
-    for name in ("ring_k", "ring_v", "ring_score"):
-        assert torch.equal(getattr(got, name)[:, slots].cpu(), getattr(want, name)[:, slots].cpu()), name
+    assert torch.equal(got.ring_table.cpu() >= 0, want.ring_table.cpu() >= 0)
     got_pages, want_pages = kept_pages(got, slots), kept_pages(want, slots)
     for key, tensors in want_pages.items():
         assert all(torch.equal(a, b) for a, b in zip(got_pages[key], tensors)), key
@@ -156,14 +162,14 @@ def test_cuda_evict_one_launch_over_layers_equals_per_layer_reference(schedule):
         for layer in range(L):
             lc = cpu.layer(layer)
             REFERENCE.evict_append(k[layer], v[layer], scores[layer], cu, slots_t, ctx, lc.k_pool, lc.v_pool,
-                                   lc.pos_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score,
-                                   cpu.allocator.free_stack, cpu.allocator.num_free_t, tau)
+                                   lc.pos_pool, lc.score_pool, lc.block_table, lc.kept_len, lc.ring_table,
+                                   cpu.allocator.free_stack, cpu.allocator.num_free_t, W, tau)
         error = torch.zeros(1, dtype=torch.int32, device="cuda")
         dev = lambda t: t.to("cuda")  # noqa: E731
         torch.ops.kvzap_trt.evict_append(
             dev(k), dev(v), dev(scores), dev(cu), dev(slots_t), dev(ctx), gpu.k_pool, gpu.v_pool, gpu.pos_pool,
-            gpu.block_table, gpu.kept_len, gpu.ring_k, gpu.ring_v, gpu.ring_score, gpu.allocator.free_stack,
-            gpu.allocator.num_free_t, error, tau, max(chunk), torch.cuda.current_stream().cuda_stream)
+            gpu.score_pool, gpu.block_table, gpu.kept_len, gpu.ring_table, gpu.allocator.free_stack,
+            gpu.allocator.num_free_t, error, W, tau, max(chunk), torch.cuda.current_stream().cuda_stream)
         assert int(error.item()) == 0
         for s, t in zip(slots, chunk):
             gpu.ctx_len[s] += t
@@ -192,31 +198,36 @@ def test_block_table_overflow_is_a_clear_error(impl, prompt):
 @pytest.mark.parametrize("prompts", [[40, 7, 90, 33, 64, 12, 50, 80], [40, 7, 90, 4100, 33, 64, 12, 50]],
                          ids=["fused", "chunked"])
 def test_allocator_stays_exact_when_some_heads_fail(impl, seed, prompts):
-    """8 sequences x 8 heads in one call against a pool for about half of what they keep: some
-    heads take their blocks while others fail (on the GPU concurrently, in one launch). After the
-    error every block id is exactly once either free (free_stack[:num_free]) or in one block
-    table, and every head holds exactly the blocks its kept_len needs."""
+    """8 sequences x 8 heads in one call against a pool for about half of what they keep and
+    their windows hold: some heads take their blocks while others fail (on the GPU concurrently,
+    in one launch). After the error every block id is exactly once either free
+    (free_stack[:num_free]) or in one block or ring table, every head holds exactly the blocks its
+    kept_len needs, and its window pages all or none."""
     ops, device = impl
     H, D, W, bs = 8, 8, 4, 4
     g = torch.Generator().manual_seed(seed)
     rates = torch.linspace(-2.0, 2.0, H)  # head h keeps more as h grows
     streams = [(torch.randn(n, H, generator=g) + rates, torch.randn(n, H, D, generator=g), torch.randn(n, H, D, generator=g))
                for n in prompts]
+    window_pages = [-(-min(len(sc), W) // bs) for sc, _, _ in streams]  # per head of each sequence
     need = sum(int((-(-(sc[: max(0, len(sc) - W)] >= 0).sum(0) // bs)).sum()) for sc, _, _ in streams)
-    num_blocks = need // 2
+    num_blocks = (need + H * sum(window_pages)) // 2
     cache = make_cache(H=H, D=D, W=W, bs=bs, num_blocks=num_blocks, max_seqs=len(prompts),
                        max_seq_len=max(prompts), seed=seed, device=device)
     seqs = [SimSeq(k, v, sc, cache.add_sequence()) for sc, k, v in streams]
     with pytest.raises(CacheFullError, match="exhausted"):
         write_chunk(cache, seqs, prompts, tau=0.0, ops=ops)
-    table, kept_len = cache.block_table.cpu(), cache.kept_len.cpu()
+    table, kept_len, ring = cache.block_table.cpu(), cache.kept_len.cpu(), cache.ring_table.cpu()
     free = cache.allocator.free_stack.cpu()[: cache.allocator.num_free]
-    assert sorted(torch.cat([free, table[table >= 0]]).tolist()) == list(range(num_blocks))
+    assert sorted(torch.cat([free, table[table >= 0], ring[ring >= 0]]).tolist()) == list(range(num_blocks))
     assert torch.equal((table >= 0).sum(-1), -(-kept_len // bs))
     wanted = torch.stack([(sc[: max(0, len(sc) - W)] >= 0).sum(0) for sc, _, _ in streams])[None]  # [1, S, H]
     succeeded, failed = kept_len == wanted, (kept_len == 0) & (wanted > 0)
     assert bool(succeeded[wanted > 0].any()) and bool(failed.any())
     assert bool((succeeded | failed).all())  # a head either got everything or nothing
+    held = (ring >= 0).sum(-1)  # [1, S, H] window pages held
+    full = torch.tensor(window_pages)[None, :, None].expand_as(held)
+    assert bool(((held == 0) | (held == full)).all()) and bool((held[failed] == 0).all())
 
 
 @pytest.mark.gpu
@@ -252,7 +263,7 @@ def test_cuda_pool_past_2_31_elements_with_pages_at_the_top():
         k, v, _, cu, slots_t, ctx = chunk_args(cache, seqs[name], [1, 1])
         lc = cache.layer(0)
         outs[name] = ops.paged_attention(q.to(cache.device), k, v, cu, slots_t, ctx, lc.k_pool, lc.v_pool,
-                                         lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5).cpu().float()
+                                         lc.block_table, lc.kept_len, lc.ring_table, W, D**-0.5).cpu().float()
     # Each side rounds its fp32 result once to bf16: equal up to one bf16 ulp (2^-7 relative).
     assert ((outs["gpu"] - outs["cpu"]).abs() <= 2**-7 * torch.maximum(outs["gpu"].abs(), outs["cpu"].abs())).all()
 
@@ -262,17 +273,18 @@ def evict_args(cache, seqs) -> dict:
     k, v, sc, cu, slots, ctx = chunk_args(cache, seqs, [1] * len(seqs))
     lc, a = cache.layer(0), cache.allocator
     return dict(k_new=k, v_new=v, scores=sc, cu_seqlens=cu, seq_slots=slots, ctx_lens=ctx, k_pool=lc.k_pool,
-                v_pool=lc.v_pool, pos_pool=lc.pos_pool, block_table=lc.block_table, kept_len=lc.kept_len,
-                ring_k=lc.ring_k, ring_v=lc.ring_v, ring_score=lc.ring_score, free_stack=a.free_stack,
-                num_free=a.num_free_t, threshold=0.0)
+                v_pool=lc.v_pool, pos_pool=lc.pos_pool, score_pool=lc.score_pool, block_table=lc.block_table,
+                kept_len=lc.kept_len, ring_table=lc.ring_table, free_stack=a.free_stack, num_free=a.num_free_t,
+                window=cache.spec.window, threshold=0.0)
 
 
 # (argument, (dim, size change) or "misaligned", what the RuntimeError must say)
 EVICT_MUTATIONS = [
     ("k_new", (1, 1), "k_new"),            # a kv head more than the cache
     ("v_new", (0, 1), "v_new"),            # a row more than k_new
-    ("ring_k", (2, 1), "ring_k"),          # window
-    ("ring_k", (3, 8), "ring_k"),          # head_dim
+    ("ring_table", (2, 1), "ring_table"),  # window pages != ceil(W / block_size)
+    ("ring_table", (1, 1), "ring_table"),  # a kv head more than the cache
+    ("score_pool", (1, 1), "score_pool"),  # block size
     ("kept_len", (1, 1), "kept_len"),
     ("scores", (1, 1), "scores"),
     ("pos_pool", (1, 1), "pos_pool"),

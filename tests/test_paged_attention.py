@@ -59,7 +59,7 @@ def test_paged_attention_matches_dense(window, block_size, seqs_spec, dtype):
     q = torch.randn(sum(new), H * G, D, generator=g).to(dtype)
     lc = cache.layer(0)
     out = REFERENCE.paged_attention(q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
-                                    lc.ring_k, lc.ring_v, D**-0.5)
+                                    lc.ring_table, cache.spec.window, D**-0.5)
     want = torch.cat([dense_reference(q[cu[i] : cu[i + 1]], s, n, window, tau, G) for i, (s, n) in enumerate(zip(seqs, new))])
     # The reference computes in fp32 and rounds once to the output dtype.
     atol = 1e-5 if dtype == torch.float32 else 2 * 2**-8
@@ -99,7 +99,7 @@ def test_paged_attention_cases_match_dense(case, dtype, impl):
     lc = cache.layer(0)
     kw = {"split_size": split_size} if ops is CUDA else {}
     out = ops.paged_attention(q.to(device), k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
-                              lc.ring_k, lc.ring_v, D**-0.5, **kw).cpu()
+                              lc.ring_table, cache.spec.window, D**-0.5, **kw).cpu()
     want = torch.cat([dense_reference(q[cu[i] : cu[i + 1]], s, n, window, tau, G) for i, (s, n) in enumerate(zip(seqs, new))])
     atol = 1e-5 if dtype == torch.float32 else 2 * 2**-8  # both compute in fp32 and round once
     assert (out.double() - want).abs().max() <= atol
@@ -112,19 +112,19 @@ def test_empty_batch_touches_nothing(impl):
     cache = make_cache(device=device)
     seq = random_seq(cache, 30, torch.Generator().manual_seed(0))
     write_chunk(cache, [seq], [30], 0.0, ops)
-    before = {name: getattr(cache, name).clone() for name in ("k_pool", "v_pool", "block_table", "kept_len", "ring_k")}
+    before = {name: getattr(cache, name).clone() for name in ("k_pool", "v_pool", "score_pool", "block_table", "kept_len", "ring_table")}
     lc = cache.layer(0)
     empty = torch.empty(0, 2, 8, device=device)
     ints = torch.empty(0, dtype=torch.int32)
     out = ops.paged_attention(empty.repeat(1, 2, 1), empty, empty, torch.zeros(1, dtype=torch.int32), ints, ints,
-                              lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, 0.35)
+                              lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table, cache.spec.window, 0.35)
     assert out.shape == (0, 4, 8) and out.device.type == torch.device(device).type
     assert all(torch.equal(getattr(cache, name), t) for name, t in before.items())
 
 
 def fill_kept(cache, slot, lengths, g):
     """Give kv head h of `slot` lengths[h] kept tokens of random K/V, in blocks popped from the
-    (shuffled) pool, and a full ring; the context is long enough for all of it."""
+    (shuffled) pool, and a full window of random K/V; the context is long enough for all of it."""
     spec, lc = cache.spec, cache.layer(0)
     bs, D, W = spec.block_size, spec.head_dim, spec.window
     for h, n in enumerate(lengths):
@@ -134,8 +134,11 @@ def fill_kept(cache, slot, lengths, g):
         lc.kept_len[slot, h] = n
         for pool in (lc.k_pool, lc.v_pool):
             pool[ids.long()] = torch.randn(nb, bs, D, generator=g).to(pool)
-    for ring in (lc.ring_k[slot], lc.ring_v[slot]):
-        ring.copy_(torch.randn(ring.shape, generator=g).to(ring))
+    R = spec.ring_pages
+    ids = pop_blocks(cache.allocator.free_stack, cache.allocator.num_free_t, spec.num_kv_heads * R)
+    lc.ring_table[slot] = ids.view(spec.num_kv_heads, R)
+    for pool in (lc.k_pool, lc.v_pool):
+        pool[ids.long()] = torch.randn(len(ids), bs, D, generator=g).to(pool)
     cache.ctx_len[slot] = max(lengths) + W
 
 
@@ -149,12 +152,12 @@ def low_precision_attention(q, k_new, v_new, cu, slots, ctx, cache, scale):
     for b in range(len(slots)):
         s, c, start, end = int(slots[b]), int(ctx[b]), int(cu[b]), int(cu[b + 1])
         pk, pv, valid = gather_pages(lc.k_pool, lc.v_pool, lc.block_table[s], lc.kept_len[s])
-        r = min(c, W)
+        rk, rv, _ = gather_pages(lc.k_pool, lc.v_pool, lc.ring_table[s], lc.kept_len.new_full((H,), min(c, W)))
         for h in range(H):
             n = int(valid[h].sum())
             for t in range(end - start):
-                k = torch.cat([pk[h, :n], lc.ring_k[s, h, :r], k_new[start : start + t + 1, h]])
-                v = torch.cat([pv[h, :n], lc.ring_v[s, h, :r], v_new[start : start + t + 1, h]])
+                k = torch.cat([pk[h, :n], rk[h], k_new[start : start + t + 1, h]])
+                v = torch.cat([pv[h, :n], rv[h], v_new[start : start + t + 1, h]])
                 qh = q[start + t, h * G : (h + 1) * G]
                 out[start + t, h * G : (h + 1) * G] = torch.softmax((qh @ k.T) * scale, -1) @ v
     return out
@@ -196,12 +199,12 @@ def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype
 
     out = torch.full_like(q, float("nan"))
     CUDA.paged_attention(q, k_new, v_new, cu, slots_t, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
-                         lc.ring_k, lc.ring_v, scale, split_size=split_size, out=out)
+                         lc.ring_table, cache.spec.window, scale, split_size=split_size, out=out)
     assert not out.isnan().any(), "output not fully written"
 
     f32 = lambda t: t.float()  # noqa: E731
     truth = REFERENCE.paged_attention(f32(q), f32(k_new), f32(v_new), cu, slots_t, ctx, f32(lc.k_pool), f32(lc.v_pool),
-                                      lc.block_table, lc.kept_len, f32(lc.ring_k), f32(lc.ring_v), scale)
+                                      lc.block_table, lc.kept_len, lc.ring_table, W, scale)
     framework = low_precision_attention(q, k_new, v_new, cu, slots_t, ctx, cache, scale)
     # Per (row, query head), not over the whole output: one dropped key in one long head moves
     # only that head's output, which a global bound set by the noisiest head would let pass.
@@ -222,7 +225,7 @@ def test_cuda_paged_attention_float32_equals_reference():
     k, v, _, cu, slots, ctx = chunk_args(cache, seqs, [1, 1])
     q = torch.randn(2, 6, 64, generator=g).cuda()
     lc = cache.layer(0)
-    args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, 0.125)
+    args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table, cache.spec.window, 0.125)
     assert (CUDA.paged_attention(*args) - REFERENCE.paged_attention(*args)).abs().max() <= 1e-5
 
 
@@ -238,7 +241,7 @@ def test_fresh_prompts_take_fused_attention_and_match_reference():
     k, v, _, cu, slots, ctx = chunk_args(cache, seqs, [33, 5])
     q = torch.randn(38, H * G, D, generator=g)
     lc = cache.layer(0)
-    args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5)
+    args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table, cache.spec.window, D**-0.5)
     out = torch.full_like(q, float("nan"))
     cuda_kernels.paged_attention(*args, out=out)
     assert (out - REFERENCE.paged_attention(*args)).abs().max() <= 1e-5
@@ -272,10 +275,10 @@ def test_cuda_ops_on_a_side_stream_equal_the_default_stream():
                 k, v, sc = (t.clone() for t in new)  # written on this stream, after the sleep
                 if q is not None:
                     outs.append(CUDA.paged_attention(q.clone(), k, v, cu, slots, ctx, lc.k_pool, lc.v_pool,
-                                                     lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5,
+                                                     lc.block_table, lc.kept_len, lc.ring_table, cache.spec.window, D**-0.5,
                                                      split_size=64))
-                CUDA.evict_append(k, v, sc, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table,
-                                  lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score, a.free_stack, a.num_free_t, tau)
+                CUDA.evict_append(k, v, sc, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool,
+                                  lc.block_table, lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t, W, tau)
         torch.cuda.current_stream().wait_stream(stream)
         for s in seqs:
             cache.ctx_len[s.slot] = s.written
@@ -293,8 +296,8 @@ def attention_args(cache, seqs, G: int) -> dict:
     q = torch.randn(len(seqs), H * G, D, generator=torch.Generator().manual_seed(1)).to(cache.device, cache.spec.dtype)
     lc = cache.layer(0)
     return dict(q=q, k_new=k, v_new=v, cu_seqlens=cu, seq_slots=slots, ctx_lens=ctx, k_pool=lc.k_pool,
-                v_pool=lc.v_pool, block_table=lc.block_table, kept_len=lc.kept_len, ring_k=lc.ring_k,
-                ring_v=lc.ring_v, scale=D**-0.5)
+                v_pool=lc.v_pool, block_table=lc.block_table, kept_len=lc.kept_len, ring_table=lc.ring_table,
+                window=cache.spec.window, scale=D**-0.5)
 
 
 # (argument, (dim, size change) or "misaligned", what the RuntimeError must say)
@@ -302,8 +305,8 @@ ATTENTION_MUTATIONS = [
     ("q", (2, 64), r"\bq\b"),              # head_dim 128 against a pool of 64
     ("k_new", (1, 1), "k_new"),             # a kv head more than the cache
     ("v_new", (0, 1), "v_new"),             # a row more than k_new
-    ("ring_k", (2, 1), "ring_k"),           # window
-    ("ring_k", (3, 64), "ring_k"),          # head_dim
+    ("ring_table", (2, 1), "ring_table"),   # window pages != ceil(W / block_size)
+    ("ring_table", (1, 1), "ring_table"),   # a kv head more than the cache
     ("kept_len", (1, 1), "kept_len"),
     ("cu_seqlens", (0, 1), "cu_seqlens"),   # B + 2 entries
     ("q", "misaligned", "16-byte aligned"),

@@ -1,8 +1,9 @@
-"""Attention over per-head variable-length pages + the window ring + new tokens, PyTorch reference.
+"""Attention over per-head variable-length pages + the window's pages + new tokens, PyTorch reference.
 
 For sequence b (slot s, c_b tokens already written, T_b new tokens) and kv head h, the keys are
   - the head's kept pages: kept_len[s, h] tokens at block_table[s, h, :],
-  - the window ring: slots [0, min(c_b, W)) (position p lives in slot p % W),
+  - the window: slots [0, min(c_b, W)) of its pages ring_table[s, h, :] (position p lives in
+    window slot p % W: column (p % W) // bs, offset (p % W) % bs),
   - the new tokens, causally among themselves.
 All cached tokens are older than every new token, and keys carry RoPE already, so their order
 does not matter. Query head i belongs to kv head i // (Hq / Hkv) (GQA). Prefill is T_b > 1 and
@@ -43,18 +44,18 @@ def paged_attention(
     v_pool: torch.Tensor,
     block_table: torch.Tensor,
     kept_len: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
+    ring_table: torch.Tensor,
+    window: int,
     scale: float,
 ) -> torch.Tensor:
     """q: [N, Hq, D]  k_new, v_new: [N, Hkv, D]  (N = sum of T_b, packed)
     cu_seqlens: [B+1]  seq_slots: [B]  ctx_lens: [B]  (host-readable ints)
     k_pool, v_pool: [num_blocks, bs, D]  block_table: [S, Hkv, M]  kept_len: [S, Hkv]
-    ring_k, ring_v: [S, Hkv, W, D]
+    ring_table: [S, Hkv, R] (R = ceil(window / bs))
     -> [N, Hq, D]
     """
     N, Hq, D = q.shape
-    H, W = k_new.shape[1], ring_k.shape[2]
+    H = k_new.shape[1]
     G = Hq // H
     out = torch.empty_like(q)
     for b, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
@@ -62,9 +63,10 @@ def paged_attention(
         if T == 0:
             continue
         pk, pv, pvalid = gather_pages(k_pool, v_pool, block_table[s], kept_len[s])
-        r = min(c, W)
-        k = torch.cat([pk, ring_k[s, :, :r], k_new[start:end].transpose(0, 1)], 1).float()  # [H, K, D]
-        v = torch.cat([pv, ring_v[s, :, :r], v_new[start:end].transpose(0, 1)], 1).float()
+        r = min(c, window)
+        rk, rv, _ = gather_pages(k_pool, v_pool, ring_table[s], kept_len.new_full((H,), r))  # window slots [0, r)
+        k = torch.cat([pk, rk, k_new[start:end].transpose(0, 1)], 1).float()  # [H, K, D]
+        v = torch.cat([pv, rv, v_new[start:end].transpose(0, 1)], 1).float()
         n_cached = pk.shape[1] + r
         cached_valid = torch.cat([pvalid, pvalid.new_ones(H, r)], 1)  # [H, n_cached]
         qs = q[start:end].view(T, H, G, D).permute(1, 2, 0, 3).float()  # [H, G, T, D]

@@ -216,9 +216,9 @@ class Engine:
     def _evict(self, k, v, scores, cu, slots, ctx, lc) -> None:
         """evict_append of packed rows into the cache views `lc` (one layer, or all folded)."""
         alloc = self.cache.allocator
-        self.ops.evict_append(k, v, scores, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table,
-                              lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score, alloc.free_stack, alloc.num_free_t,
-                              self.policy.threshold)
+        self.ops.evict_append(k, v, scores, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool,
+                              lc.block_table, lc.kept_len, lc.ring_table, alloc.free_stack, alloc.num_free_t,
+                              self.cache.spec.window, self.policy.threshold)
 
     def _forward(self, batch: list[Request], feeds: list[list[int]], is_decode: list[bool]) -> torch.Tensor:
         dev, cache, policy = self.cache.device, self.cache, self.policy
@@ -247,7 +247,8 @@ class Engine:
             else:
                 scores = policy.surrogate.score(layer, h_norm).masked_fill(never[:, None], float("inf"))
             out = self.ops.paged_attention(
-                q, k, v, cu, slots, ctx_t, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, self.scale
+                q, k, v, cu, slots, ctx_t, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table,
+                cache.spec.window, self.scale,
             )
             if one_evict:
                 for name, t in (("k", k), ("v", v), ("scores", scores)):
@@ -270,6 +271,7 @@ class Engine:
             cache.ctx_len[r.slot] += n
             if not d and not policy.compress_decoding:
                 # kvpress decoding=False: after prefill nothing more is ever evicted, the prompt's
-                # window included.
-                cache.ring_score[:, r.slot] = float("inf")
+                # window included: its tokens' scores become +inf (the window's pages are all held).
+                pages = cache.ring_table[:, r.slot, :, : cache.spec.window_pages(cache.ctx_len[r.slot])]
+                cache.score_pool[pages.long()] = float("inf")
         return logits

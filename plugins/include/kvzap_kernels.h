@@ -7,10 +7,15 @@
 // Layout (DESIGN.md section 3), every tensor contiguous, element type `dtype` unless noted:
 //   k_pool, v_pool  [num_blocks, block_size, D]    one block = block_size tokens of one (layer, seq, kv head)
 //   pos_pool        [num_blocks, block_size] int32 absolute position of each stored token
+//   score_pool      [num_blocks, block_size] float32 its log-score (the window's are read at eviction)
 //   block_table     [L, S, H, M] int32             block ids of each head's kept pages
 //   kept_len        [L, S, H] int32                tokens in each head's kept pages
-//   ring_k, ring_v  [L, S, H, W, D]                the window: position p lives in slot p % W
-//   ring_score      [L, S, H, W] float32
+//   ring_table      [L, S, H, R] int32             block ids of each head's window pages, R = ceil(W / block_size):
+//                                                  position p lives in window slot p % W, which is column
+//                                                  (p % W) / block_size, offset (p % W) % block_size. A head
+//                                                  with c tokens written holds ceil(min(c, W) / block_size)
+//                                                  window pages (columns past them are -1); kvzapEvict pops
+//                                                  them from the pool as the window first fills.
 //   free_stack      [num_blocks] int32, entries [0, *num_free) free; num_free [1] int32
 // New tokens are packed over the batch: row n of sequence b is n in [cu_seqlens[b], cu_seqlens[b+1]).
 // cu_seqlens [B+1], seq_slots [B], ctx_lens [B] are int32 device arrays. L is 1 for a per-layer call.
@@ -48,6 +53,7 @@ typedef struct {
     int window;       // W (0 allowed)
     int block_size;
     int max_blocks_per_head;  // M
+    int ring_pages;   // R = ceil(W / block_size)
     int num_rows;     // N = cu_seqlens[B]
     int max_new_tokens;  // max_b T_b if the host knows it, else 0; long prefills take a chunked path.
                          // A head with more new tokens sets KVZAP_ERR_BOUND_EXCEEDED and does nothing.
@@ -61,24 +67,25 @@ typedef struct {
     void* k_pool;
     void* v_pool;
     int32_t* pos_pool;
+    float* score_pool;
     int32_t* block_table;
     int32_t* kept_len;
-    void* ring_k;
-    void* ring_v;
-    float* ring_score;
+    int32_t* ring_table;  // [L, S, H, R]
     int32_t* free_stack;
     int32_t* num_free;
     int32_t* error;   // [1], OR-ed with KVZAP_ERR_* bits
 } kvzapEvictParams;
 
 // Tokens leaving the window: appended to their head's pages if score >= tau, else forgotten; new
-// tokens written into the ring. One thread block per (layer, sequence, kv head); long prefills
+// tokens written into the window pages. The blocks a head needs (new kept pages, then new window
+// pages) are popped from the free stack in one pop per head. One thread block per (layer, sequence, kv head); long prefills
 // spread each head over blocks of 2048 leavers (three launches).
 cudaError_t kvzapEvict(const kvzapEvictParams* p, cudaStream_t stream);
 
 typedef struct {
     kvzapDtype dtype;
     int batch, num_slots, num_q_heads, num_kv_heads, head_dim, window, block_size, max_blocks_per_head;
+    int ring_pages;   // R = ceil(W / block_size)
     int num_rows;     // N
     int max_keys;     // an upper bound of keys seen by any row: max_b(ctx_lens[b]) + max_b(T_b); the
                       // launch covers ceil(max_keys / split_size) splits, and a row with more keys than
@@ -94,8 +101,7 @@ typedef struct {
     const void* v_pool;
     const int32_t* block_table;  // [S, H, M]
     const int32_t* kept_len;     // [S, H]
-    const void* ring_k;          // [S, H, W, D]
-    const void* ring_v;
+    const int32_t* ring_table;   // [S, H, R]
     void* out;                   // [N, Hq, D]
     float* workspace;            // kvzapAttentionWorkspaceBytes(...) bytes, or NULL when it returns 0
     int32_t* error;              // [1], OR-ed with KVZAP_ERR_BOUND_EXCEEDED; required
@@ -113,7 +119,7 @@ int kvzapAttentionBlocksPerSm(int group_size, int sm);
 // Bytes of float workspace for the split-K partial results (0: one split, no workspace).
 size_t kvzapAttentionWorkspaceBytes(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size);
 
-// Attention of each row's query heads over its kv head's kept pages + window ring + the new tokens
+// Attention of each row's query heads over its kv head's kept pages + window pages + the new tokens
 // of its sequence up to itself (causal). GQA: one thread block per (row, kv head, split) serves
 // the whole query group; splits merged by log-sum-exp. head_dim 64 or 128.
 cudaError_t kvzapVarlenPagedAttention(const kvzapAttentionParams* p, int split_size, cudaStream_t stream);
@@ -122,6 +128,8 @@ cudaError_t kvzapVarlenPagedAttention(const kvzapAttentionParams* p, int split_s
 // references. Each writes its results through the pointers.
 void kvzapIndexLeavers(int ctx, int new_tokens, int window, int* lo, int* hi, int* stay_lo);
 int kvzapIndexRingSlot(int pos, int window);
+void kvzapIndexRingPageSlot(int pos, int window, int block_size, int* column, int* offset);
+int kvzapIndexRingPages(int ctx, int window, int block_size);
 void kvzapIndexPageSlot(int dst, int block_size, int* column, int* offset);
 int kvzapIndexRowKeys(int kept, int ctx, int window, int t);
 void kvzapIndexLocateKey(int j, int kept, int ring, int* source, int* index);
