@@ -75,7 +75,7 @@ def kept_pages(cache, slots):
     """{(layer, slot, head): (positions, scores, K, V)} of each head's kept pages in page order and
     of its window in slot order, on CPU. Gathered on the cache's device: only the pages travel,
     never the pool."""
-    bs, D, W = cache.spec.block_size, cache.spec.head_dim, cache.spec.window
+    bs, W = cache.spec.block_size, cache.spec.window
     table, kept_len, ring = cache.block_table.cpu(), cache.kept_len.cpu(), cache.ring_table.cpu()
     out = {}
     for layer in range(cache.spec.num_layers):

@@ -112,7 +112,8 @@ def test_empty_batch_touches_nothing(impl):
     cache = make_cache(device=device)
     seq = random_seq(cache, 30, torch.Generator().manual_seed(0))
     write_chunk(cache, [seq], [30], 0.0, ops)
-    before = {name: getattr(cache, name).clone() for name in ("k_pool", "v_pool", "score_pool", "block_table", "kept_len", "ring_table")}
+    names = ("k_pool", "v_pool", "score_pool", "block_table", "kept_len", "ring_table")
+    before = {name: getattr(cache, name).clone() for name in names}
     lc = cache.layer(0)
     empty = torch.empty(0, 2, 8, device=device)
     ints = torch.empty(0, dtype=torch.int32)
