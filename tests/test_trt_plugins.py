@@ -49,10 +49,11 @@ def host_test(cmake_build, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("section", ["fields", "io", "shapes", "workspace"])
 def test_plugin_host_logic_without_tensorrt(host_test, section):
-    """fields: good and bad PluginField collections (name, type, length, duplicates, ranges) and
-    the serialized fields parsing back; io: aliasing and dtype tables; shapes: output shapes and
-    resolved dims for decode / prefill / W = 0 / empty batch / GQA 8, every input dimension off by
-    one refused; workspace: the split equals kvzapAttentionSplitSize and the bytes
+    """fields: good and bad PluginField collections (name, type, length, duplicates, ranges, the
+    required `window` >= 0) and the serialized fields parsing back; io: aliasing and dtype tables;
+    shapes: output shapes and resolved dims for decode / prefill / W = 0 / empty batch / GQA 8,
+    every input dimension off by one refused, ring_table's columns against ceil(window /
+    block_size) (W = 0 with none); workspace: the split equals kvzapAttentionSplitSize and the bytes
     kvzapAttentionWorkspaceBytes, below the bound getWorkspaceSize returns, on any SM count."""
     run = subprocess.run([str(host_test), section], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:]
@@ -131,17 +132,18 @@ def test_tensorrt_registry_loads_both_creators(plugin_library):
 
     registry = trt.get_plugin_registry()
     registry.load_library(str(plugin_library))
-    fields = {"KvzapVarlenPagedAttention": {"layer": trt.PluginFieldType.INT32, "scale": trt.PluginFieldType.FLOAT32},
-              "KvzapEvict": {"layer": trt.PluginFieldType.INT32, "threshold": trt.PluginFieldType.FLOAT32}}
+    int32, float32 = trt.PluginFieldType.INT32, trt.PluginFieldType.FLOAT32
+    fields = {"KvzapVarlenPagedAttention": {"layer": int32, "window": int32, "scale": float32},
+              "KvzapEvict": {"layer": int32, "window": int32, "threshold": float32}}
     for name, want in fields.items():
         creator = registry.get_creator(name, "1", "kvzap_trt")
         assert creator is not None, name
         assert {f.name: f.type for f in creator.field_names} == want
-        good = trt.PluginFieldCollection([
-            trt.PluginField("layer", np.array([0], np.int32), trt.PluginFieldType.INT32),
-            trt.PluginField(next(k for k in want if k != "layer"), np.array([0.125], np.float32),
-                            trt.PluginFieldType.FLOAT32)])
-        assert creator.create_plugin(name, good, trt.TensorRTPhase.BUILD) is not None
+        values = {"layer": np.array([0], np.int32), "window": np.array([128], np.int32)}
+        good = [trt.PluginField(k, values.get(k, np.array([0.125], np.float32)), t) for k, t in want.items()]
+        assert creator.create_plugin(name, trt.PluginFieldCollection(good), trt.TensorRTPhase.BUILD) is not None
+        no_window = trt.PluginFieldCollection([f for f in good if f.name != "window"])
+        assert creator.create_plugin(name, no_window, trt.TensorRTPhase.BUILD) is None
         wrong_type = trt.PluginFieldCollection([
             trt.PluginField("layer", np.array([0.0], np.float32), trt.PluginFieldType.FLOAT32)])
         assert creator.create_plugin(name, wrong_type, trt.TensorRTPhase.BUILD) is None

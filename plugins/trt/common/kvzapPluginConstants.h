@@ -18,8 +18,10 @@ constexpr char const* kATTENTION_NAME = "KvzapVarlenPagedAttention";
 constexpr char const* kEVICT_NAME = "KvzapEvict";
 
 // Fields (ONNX attributes). Both plugins: `layer` (int32, one value) picks the layer of the
-// [L, ...] cache tensors the call works on.
+// [L, ...] cache tensors the call works on; `window` (int32, >= 0) is W, the window's tokens per
+// head, which no input's shape carries (ring_table has ceil(W / block_size) columns).
 constexpr char const* kFIELD_LAYER = "layer";
+constexpr char const* kFIELD_WINDOW = "window";
 constexpr char const* kFIELD_SCALE = "scale";          // attention: float32, softmax scale (> 0, finite)
 constexpr char const* kFIELD_THRESHOLD = "threshold";  // evict: float32, tau (kept iff score >= tau), not NaN
 

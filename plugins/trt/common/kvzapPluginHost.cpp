@@ -109,11 +109,12 @@ struct Checker {
 
 // The inputs both plugins take, by their index in each plugin's input order.
 struct CacheInputs {
-    int32_t cuSeqlens, seqSlots, ctxLens, kPool, vPool, blockTable, keptLen, ringK, ringV;
+    int32_t cuSeqlens, seqSlots, ctxLens, kPool, vPool, blockTable, keptLen, ringTable;
 };
 
-// The dims k_pool, block_table and seq_slots fix (ranks already checked): NB, BS, D, L, S, H, M and B.
-void readCacheDims(Shape const* in, CacheInputs const& i, CallDims& d) {
+// The dims k_pool, block_table and seq_slots fix (ranks already checked): NB, BS, D, L, S, H, M and
+// B; W is the `window` field and R = ceil(W / BS) (0 while BS is not > 0: that is refused first).
+void readCacheDims(Shape const* in, CacheInputs const& i, int32_t window, CallDims& d) {
     d.NB = in[i.kPool].d[0];
     d.BS = in[i.kPool].d[1];
     d.D = in[i.kPool].d[2];
@@ -122,6 +123,8 @@ void readCacheDims(Shape const* in, CacheInputs const& i, CallDims& d) {
     d.H = in[i.blockTable].d[2];
     d.M = in[i.blockTable].d[3];
     d.B = in[i.seqSlots].d[0];
+    d.W = window;
+    d.R = d.BS > 0 ? (d.W + d.BS - 1) / d.BS : 0;
 }
 
 // The batch inputs and the pool against `d`. Two groups (this and checkLayerCache), so that each
@@ -132,15 +135,22 @@ void checkBatchAndPool(Checker& c, CacheInputs const& i, CallDims const& d) {
     c.shape(i.vPool, {d.NB, d.BS, d.D}, "[num_blocks, block_size, D]");
 }
 
-// The per-layer cache tensors kept_len, ring_k and ring_v against `d`.
+// The per-layer cache tensors kept_len and ring_table against `d`.
 void checkLayerCache(Checker& c, CacheInputs const& i, CallDims const& d) {
     c.shape(i.keptLen, {d.L, d.S, d.H}, "[L, S, H]");
-    c.shape(i.ringK, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
-    c.shape(i.ringV, {d.L, d.S, d.H, d.W, d.D}, "[L, S, H, W, D]");
+    std::string const ring = "[L, S, H, ceil(window / block_size)] (window " + std::to_string(d.W) +
+                             ", block_size " + std::to_string(d.BS) + ")";
+    c.shape(i.ringTable, {d.L, d.S, d.H, d.R}, ring.c_str());
+}
+
+// The fields both plugins have: layer is checked by each, window here.
+std::string windowError(char const* plugin, int32_t window) {
+    if (window >= 0) return "";
+    return std::string(plugin) + ": field 'window' must be >= 0, got " + std::to_string(window);
 }
 
 bool fitsInt(CallDims const& d) {
-    for (int64_t v : {d.N, d.Hq, d.H, d.D, d.B, d.L, d.S, d.M, d.NB, d.BS, d.W})
+    for (int64_t v : {d.N, d.Hq, d.H, d.D, d.B, d.L, d.S, d.M, d.NB, d.BS, d.W, d.R})
         if (v > INT_MAX) return false;
     return true;
 }
@@ -149,10 +159,14 @@ bool fitsInt(CallDims const& d) {
 
 std::string parseAttentionFields(Field const* fields, int32_t nbFields, AttentionFields& out) {
     AttentionFields f;
-    std::vector<ScalarSpec> specs{{kFIELD_LAYER, kFIELD_INT32, &f.layer}, {kFIELD_SCALE, kFIELD_FLOAT32, &f.scale}};
+    std::vector<ScalarSpec> specs{{kFIELD_LAYER, kFIELD_INT32, &f.layer},
+                                  {kFIELD_WINDOW, kFIELD_INT32, &f.window},
+                                  {kFIELD_SCALE, kFIELD_FLOAT32, &f.scale}};
     std::string error = parseScalars(kATTENTION_NAME, fields, nbFields, specs);
     if (!error.empty()) return error;
     if (f.layer < 0) return std::string(kATTENTION_NAME) + ": field 'layer' must be >= 0, got " + std::to_string(f.layer);
+    error = windowError(kATTENTION_NAME, f.window);
+    if (!error.empty()) return error;
     if (!(f.scale > 0.f) || !std::isfinite(f.scale))
         return std::string(kATTENTION_NAME) + ": field 'scale' must be finite and > 0, got " + std::to_string(f.scale);
     out = f;
@@ -162,23 +176,30 @@ std::string parseAttentionFields(Field const* fields, int32_t nbFields, Attentio
 std::string parseEvictFields(Field const* fields, int32_t nbFields, EvictFields& out) {
     EvictFields f;
     std::vector<ScalarSpec> specs{{kFIELD_LAYER, kFIELD_INT32, &f.layer},
+                                  {kFIELD_WINDOW, kFIELD_INT32, &f.window},
                                   {kFIELD_THRESHOLD, kFIELD_FLOAT32, &f.threshold}};
     std::string error = parseScalars(kEVICT_NAME, fields, nbFields, specs);
     if (!error.empty()) return error;
     if (f.layer < -1)
         return std::string(kEVICT_NAME) + ": field 'layer' must be >= 0, or -1 for all layers, got " +
                std::to_string(f.layer);
+    error = windowError(kEVICT_NAME, f.window);
+    if (!error.empty()) return error;
     if (std::isnan(f.threshold)) return std::string(kEVICT_NAME) + ": field 'threshold' is NaN";
     out = f;
     return "";
 }
 
 std::vector<Field> attentionFieldsOf(AttentionFields const& f) {
-    return {{kFIELD_LAYER, &f.layer, kFIELD_INT32, 1}, {kFIELD_SCALE, &f.scale, kFIELD_FLOAT32, 1}};
+    return {{kFIELD_LAYER, &f.layer, kFIELD_INT32, 1},
+            {kFIELD_WINDOW, &f.window, kFIELD_INT32, 1},
+            {kFIELD_SCALE, &f.scale, kFIELD_FLOAT32, 1}};
 }
 
 std::vector<Field> evictFieldsOf(EvictFields const& f) {
-    return {{kFIELD_LAYER, &f.layer, kFIELD_INT32, 1}, {kFIELD_THRESHOLD, &f.threshold, kFIELD_FLOAT32, 1}};
+    return {{kFIELD_LAYER, &f.layer, kFIELD_INT32, 1},
+            {kFIELD_WINDOW, &f.window, kFIELD_INT32, 1},
+            {kFIELD_THRESHOLD, &f.threshold, kFIELD_FLOAT32, 1}};
 }
 
 PluginIo const& attentionIo() {
@@ -194,16 +215,14 @@ PluginIo const& attentionIo() {
          {"v_pool", Kind::kDATA, -1, -1},
          {"block_table", Kind::kINT32, -1, -1},
          {"kept_len", Kind::kINT32, -1, -1},
-         {"ring_k", Kind::kDATA, -1, -1},
-         {"ring_v", Kind::kDATA, -1, -1},
+         {"ring_table", Kind::kINT32, -1, -1},
          {"error", Kind::kINT32, -1, -1}},
         {{"out", Kind::kDATA, -1, kQ},
          {"k_pool_out", Kind::kDATA, kK_POOL, kK_POOL},
          {"v_pool_out", Kind::kDATA, kV_POOL, kV_POOL},
          {"block_table_out", Kind::kINT32, kBLOCK_TABLE, kBLOCK_TABLE},
          {"kept_len_out", Kind::kINT32, kKEPT_LEN, kKEPT_LEN},
-         {"ring_k_out", Kind::kDATA, kRING_K, kRING_K},
-         {"ring_v_out", Kind::kDATA, kRING_V, kRING_V},
+         {"ring_table_out", Kind::kINT32, kRING_TABLE, kRING_TABLE},
          {"error_out", Kind::kINT32, kERROR, kERROR}}};
     return io;
 }
@@ -220,11 +239,10 @@ PluginIo const& evictIo() {
                      {"k_pool", Kind::kDATA, -1, -1},
                      {"v_pool", Kind::kDATA, -1, -1},
                      {"pos_pool", Kind::kINT32, -1, -1},
+                     {"score_pool", Kind::kFLOAT32, -1, -1},
                      {"block_table", Kind::kINT32, -1, -1},
                      {"kept_len", Kind::kINT32, -1, -1},
-                     {"ring_k", Kind::kDATA, -1, -1},
-                     {"ring_v", Kind::kDATA, -1, -1},
-                     {"ring_score", Kind::kFLOAT32, -1, -1},
+                     {"ring_table", Kind::kINT32, -1, -1},
                      {"free_stack", Kind::kINT32, -1, -1},
                      {"num_free", Kind::kINT32, -1, -1},
                      {"error", Kind::kINT32, -1, -1}},
@@ -265,25 +283,24 @@ std::string checkAttentionShapes(Shape const* in, int32_t nbInputs, AttentionFie
                                  CallDims& dims) {
     using namespace attn;
     Checker c{kATTENTION_NAME, attentionIo(), in, ""};
-    if (nbInputs != kNB_INPUTS) return std::string(kATTENTION_NAME) + ": expected 13 inputs, got " + std::to_string(nbInputs);
+    if (nbInputs != kNB_INPUTS)
+        return std::string(kATTENTION_NAME) + ": expected " + std::to_string(kNB_INPUTS) + " inputs, got " +
+               std::to_string(nbInputs);
     c.require(dtypeBytes(dtype) > 0, "q must be float32, float16 or bfloat16");
-    if (!c.rank(kQ, 3) || !c.rank(kK_POOL, 3) || !c.rank(kBLOCK_TABLE, 4) || !c.rank(kSEQ_SLOTS, 1) ||
-        !c.rank(kRING_K, 5))
-        return c.error;
-    CacheInputs const cache{kCU_SEQLENS,  kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL,
-                            kBLOCK_TABLE, kKEPT_LEN,  kRING_K,   kRING_V};
+    if (!c.rank(kQ, 3) || !c.rank(kK_POOL, 3) || !c.rank(kBLOCK_TABLE, 4) || !c.rank(kSEQ_SLOTS, 1)) return c.error;
+    CacheInputs const cache{kCU_SEQLENS, kSEQ_SLOTS,   kCTX_LENS, kK_POOL,
+                            kV_POOL,     kBLOCK_TABLE, kKEPT_LEN, kRING_TABLE};
     CallDims d;
-    readCacheDims(in, cache, d);
+    readCacheDims(in, cache, f.window, d);
+    c.require(d.BS > 0, "block_size (k_pool dim 1) must be > 0");
     d.N = in[kQ].d[0];
     d.Hq = in[kQ].d[1];
-    d.W = in[kRING_K].d[3];
     c.shape(kQ, {d.N, d.Hq, d.D}, "[N, Hq, D] (D from k_pool)");
     c.shape(kK_NEW, {d.N, d.H, d.D}, "[N, H, D]");
     c.shape(kV_NEW, {d.N, d.H, d.D}, "[N, H, D]");
     checkBatchAndPool(c, cache, d);
     checkLayerCache(c, cache, d);
     c.shape(kERROR, {1}, "[1]");
-    c.require(d.BS > 0, "block_size (k_pool dim 1) must be > 0");
     c.require(d.H > 0 && d.Hq % d.H == 0 && d.Hq / d.H <= 8,
               "q has " + std::to_string(d.Hq) + " heads for " + std::to_string(d.H) +
                   " kv heads: query heads per kv head must divide evenly and be at most 8");
@@ -299,22 +316,23 @@ std::string checkAttentionShapes(Shape const* in, int32_t nbInputs, AttentionFie
 std::string checkEvictShapes(Shape const* in, int32_t nbInputs, EvictFields const& f, int32_t dtype, CallDims& dims) {
     using namespace evict;
     Checker c{kEVICT_NAME, evictIo(), in, ""};
-    if (nbInputs != kNB_INPUTS) return std::string(kEVICT_NAME) + ": expected 17 inputs, got " + std::to_string(nbInputs);
+    if (nbInputs != kNB_INPUTS)
+        return std::string(kEVICT_NAME) + ": expected " + std::to_string(kNB_INPUTS) + " inputs, got " +
+               std::to_string(nbInputs);
     c.require(dtypeBytes(dtype) > 0, "k_new must be float32, float16 or bfloat16");
     bool const all = f.layer == -1;
-    if (!c.rank(kK_NEW, all ? 4 : 3) || !c.rank(kK_POOL, 3) || !c.rank(kBLOCK_TABLE, 4) || !c.rank(kSEQ_SLOTS, 1) ||
-        !c.rank(kRING_SCORE, 4)) {
+    if (!c.rank(kK_NEW, all ? 4 : 3) || !c.rank(kK_POOL, 3) || !c.rank(kBLOCK_TABLE, 4) || !c.rank(kSEQ_SLOTS, 1)) {
         if (in[kK_NEW].nbDims != (all ? 4 : 3))
             c.error += all ? " (layer = -1: all layers, [L, N, H, D])" : " (layer >= 0: one layer, [N, H, D])";
         return c.error;
     }
-    CacheInputs const cache{kCU_SEQLENS,  kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL,
-                            kBLOCK_TABLE, kKEPT_LEN,  kRING_K,   kRING_V};
+    CacheInputs const cache{kCU_SEQLENS, kSEQ_SLOTS,   kCTX_LENS, kK_POOL,
+                            kV_POOL,     kBLOCK_TABLE, kKEPT_LEN, kRING_TABLE};
     CallDims d;
-    readCacheDims(in, cache, d);
+    readCacheDims(in, cache, f.window, d);
+    c.require(d.BS > 0, "block_size (k_pool dim 1) must be > 0");
     int32_t const off = all ? 1 : 0;
     d.N = in[kK_NEW].d[off];
-    d.W = in[kRING_SCORE].d[3];
     d.layers = all ? d.L : 1;
     auto perCall = [&](std::vector<int64_t> v) {
         if (all) v.insert(v.begin(), d.L);
@@ -325,12 +343,11 @@ std::string checkEvictShapes(Shape const* in, int32_t nbInputs, EvictFields cons
     c.shape(kSCORES, perCall({d.N, d.H}), all ? "[L, N, H]" : "[N, H]");
     checkBatchAndPool(c, cache, d);
     c.shape(kPOS_POOL, {d.NB, d.BS}, "[num_blocks, block_size]");
+    c.shape(kSCORE_POOL, {d.NB, d.BS}, "[num_blocks, block_size]");
     checkLayerCache(c, cache, d);
-    c.shape(kRING_SCORE, {d.L, d.S, d.H, d.W}, "[L, S, H, W]");
     c.shape(kFREE_STACK, {d.NB}, "[num_blocks]");
     c.shape(kNUM_FREE, {1}, "[1]");
     c.shape(kERROR, {1}, "[1]");
-    c.require(d.BS > 0, "block_size (k_pool dim 1) must be > 0");
     int32_t const bytes = dtypeBytes(dtype);
     c.require(bytes == 0 || (d.D > 0 && d.D * bytes % 16 == 0),
               "head_dim " + std::to_string(d.D) + " x " + std::to_string(bytes) + " bytes must be a multiple of 16 bytes");
@@ -371,19 +388,19 @@ size_t attentionWorkspaceBound(CallDims const& d) {
     return sizeof(float) * static_cast<size_t>(rowSplits) * static_cast<size_t>(d.Hq) * static_cast<size_t>(d.D + 1);
 }
 
-size_t attentionProfileWorkspace(Shape const* minInputs, Shape const* maxInputs, int32_t nbInputs) {
+size_t attentionProfileWorkspace(Shape const* minInputs, Shape const* maxInputs, int32_t nbInputs,
+                                 AttentionFields const& f) {
     using namespace attn;
     if (nbInputs != kNB_INPUTS) return 0;
     for (Shape const* s : {minInputs, maxInputs})
-        if (s[kQ].nbDims != 3 || s[kK_POOL].nbDims != 3 || s[kBLOCK_TABLE].nbDims != 4 || s[kRING_K].nbDims != 5)
-            return 0;
+        if (s[kQ].nbDims != 3 || s[kK_POOL].nbDims != 3 || s[kBLOCK_TABLE].nbDims != 4) return 0;
     CallDims d;
     d.N = maxInputs[kQ].d[0];
     d.Hq = maxInputs[kQ].d[1];
     d.BS = maxInputs[kK_POOL].d[1];
     d.D = maxInputs[kK_POOL].d[2];
     d.M = maxInputs[kBLOCK_TABLE].d[3];
-    d.W = maxInputs[kRING_K].d[3];
+    d.W = f.window;
     d.H = minInputs[kBLOCK_TABLE].d[2];
     return attentionWorkspaceBound(d);
 }

@@ -7,8 +7,10 @@
 // Every check returns "" on success or the error message (the plugins report it through
 // TensorRT's error recorder / logger). Shapes are plain arrays; the cache layout is that of
 // include/kvzap_kernels.h with the leading layer dimension L always present on the per-layer
-// cache tensors (block_table, kept_len, ring_k, ring_v, ring_score): a plugin works on layer
-// `layer` of them (evict: every layer when layer == -1 and k_new has a leading L).
+// cache tensors (block_table, kept_len, ring_table): a plugin works on layer `layer` of them
+// (evict: every layer when layer == -1 and k_new has a leading L). The window W is a field, not a
+// shape: its tokens live in pool blocks listed by ring_table, whose last dimension must be
+// ceil(W / block_size).
 
 #ifndef KVZAP_PLUGIN_HOST_H_
 #define KVZAP_PLUGIN_HOST_H_
@@ -35,12 +37,14 @@ struct Field {
 };
 
 struct AttentionFields {
-    int32_t layer = 0;  // layer of the [L, ...] cache tensors, >= 0
-    float scale = 0.f;  // softmax scale, > 0 and finite
+    int32_t layer = 0;   // layer of the [L, ...] cache tensors, >= 0
+    int32_t window = 0;  // W, >= 0
+    float scale = 0.f;   // softmax scale, > 0 and finite
 };
 
 struct EvictFields {
     int32_t layer = 0;      // >= 0: one layer (k_new [N, H, D]); -1: all layers (k_new [L, N, H, D])
+    int32_t window = 0;     // W, >= 0
     float threshold = 0.f;  // tau: a leaver is kept iff its score >= tau; +-inf allowed, NaN not
 };
 
@@ -75,14 +79,14 @@ PluginIo const& evictIo();
 
 namespace attn {
 enum Input { kQ, kK_NEW, kV_NEW, kCU_SEQLENS, kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL, kBLOCK_TABLE, kKEPT_LEN,
-             kRING_K, kRING_V, kERROR, kNB_INPUTS };
-enum Output { kOUT, kNB_OUTPUTS = 8 };
+             kRING_TABLE, kERROR, kNB_INPUTS };
+enum Output { kOUT, kNB_OUTPUTS = 7 };
 }  // namespace attn
 
 namespace evict {
-enum Input { kK_NEW, kV_NEW, kSCORES, kCU_SEQLENS, kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL, kPOS_POOL, kBLOCK_TABLE,
-             kKEPT_LEN, kRING_K, kRING_V, kRING_SCORE, kFREE_STACK, kNUM_FREE, kERROR, kNB_INPUTS };
-enum Output { kNB_OUTPUTS = 11 };
+enum Input { kK_NEW, kV_NEW, kSCORES, kCU_SEQLENS, kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL, kPOS_POOL, kSCORE_POOL,
+             kBLOCK_TABLE, kKEPT_LEN, kRING_TABLE, kFREE_STACK, kNUM_FREE, kERROR, kNB_INPUTS };
+enum Output { kNB_OUTPUTS = 10 };
 }  // namespace evict
 
 // supportsFormatCombination without TensorRT: may tensor `pos` (inputs, then outputs) have dtype
@@ -111,13 +115,15 @@ struct CallDims {
     int64_t M = 0;   // block table columns per head
     int64_t NB = 0;  // pool blocks
     int64_t BS = 0;  // tokens per block
-    int64_t W = 0;   // window ring slots
+    int64_t W = 0;   // window tokens per head (the `window` field)
+    int64_t R = 0;   // window pages per head: ring_table columns, ceil(W / BS)
     int64_t layers = 1;  // evict: layers this call works on (L when layer == -1)
 };
 
-// Every input's rank and dimensions against the others (what torch_ops.cpp checks), the layer
-// index against L, head_dim and group size against what the kernels are built for, and that the
-// host bounds below fit an int. `dtype` is the K/V dtype (DTypeCode).
+// Every input's rank and dimensions against the others (what torch_ops.cpp checks), ring_table's
+// columns against ceil(window / block_size), the layer index against L, head_dim and group size
+// against what the kernels are built for, and that the host bounds below fit an int. `dtype` is
+// the K/V dtype (DTypeCode).
 std::string checkAttentionShapes(Shape const* inputs, int32_t nbInputs, AttentionFields const& f, int32_t dtype,
                                  CallDims& dims);
 std::string checkEvictShapes(Shape const* inputs, int32_t nbInputs, EvictFields const& f, int32_t dtype,
@@ -128,7 +134,7 @@ std::vector<Shape> outputShapes(PluginIo const& io, Shape const* inputs, int32_t
 
 // Host bounds, from shapes only (a plugin cannot read device data on the host):
 //   attention max_keys = M * block_size + W + N: a row sees at most its head's kept pages
-//     (<= M blocks), the ring (<= W) and its sequence's new tokens (<= N);
+//     (<= M blocks), the window (<= W) and its sequence's new tokens (<= N);
 //   evict max_new_tokens = N (no sequence has more new tokens than the batch has rows).
 // The kernels set KVZAP_ERR_BOUND_EXCEEDED if a bound is below the real value, which these never are.
 int64_t attentionMaxKeys(CallDims const& d);
@@ -156,9 +162,10 @@ size_t attentionWorkspaceBytes(CallDims const& d, int32_t splitSize);
 size_t attentionWorkspaceBound(CallDims const& d);
 
 // attentionWorkspaceBound over an optimization profile (getWorkspaceSize): the profile's largest
-// N, Hq, D, block_size, M, W and its smallest H. Ranks are checked; values are not (0 if a rank
-// is wrong: enqueue then refuses the call).
-size_t attentionProfileWorkspace(Shape const* minInputs, Shape const* maxInputs, int32_t nbInputs);
+// N, Hq, D, block_size, M, its smallest H, and W = f.window. Ranks are checked; values are not (0
+// if a rank is wrong: enqueue then refuses the call).
+size_t attentionProfileWorkspace(Shape const* minInputs, Shape const* maxInputs, int32_t nbInputs,
+                                 AttentionFields const& f);
 
 }  // namespace kvzap_trt
 

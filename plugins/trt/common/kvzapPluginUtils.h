@@ -56,6 +56,7 @@ void setKernelDims(Params& p, CallDims const& d) {
     p.head_dim = static_cast<int>(d.D);
     p.window = static_cast<int>(d.W);
     p.block_size = static_cast<int>(d.BS);
+    p.ring_pages = static_cast<int>(d.R);
     p.max_blocks_per_head = static_cast<int>(d.M);
     p.num_rows = static_cast<int>(d.N);
 }

@@ -1,7 +1,8 @@
 // KvzapEvict: a thin shell over kvzapEvict. Shapes are checked by checkEvictShapes
 // (common/kvzapPluginHost.cpp) in onShapeChange; enqueue fills kvzapEvictParams (layer `layer`
-// of the [L, ...] cache tensors, or all of them when layer == -1) and launches. Every cache tensor
-// is updated in place: each output is its input's memory (getAliasedInput).
+// of the [L, ...] cache tensors, or all of them when layer == -1; window and ring_pages from the
+// `window` field) and launches. Every cache tensor is updated in place: each output is its input's
+// memory (getAliasedInput).
 
 #include "kvzapEvictPlugin.h"
 
@@ -26,7 +27,6 @@ int32_t KvzapEvictPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
         // The aliased outputs are these inputs' memory (as in NVIDIA's aliased_io_plugin sample):
         // the kernels update them in place. One layer: pointers at layer `layer`; all: at layer 0.
         int64_t const layer = mFields.layer < 0 ? 0 : mFields.layer;
-        int64_t const elt = dtypeBytes(mDtype);
         auto rw = [](void const* p) { return const_cast<void*>(p); };
         auto at = [&](int32_t i, int64_t offsetBytes) { return static_cast<char*>(rw(inputs[i])) + offsetBytes; };
         int64_t const heads = d.S * d.H;  // per layer
@@ -45,11 +45,10 @@ int32_t KvzapEvictPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
         p.k_pool = rw(inputs[kK_POOL]);
         p.v_pool = rw(inputs[kV_POOL]);
         p.pos_pool = static_cast<int32_t*>(rw(inputs[kPOS_POOL]));
+        p.score_pool = static_cast<float*>(rw(inputs[kSCORE_POOL]));
         p.block_table = reinterpret_cast<int32_t*>(at(kBLOCK_TABLE, layer * heads * d.M * 4));
         p.kept_len = reinterpret_cast<int32_t*>(at(kKEPT_LEN, layer * heads * 4));
-        p.ring_k = at(kRING_K, layer * heads * d.W * d.D * elt);
-        p.ring_v = at(kRING_V, layer * heads * d.W * d.D * elt);
-        p.ring_score = reinterpret_cast<float*>(at(kRING_SCORE, layer * heads * d.W * 4));
+        p.ring_table = reinterpret_cast<int32_t*>(at(kRING_TABLE, layer * heads * d.R * 4));
         p.free_stack = static_cast<int32_t*>(rw(inputs[kFREE_STACK]));
         p.num_free = static_cast<int32_t*>(rw(inputs[kNUM_FREE]));
         p.error = static_cast<int32_t*>(rw(inputs[kERROR]));

@@ -1,6 +1,7 @@
 // KvzapVarlenPagedAttention: a thin shell over kvzapVarlenPagedAttention. Shapes are checked by
 // checkAttentionShapes (common/kvzapPluginHost.cpp) in onShapeChange; enqueue fills
-// kvzapAttentionParams (pointers of layer `layer` of the [L, ...] cache tensors) and launches.
+// kvzapAttentionParams (pointers of layer `layer` of the [L, ...] cache tensors; window and
+// ring_pages from the `window` field) and launches.
 
 #include "kvzapVarlenPagedAttentionPlugin.h"
 
@@ -26,7 +27,7 @@ size_t KvzapVarlenPagedAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc
             lo.push_back(toShape(inputs[i].min));
             hi.push_back(toShape(inputs[i].max));
         }
-        return attentionProfileWorkspace(lo.data(), hi.data(), nbInputs);
+        return attentionProfileWorkspace(lo.data(), hi.data(), nbInputs, mFields);
     } catch (std::exception const& e) {
         reportException(mRecorder, kATTENTION_NAME, e);
     }
@@ -52,9 +53,7 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
 
         // Layer `layer` of the [L, ...] cache tensors. The aliased outputs are these inputs' memory;
         // the only one written is the error flag (OR-ed, never cleared: the host zeroes it per step).
-        size_t const elt = static_cast<size_t>(dtypeBytes(mDtype));
         int64_t const layer = mFields.layer;
-        auto bytes = [](void const* p, int64_t offset) { return static_cast<char const*>(p) + offset; };
         kvzapAttentionParams p{};
         p.dtype = toKernelDtype(inputDesc[kQ].type);
         setKernelDims(p, d);
@@ -71,8 +70,7 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
         p.v_pool = inputs[kV_POOL];
         p.block_table = static_cast<int32_t const*>(inputs[kBLOCK_TABLE]) + layer * d.S * d.H * d.M;
         p.kept_len = static_cast<int32_t const*>(inputs[kKEPT_LEN]) + layer * d.S * d.H;
-        p.ring_k = bytes(inputs[kRING_K], layer * d.S * d.H * d.W * d.D * static_cast<int64_t>(elt));
-        p.ring_v = bytes(inputs[kRING_V], layer * d.S * d.H * d.W * d.D * static_cast<int64_t>(elt));
+        p.ring_table = static_cast<int32_t const*>(inputs[kRING_TABLE]) + layer * d.S * d.H * d.R;
         p.out = outputs[kOUT];
         p.workspace = need > 0 ? static_cast<float*>(workspace) : nullptr;
         p.error = static_cast<int32_t*>(const_cast<void*>(inputs[kERROR]));

@@ -37,41 +37,62 @@ bool contains(std::string const& s, char const* part) { return s.find(part) != s
 struct FieldCase {
     char const* what;
     std::vector<Field> fields;
-    char const* error;  // nullptr: must parse
+    char const* error;   // nullptr: must parse
+    int32_t window = 4;  // what a parsed `window` must be
 };
 
 void testFields() {
-    int32_t const layer3 = 3, layerNeg = -1, layerNeg2 = -2, two[2] = {1, 2};
+    int32_t const layer3 = 3, layerNeg = -1, layerNeg2 = -2, two[2] = {1, 2}, window4 = 4, window0 = 0;
     float const scale = 0.125f, zero = 0.f, negative = -1.f, inf = std::numeric_limits<float>::infinity(),
                 nan = std::numeric_limits<float>::quiet_NaN(), ninf = -inf;
-    Field const layer{"layer", &layer3, kFIELD_INT32, 1}, sc{"scale", &scale, kFIELD_FLOAT32, 1};
-
-    std::vector<FieldCase> const attention{
-        {"both", {layer, sc}, nullptr},
-        {"any order", {sc, layer}, nullptr},
-        {"none", {}, "missing field 'layer'"},
-        {"no scale", {layer}, "missing field 'scale'"},
-        {"scale as int32", {layer, {"scale", &layer3, kFIELD_INT32, 1}}, "'scale' must be float32, got int32"},
-        {"layer as float32", {{"layer", &scale, kFIELD_FLOAT32, 1}, sc}, "'layer' must be int32, got float32"},
-        {"layer of another type", {{"layer", &layer3, 10, 1}, sc}, "'layer' must be int32, got another type"},
-        {"two values", {{"layer", two, kFIELD_INT32, 2}, sc}, "must hold one value, got 2"},
-        {"no value", {{"layer", &layer3, kFIELD_INT32, 0}, sc}, "must hold one value, got 0"},
-        {"unknown", {layer, sc, {"window", &layer3, kFIELD_INT32, 1}}, "unknown field 'window' (fields: layer, scale)"},
-        {"twice", {layer, sc, layer}, "'layer' given twice"},
-        {"no name", {{nullptr, &layer3, kFIELD_INT32, 1}, sc}, "field 0 has no name"},
-        {"no data", {{"layer", nullptr, kFIELD_INT32, 1}, sc}, "'layer' has no data"},
-        {"layer -1", {{"layer", &layerNeg, kFIELD_INT32, 1}, sc}, "'layer' must be >= 0"},
-        {"scale 0", {layer, {"scale", &zero, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
-        {"scale < 0", {layer, {"scale", &negative, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
-        {"scale inf", {layer, {"scale", &inf, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
-        {"scale nan", {layer, {"scale", &nan, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+    Field const layer{"layer", &layer3, kFIELD_INT32, 1}, sc{"scale", &scale, kFIELD_FLOAT32, 1},
+        win{"window", &window4, kFIELD_INT32, 1};
+    // The window field's own cases, the same for both plugins (`rest`: the plugin's other fields).
+    auto windowCases = [&](std::vector<Field> const& rest) {
+        auto with = [&](std::vector<Field> v) {
+            v.insert(v.begin() + 1, rest.begin(), rest.end());
+            return v;
+        };
+        return std::vector<FieldCase>{
+            {"window 0", with({layer, {"window", &window0, kFIELD_INT32, 1}}), nullptr, 0},
+            {"no window", with({layer}), "missing field 'window' (int32)"},
+            {"window -1", with({layer, {"window", &layerNeg, kFIELD_INT32, 1}}), "field 'window' must be >= 0, got -1"},
+            {"window as float32", with({layer, {"window", &scale, kFIELD_FLOAT32, 1}}),
+             "'window' must be int32, got float32"},
+            {"window twice", with({layer, win, win}), "'window' given twice"},
+            {"windows", with({layer, {"windows", &window4, kFIELD_INT32, 1}}), "unknown field 'windows'"},
+        };
     };
+
+    std::vector<FieldCase> attention{
+        {"all three", {layer, win, sc}, nullptr},
+        {"any order", {sc, layer, win}, nullptr},
+        {"none", {}, "missing field 'layer'"},
+        {"no scale", {layer, win}, "missing field 'scale'"},
+        {"scale as int32", {layer, win, {"scale", &layer3, kFIELD_INT32, 1}}, "'scale' must be float32, got int32"},
+        {"layer as float32", {{"layer", &scale, kFIELD_FLOAT32, 1}, win, sc}, "'layer' must be int32, got float32"},
+        {"layer of another type", {{"layer", &layer3, 10, 1}, win, sc}, "'layer' must be int32, got another type"},
+        {"two values", {{"layer", two, kFIELD_INT32, 2}, win, sc}, "must hold one value, got 2"},
+        {"no value", {{"layer", &layer3, kFIELD_INT32, 0}, win, sc}, "must hold one value, got 0"},
+        {"unknown", {layer, win, sc, {"threshold", &scale, kFIELD_FLOAT32, 1}},
+         "unknown field 'threshold' (fields: layer, window, scale)"},
+        {"twice", {layer, win, sc, layer}, "'layer' given twice"},
+        {"no name", {{nullptr, &layer3, kFIELD_INT32, 1}, win, sc}, "field 0 has no name"},
+        {"no data", {{"layer", nullptr, kFIELD_INT32, 1}, win, sc}, "'layer' has no data"},
+        {"layer -1", {{"layer", &layerNeg, kFIELD_INT32, 1}, win, sc}, "'layer' must be >= 0"},
+        {"scale 0", {layer, win, {"scale", &zero, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+        {"scale < 0", {layer, win, {"scale", &negative, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+        {"scale inf", {layer, win, {"scale", &inf, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+        {"scale nan", {layer, win, {"scale", &nan, kFIELD_FLOAT32, 1}}, "'scale' must be finite and > 0"},
+    };
+    for (FieldCase const& c : windowCases({sc})) attention.push_back(c);
     for (auto const& c : attention) {
         AttentionFields f;
         f.layer = 77;
         std::string const e = parseAttentionFields(c.fields.data(), static_cast<int32_t>(c.fields.size()), f);
         if (c.error == nullptr) {
-            CHECK(e.empty() && f.layer == 3 && f.scale == 0.125f, "attention %s: '%s'", c.what, e.c_str());
+            CHECK(e.empty() && f.layer == 3 && f.window == c.window && f.scale == 0.125f, "attention %s: '%s'", c.what,
+                  e.c_str());
         } else {
             CHECK(contains(e, c.error) && contains(e, "KvzapVarlenPagedAttention"), "attention %s: '%s'", c.what,
                   e.c_str());
@@ -82,35 +103,43 @@ void testFields() {
     CHECK(contains(parseAttentionFields(nullptr, 2, a), "no field collection"), "null fields");
 
     Field const th{"threshold", &negative, kFIELD_FLOAT32, 1};
-    std::vector<FieldCase> const evict{
-        {"both", {layer, th}, nullptr},
-        {"layer -1 (all layers)", {{"layer", &layerNeg, kFIELD_INT32, 1}, th}, nullptr},
-        {"threshold -inf", {layer, {"threshold", &ninf, kFIELD_FLOAT32, 1}}, nullptr},
-        {"threshold +inf", {layer, {"threshold", &inf, kFIELD_FLOAT32, 1}}, nullptr},
-        {"layer -2", {{"layer", &layerNeg2, kFIELD_INT32, 1}, th}, "'layer' must be >= 0, or -1 for all layers"},
-        {"threshold nan", {layer, {"threshold", &nan, kFIELD_FLOAT32, 1}}, "'threshold' is NaN"},
-        {"no threshold", {layer}, "missing field 'threshold'"},
-        {"scale is attention's", {layer, th, sc}, "unknown field 'scale' (fields: layer, threshold)"},
-        {"threshold as int32", {layer, {"threshold", &layer3, kFIELD_INT32, 1}}, "'threshold' must be float32"},
+    std::vector<FieldCase> evict{
+        {"all three", {layer, win, th}, nullptr},
+        {"layer -1 (all layers)", {{"layer", &layerNeg, kFIELD_INT32, 1}, win, th}, nullptr},
+        {"threshold -inf", {layer, win, {"threshold", &ninf, kFIELD_FLOAT32, 1}}, nullptr},
+        {"threshold +inf", {layer, win, {"threshold", &inf, kFIELD_FLOAT32, 1}}, nullptr},
+        {"layer -2", {{"layer", &layerNeg2, kFIELD_INT32, 1}, win, th}, "'layer' must be >= 0, or -1 for all layers"},
+        {"threshold nan", {layer, win, {"threshold", &nan, kFIELD_FLOAT32, 1}}, "'threshold' is NaN"},
+        {"no threshold", {layer, win}, "missing field 'threshold'"},
+        {"scale is attention's", {layer, win, th, sc}, "unknown field 'scale' (fields: layer, window, threshold)"},
+        {"threshold as int32", {layer, win, {"threshold", &layer3, kFIELD_INT32, 1}}, "'threshold' must be float32"},
     };
+    for (FieldCase const& c : windowCases({th})) evict.push_back(c);
     for (auto const& c : evict) {
         EvictFields f;
+        f.window = 77;
         std::string const e = parseEvictFields(c.fields.data(), static_cast<int32_t>(c.fields.size()), f);
-        if (c.error == nullptr)
-            CHECK(e.empty(), "evict %s: '%s'", c.what, e.c_str());
-        else
+        if (c.error == nullptr) {
+            CHECK(e.empty() && f.window == c.window, "evict %s: '%s'", c.what, e.c_str());
+        } else {
             CHECK(contains(e, c.error) && contains(e, "KvzapEvict"), "evict %s: '%s'", c.what, e.c_str());
+            CHECK(f.window == 77, "evict %s: a rejected collection wrote the result", c.what);
+        }
     }
 
     // What a plugin serializes parses back to itself (the runtime phase's createPlugin).
-    AttentionFields const af{5, 0.0883883f};
+    AttentionFields const af{5, 4096, 0.0883883f};
     std::vector<Field> const out = attentionFieldsOf(af);
     AttentionFields back;
-    CHECK(parseAttentionFields(out.data(), 2, back).empty() && back.layer == 5 && back.scale == af.scale, "round trip");
-    EvictFields const ef{-1, -6.5f};
+    CHECK(out.size() == 3 && parseAttentionFields(out.data(), 3, back).empty() && back.layer == 5 &&
+              back.window == 4096 && back.scale == af.scale,
+          "round trip");
+    EvictFields const ef{-1, 0, -6.5f};
     std::vector<Field> const eout = evictFieldsOf(ef);
     EvictFields eback;
-    CHECK(parseEvictFields(eout.data(), 2, eback).empty() && eback.layer == -1 && eback.threshold == -6.5f,
+    eback.window = 77;
+    CHECK(eout.size() == 3 && parseEvictFields(eout.data(), 3, eback).empty() && eback.layer == -1 &&
+              eback.window == 0 && eback.threshold == -6.5f,
           "evict round trip");
 }
 
@@ -152,11 +181,17 @@ void testIo() {
     PluginIo const& a = attentionIo();
     CHECK(a.inputs.size() == attn::kNB_INPUTS && a.outputs.size() == attn::kNB_OUTPUTS, "attention counts");
     CHECK(a.outputs[attn::kOUT].aliasedInput == -1 && a.outputs[attn::kOUT].followsInput == attn::kQ, "out");
-    CHECK(a.inputs[attn::kSEQ_SLOTS].kind == Kind::kINT32 && a.inputs[attn::kRING_V].kind == Kind::kDATA, "kinds");
+    CHECK(a.inputs[attn::kSEQ_SLOTS].kind == Kind::kINT32 && a.inputs[attn::kRING_TABLE].kind == Kind::kINT32 &&
+              a.inputs[attn::kK_POOL].kind == Kind::kDATA,
+          "kinds");
+    CHECK(std::string(a.outputs[attn::kNB_OUTPUTS - 2].name) == "ring_table_out", "attention ring_table_out");
     PluginIo const& e = evictIo();
     CHECK(e.inputs.size() == evict::kNB_INPUTS && e.outputs.size() == evict::kNB_OUTPUTS, "evict counts");
-    CHECK(e.inputs[evict::kSCORES].kind == Kind::kFLOAT32 && e.inputs[evict::kRING_SCORE].kind == Kind::kFLOAT32,
+    CHECK(e.inputs[evict::kSCORES].kind == Kind::kFLOAT32 && e.inputs[evict::kSCORE_POOL].kind == Kind::kFLOAT32,
           "scores are float32");
+    CHECK(e.inputs[evict::kRING_TABLE].kind == Kind::kINT32 && e.inputs[evict::kPOS_POOL].kind == Kind::kINT32, "kinds");
+    CHECK(e.outputs.size() == evict::kNB_INPUTS - evict::kK_POOL && e.outputs.front().aliasedInput == evict::kK_POOL,
+          "evict outputs: inputs k_pool.. in order");
     for (auto const& o : e.outputs) CHECK(o.aliasedInput >= evict::kK_POOL, "evict output %s not aliased", o.name);
 }
 
@@ -180,10 +215,16 @@ struct Dims {
     int64_t N, Hq, H, D, B, L, S, M, NB, BS, W;
 };
 
+// ring_table's columns: ceil(W / BS).
+int64_t ringPages(Dims const& d) { return d.BS > 0 ? (d.W + d.BS - 1) / d.BS : 0; }
+
+AttentionFields attentionFields(Dims const& d, int32_t layer = 0) { return {layer, static_cast<int32_t>(d.W), 0.125f}; }
+EvictFields evictFields(Dims const& d, int32_t layer) { return {layer, static_cast<int32_t>(d.W), 0.f}; }
+
 std::vector<Shape> attentionInputs(Dims const& d) {
     return {shape({d.N, d.Hq, d.D}), shape({d.N, d.H, d.D}), shape({d.N, d.H, d.D}), shape({d.B + 1}), shape({d.B}),
             shape({d.B}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS, d.D}), shape({d.L, d.S, d.H, d.M}),
-            shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, d.W, d.D}), shape({d.L, d.S, d.H, d.W, d.D}), shape({1})};
+            shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, ringPages(d)}), shape({1})};
 }
 
 std::vector<Shape> evictInputs(Dims const& d, bool all) {
@@ -192,29 +233,88 @@ std::vector<Shape> evictInputs(Dims const& d, bool all) {
         return shape(v);
     };
     return {per({d.N, d.H, d.D}), per({d.N, d.H, d.D}), per({d.N, d.H}), shape({d.B + 1}), shape({d.B}),
-            shape({d.B}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS}),
-            shape({d.L, d.S, d.H, d.M}), shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, d.W, d.D}),
-            shape({d.L, d.S, d.H, d.W, d.D}), shape({d.L, d.S, d.H, d.W}), shape({d.NB}), shape({1}), shape({1})};
+            shape({d.B}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS}), shape({d.NB, d.BS}),
+            shape({d.L, d.S, d.H, d.M}), shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, ringPages(d)}), shape({d.NB}),
+            shape({1}), shape({1})};
 }
 
-// N, Hq, H, D, B, L, S, M, NB, BS, W: decode, prefill, odd sizes, W = 0, an empty batch, GQA 1..8.
+// N, Hq, H, D, B, L, S, M, NB, BS, W: decode, prefill, odd sizes, W = 0, W not a multiple of the
+// page, an empty batch, GQA 1..8.
 std::vector<Dims> const kCases{
-    {8, 32, 8, 128, 8, 36, 64, 2048, 100000, 16, 128},  // Qwen3-8B-like decode
-    {577, 9, 3, 64, 3, 30, 4, 300, 4000, 24, 17},       // SmolLM2-like chunked prefill
-    {1, 4, 4, 64, 1, 1, 1, 1, 1, 1, 0},                 // one token, W = 0, page size 1
-    {0, 16, 2, 128, 0, 2, 8, 64, 512, 64, 32},          // empty batch
-    {4096, 56, 7, 128, 1, 4, 2, 512, 4096, 64, 1024},   // G = 8, long prefill
+    {8, 32, 8, 128, 8, 36, 64, 2048, 100000, 16, 128},  // Qwen3-8B-like decode, R = 8
+    {577, 9, 3, 64, 3, 30, 4, 300, 4000, 24, 17},       // SmolLM2-like chunked prefill, R = 1
+    {1, 4, 4, 64, 1, 1, 1, 1, 1, 1, 0},                 // one token, W = 0 (R = 0), page size 1
+    {5, 4, 4, 64, 2, 1, 3, 4, 64, 16, 0},               // W = 0 (R = 0), page size 16
+    {0, 16, 2, 128, 0, 2, 8, 64, 512, 64, 32},          // empty batch, R = 1
+    {4096, 56, 7, 128, 1, 4, 2, 512, 4096, 64, 1024},   // G = 8, long prefill, R = 16
+    {3, 8, 2, 64, 2, 2, 2, 8, 64, 16, 33},              // R = 3, the last window page part-used
 };
 
+// ring_table [L, S, H, ceil(window / block_size)]: the window is a field, so a ring_table made for
+// another window, or in the old [L, S, H, W, D] layout, is refused, naming ring_table.
+void testRingTable() {
+    Dims const d{3, 8, 2, 64, 2, 2, 2, 8, 64, 16, 33};  // R = 3
+    auto attention = [&](std::vector<Shape> const& in, int32_t window) {
+        CallDims c;
+        return checkAttentionShapes(in.data(), attn::kNB_INPUTS, {0, window, 0.125f}, kDTYPE_HALF, c);
+    };
+    auto evictCheck = [&](std::vector<Shape> const& in, int32_t window) {
+        CallDims c;
+        return checkEvictShapes(in.data(), evict::kNB_INPUTS, {1, window, 0.f}, kDTYPE_HALF, c);
+    };
+    std::vector<Shape> const ain = attentionInputs(d), ein = evictInputs(d, false);
+    // Any window with the same page count fits; one page more or less does not.
+    for (int32_t window : {33, 40, 48}) {
+        CHECK(attention(ain, window).empty(), "attention window %d: %s", window, attention(ain, window).c_str());
+        CHECK(evictCheck(ein, window).empty(), "evict window %d: %s", window, evictCheck(ein, window).c_str());
+    }
+    for (int32_t window : {0, 32, 49, 1000}) {
+        std::string const a = attention(ain, window), e = evictCheck(ein, window);
+        std::string const want = "window " + std::to_string(window) + ", block_size 16";
+        CHECK(contains(a, "KvzapVarlenPagedAttention: ring_table has shape [2, 2, 2, 3], expected [L, S, H, "
+                          "ceil(window / block_size)]") &&
+                  contains(a, want.c_str()),
+              "attention window %d: '%s'", window, a.c_str());
+        CHECK(contains(e, "KvzapEvict: ring_table has shape [2, 2, 2, 3]") && contains(e, want.c_str()),
+              "evict window %d: '%s'", window, e.c_str());
+    }
+    // ring_table's last dim off: W columns (slots, not pages), or the old [L, S, H, W, D] ring.
+    for (Shape ring : {shape({2, 2, 2, 33}), shape({2, 2, 2, 2}), shape({2, 2, 2, 4}), shape({2, 2, 2, 33, 64})}) {
+        std::vector<Shape> a = ain, e = ein;
+        a[attn::kRING_TABLE] = ring;
+        e[evict::kRING_TABLE] = ring;
+        CHECK(contains(attention(a, 33), "ring_table") && contains(attention(a, 33), "= [2, 2, 2, 3]"), "attention: '%s'",
+              attention(a, 33).c_str());
+        CHECK(contains(evictCheck(e, 33), "ring_table") && contains(evictCheck(e, 33), "= [2, 2, 2, 3]"), "evict: '%s'",
+              evictCheck(e, 33).c_str());
+    }
+    // W = 0: no window pages, ring_table [L, S, H, 0]; one column is refused, as is W = 1 with none.
+    Dims none = d;
+    none.W = 0;
+    std::vector<Shape> const a0 = attentionInputs(none), e0 = evictInputs(none, false);
+    CHECK(a0[attn::kRING_TABLE].d[3] == 0 && attention(a0, 0).empty(), "attention W = 0: %s", attention(a0, 0).c_str());
+    CHECK(evictCheck(e0, 0).empty(), "evict W = 0: %s", evictCheck(e0, 0).c_str());
+    CHECK(contains(attention(a0, 1), "ring_table") && contains(evictCheck(e0, 1), "ring_table"), "W = 1, R = 0");
+    CHECK(contains(attention(ain, 0), "ring_table") && contains(evictCheck(ein, 0), "ring_table"), "W = 0, R = 3");
+    // Every layer at once (evict layer = -1) checks ring_table the same way.
+    std::vector<Shape> all = evictInputs(d, true);
+    CallDims c;
+    CHECK(checkEvictShapes(all.data(), evict::kNB_INPUTS, {-1, 33, 0.f}, kDTYPE_HALF, c).empty() && c.R == 3 &&
+              c.layers == 2,
+          "evict all layers");
+    CHECK(contains(checkEvictShapes(all.data(), evict::kNB_INPUTS, {-1, 64, 0.f}, kDTYPE_HALF, c), "ring_table"),
+          "evict all layers, window 64");
+}
+
 void testShapes() {
-    AttentionFields const af{0, 0.125f};
     for (Dims const& d : kCases) {
+        AttentionFields const af = attentionFields(d);
         std::vector<Shape> in = attentionInputs(d);
         CallDims c;
         std::string e = checkAttentionShapes(in.data(), attn::kNB_INPUTS, af, kDTYPE_BF16, c);
         CHECK(e.empty(), "attention N=%lld: %s", (long long)d.N, e.c_str());
         CHECK(c.N == d.N && c.Hq == d.Hq && c.H == d.H && c.D == d.D && c.B == d.B && c.L == d.L && c.S == d.S &&
-                  c.M == d.M && c.NB == d.NB && c.BS == d.BS && c.W == d.W,
+                  c.M == d.M && c.NB == d.NB && c.BS == d.BS && c.W == d.W && c.R == ringPages(d),
               "resolved dims N=%lld", (long long)d.N);
         CHECK(attentionMaxKeys(c) == d.M * d.BS + d.W + d.N, "max_keys");
         std::vector<Shape> const out = outputShapes(attentionIo(), in.data(), attn::kNB_INPUTS);
@@ -239,11 +339,12 @@ void testShapes() {
                   e.c_str());
         }
         for (bool all : {false, true}) {
-            EvictFields const ef{all ? -1 : static_cast<int32_t>(d.L - 1), 0.f};
+            EvictFields const ef = evictFields(d, all ? -1 : static_cast<int32_t>(d.L - 1));
             std::vector<Shape> ein = evictInputs(d, all);
             e = checkEvictShapes(ein.data(), evict::kNB_INPUTS, ef, kDTYPE_HALF, c);
             CHECK(e.empty(), "evict N=%lld all=%d: %s", (long long)d.N, all, e.c_str());
-            CHECK(c.layers == (all ? d.L : 1) && c.N == d.N && c.W == d.W && c.NB == d.NB, "evict dims");
+            CHECK(c.layers == (all ? d.L : 1) && c.N == d.N && c.W == d.W && c.R == ringPages(d) && c.NB == d.NB,
+                  "evict dims");
             CHECK(evictMaxNewTokens(c) == d.N, "max_new_tokens");
             std::vector<Shape> const eout = outputShapes(evictIo(), ein.data(), evict::kNB_INPUTS);
             for (size_t i = 0; i < eout.size(); ++i)
@@ -277,26 +378,38 @@ void testShapes() {
     for (auto const& b : bad) {
         std::vector<Shape> in = attentionInputs(b.d);
         CallDims c;
-        std::string const e = checkAttentionShapes(in.data(), attn::kNB_INPUTS, {b.layer, 1.f}, b.dtype, c);
+        std::string const e = checkAttentionShapes(in.data(), attn::kNB_INPUTS, attentionFields(b.d, b.layer), b.dtype, c);
         CHECK(contains(e, b.error), "expected '%s', got '%s'", b.error, e.c_str());
     }
+    testRingTable();
     // Evict: 16-byte rows (D = 4 is fine in fp32, not in fp16); k_new's rank must match `layer`.
     Dims const small{3, 4, 4, 4, 1, 2, 1, 2, 8, 4, 4};
     std::vector<Shape> ein = evictInputs(small, false);
     CallDims c;
-    CHECK(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {1, 0.f}, kDTYPE_FLOAT, c).empty(), "D=4 fp32");
-    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {1, 0.f}, kDTYPE_HALF, c), "multiple of 16 bytes"),
+    CHECK(checkEvictShapes(ein.data(), evict::kNB_INPUTS, evictFields(small, 1), kDTYPE_FLOAT, c).empty(), "D=4 fp32");
+    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, evictFields(small, 1), kDTYPE_HALF, c),
+                   "multiple of 16 bytes"),
           "D=4 fp16");
-    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {-1, 0.f}, kDTYPE_FLOAT, c), "all layers, [L, N, H, D]"),
+    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, evictFields(small, -1), kDTYPE_FLOAT, c),
+                   "all layers, [L, N, H, D]"),
           "layer -1 with [N, H, D]");
     std::vector<Shape> const allIn = evictInputs(small, true);
-    CHECK(contains(checkEvictShapes(allIn.data(), evict::kNB_INPUTS, {0, 0.f}, kDTYPE_FLOAT, c), "one layer, [N, H, D]"),
+    CHECK(contains(checkEvictShapes(allIn.data(), evict::kNB_INPUTS, evictFields(small, 0), kDTYPE_FLOAT, c),
+                   "one layer, [N, H, D]"),
           "layer 0 with [L, N, H, D]");
-    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, {2, 0.f}, kDTYPE_FLOAT, c), "L = 2"), "layer >= L");
-    CHECK(contains(checkEvictShapes(ein.data(), 16, {0, 0.f}, kDTYPE_FLOAT, c), "expected 17 inputs"), "count");
+    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS, evictFields(small, 2), kDTYPE_FLOAT, c), "L = 2"),
+          "layer >= L");
+    CHECK(contains(checkEvictShapes(ein.data(), evict::kNB_INPUTS - 1, evictFields(small, 0), kDTYPE_FLOAT, c),
+                   "expected 16 inputs"),
+          "count");
+    CHECK(contains(checkAttentionShapes(attentionInputs(small).data(), attn::kNB_INPUTS - 1, attentionFields(small),
+                                        kDTYPE_FLOAT, c),
+                   "expected 12 inputs"),
+          "attention count");
     std::vector<Shape> unresolved = ein;
     unresolved[evict::kK_NEW].d[0] = -1;
-    CHECK(contains(checkEvictShapes(unresolved.data(), evict::kNB_INPUTS, {0, 0.f}, kDTYPE_FLOAT, c), "unresolved"),
+    CHECK(contains(checkEvictShapes(unresolved.data(), evict::kNB_INPUTS, evictFields(small, 0), kDTYPE_FLOAT, c),
+                   "unresolved"),
           "wildcard");
 }
 
@@ -343,18 +456,31 @@ void testWorkspace() {
     // getWorkspaceSize over a profile covers every shape inside it.
     Dims const lo{1, 32, 8, 128, 1, 36, 64, 2048, 100000, 16, 128}, hi{8192, 32, 8, 128, 64, 36, 64, 2048, 100000, 16, 128};
     std::vector<Shape> const minIn = attentionInputs(lo), maxIn = attentionInputs(hi);
-    size_t const profile = attentionProfileWorkspace(minIn.data(), maxIn.data(), attn::kNB_INPUTS);
+    size_t const profile = attentionProfileWorkspace(minIn.data(), maxIn.data(), attn::kNB_INPUTS, attentionFields(hi));
     for (int64_t N : {1, 3, 64, 100, 1000, 8192}) {
         Dims mid = hi;
         mid.N = N;
         std::vector<Shape> in = attentionInputs(mid);
         CallDims c;
-        CHECK(checkAttentionShapes(in.data(), attn::kNB_INPUTS, {0, 1.f}, kDTYPE_BF16, c).empty(), "profile shape");
+        CHECK(checkAttentionShapes(in.data(), attn::kNB_INPUTS, attentionFields(mid), kDTYPE_BF16, c).empty(),
+              "profile shape");
         for (int sms : {108, 132, 148})
             CHECK(attentionWorkspaceBytes(c, attentionSplit(c, sms, 90)) <= profile, "N=%lld beyond the profile's %zu",
                   (long long)N, profile);
     }
-    CHECK(attentionProfileWorkspace(minIn.data(), maxIn.data(), 12) == 0, "wrong input count");
+    CHECK(attentionProfileWorkspace(minIn.data(), maxIn.data(), attn::kNB_INPUTS - 1, attentionFields(hi)) == 0,
+          "wrong input count");
+    // W comes from the field: a longer window (its ring_table too) bounds more keys.
+    Dims wide = hi;
+    wide.W = 1 << 20;
+    std::vector<Shape> const wideIn = attentionInputs(wide);
+    CallDims wc;
+    CHECK(checkAttentionShapes(wideIn.data(), attn::kNB_INPUTS, attentionFields(wide), kDTYPE_BF16, wc).empty(),
+          "wide window");
+    size_t const wideProfile =
+        attentionProfileWorkspace(minIn.data(), wideIn.data(), attn::kNB_INPUTS, attentionFields(wide));
+    CHECK(wideProfile > profile && attentionWorkspaceBytes(wc, attentionSplit(wc, 132, 90)) <= wideProfile,
+          "profile bound with W = %d: %zu (W = 128: %zu)", 1 << 20, wideProfile, profile);
     // The numbers the README quotes (bf16 Qwen3-8B-like: Hq 32, H 8, D 128, M*BS = 32768, W = 128).
     CallDims q;
     q.Hq = 32, q.H = 8, q.D = 128, q.M = 2048, q.BS = 16, q.W = 128;
