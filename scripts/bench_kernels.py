@@ -24,10 +24,12 @@ import torch
 from tqdm import tqdm
 
 from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.ops import cuda_kernels
 
 HQ, H, D, W, BS, LAYERS = 32, 8, 128, 128, 16, 36
+R = -(-W // BS)  # window pages per head
 DTYPE = torch.bfloat16
 
 
@@ -63,15 +65,17 @@ def ints(values) -> torch.Tensor:
 
 
 def attention_cache(batch: int, context: int, kept_fraction: float):
-    """One layer: each kv head of each sequence keeps kept_fraction of the tokens outside the window."""
+    """One layer: each kv head of each sequence keeps kept_fraction of the tokens outside the
+    window, and holds a full window; pages in random pool order."""
     kept = round(kept_fraction * (context - W))
     blocks_per_head = -(-kept // BS)
-    spec = CacheSpec(1, H, D, W, BS, max(1, batch * H * blocks_per_head), batch, context + 1, DTYPE)
+    spec = CacheSpec(1, H, D, W, BS, batch * H * (blocks_per_head + R), batch, context + 1, DTYPE)
     cache = PagedKVCache(spec, "cuda")
-    ids = torch.randperm(spec.num_blocks, device="cuda", dtype=torch.int32)[: batch * H * blocks_per_head]
-    cache.block_table[0, :, :, :blocks_per_head] = ids.view(batch, H, blocks_per_head)
+    ids = torch.randperm(spec.num_blocks, device="cuda", dtype=torch.int32).view(batch, H, blocks_per_head + R)
+    cache.block_table[0, :, :, :blocks_per_head] = ids[..., :blocks_per_head]
+    cache.ring_table[0] = ids[..., blocks_per_head:]
     cache.kept_len[0] = kept
-    for t in (cache.k_pool, cache.v_pool, cache.ring_k, cache.ring_v):
+    for t in (cache.k_pool, cache.v_pool):
         t.normal_()
     return cache, kept
 
@@ -89,8 +93,8 @@ def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense
 
     def run():
         torch.ops.kvzap_trt.paged_attention(q, k_new, v_new, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table,
-                                            lc.kept_len, lc.ring_k, lc.ring_v, D**-0.5, max_keys, split, out,
-                                            workspace, error, stream)
+                                            lc.kept_len, lc.ring_table, W, D**-0.5, max_keys, split, out, workspace,
+                                            error, stream)
 
     t = time_us(run)
     cuda_kernels.raise_kernel_error(int(error.item()))
@@ -138,19 +142,25 @@ def evict_args(cache: PagedKVCache, layered: bool, batch: int, tokens: int, cont
     t = cache if layered else cache.layer(0)  # [L, ...] tensors, or one layer's views
     a = cache.allocator
     return (k, k.clone(), scores, ints([i * tokens for i in range(batch + 1)]), ints(list(range(batch))),
-            ints([context] * batch), cache.k_pool, cache.v_pool, cache.pos_pool, t.block_table, t.kept_len, t.ring_k,
-            t.ring_v, t.ring_score, a.free_stack, a.num_free_t, torch.zeros(1, dtype=torch.int32, device="cuda"), 0.0,
-            tokens, torch.cuda.current_stream().cuda_stream)
+            ints([context] * batch), cache.k_pool, cache.v_pool, cache.pos_pool, cache.score_pool, t.block_table,
+            t.kept_len, t.ring_table, a.free_stack, a.num_free_t, torch.zeros(1, dtype=torch.int32, device="cuda"), W,
+            0.0, tokens, torch.cuda.current_stream().cuda_stream)
+
+
+def hold_full_windows(cache: PagedKVCache, batch: int) -> None:
+    """Give slots [0, batch) of every layer the window pages of a context >= W, as if written."""
+    L, a = cache.spec.num_layers, cache.allocator
+    cache.ring_table[:, :batch] = pop_blocks(a.free_stack, a.num_free_t, L * batch * H * R).view(L, batch, H, R)
 
 
 def time_evict_us(cache: PagedKVCache, args: tuple, reps: int) -> float:
     """Each call appends, so the cache is reset before it (kept lengths, free count); the reset's
     own time is measured alone and taken off."""
-    num_blocks = cache.spec.num_blocks
+    num_free = cache.allocator.num_free
 
     def reset():
         cache.kept_len.zero_()
-        cache.allocator.num_free_t.fill_(num_blocks)
+        cache.allocator.num_free_t.fill_(num_free)
 
     def run():
         reset()
@@ -162,15 +172,17 @@ def time_evict_us(cache: PagedKVCache, args: tuple, reps: int) -> float:
 def bench_decode_evict(batch: int, layered: bool) -> dict:
     """One decode token per sequence at context 2048: a token leaves the window of every head."""
     layers = LAYERS if layered else 1
-    cache = PagedKVCache(CacheSpec(layers, H, D, W, BS, layers * batch * H, batch, 4096, DTYPE), "cuda")
+    cache = PagedKVCache(CacheSpec(layers, H, D, W, BS, layers * batch * H * (1 + R), batch, 4096, DTYPE), "cuda")
+    hold_full_windows(cache, batch)
     t = time_evict_us(cache, evict_args(cache, layered, batch, 1, 2048), reps=50)
     return {"kernel": "evict_decode" + ("_36_layers" if layered else ""), "batch": batch, "kv_len": 2048,
             "kept_fraction": 1.0, "time_us": t, "time_us_per_layer": t / layers}
 
 
 def bench_prefill_evict(prompt: int) -> dict:
-    """A fresh prompt of `prompt` tokens, one layer, against that layer's dense causal attention."""
-    cache = PagedKVCache(CacheSpec(1, H, D, W, BS, H * (prompt // BS + 1), 1, prompt, DTYPE), "cuda")
+    """A fresh prompt of `prompt` tokens, one layer, against that layer's dense causal attention
+    (the call takes the window pages too)."""
+    cache = PagedKVCache(CacheSpec(1, H, D, W, BS, H * (prompt // BS + R), 1, prompt, DTYPE), "cuda")
     t = time_evict_us(cache, evict_args(cache, False, 1, prompt, 0), reps=20)
     q = torch.randn(1, HQ, prompt, D, device="cuda", dtype=DTYPE)
     k, v = (torch.randn(1, H, prompt, D, device="cuda", dtype=DTYPE) for _ in range(2))

@@ -6,8 +6,8 @@ scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, initchec
     then a decode step; chunked path (evict_plan/copy/commit_kernel): a 4200-token prefill
     (>= 4096 new tokens in a sequence);
   - kvzapVarlenPagedAttention (attention_kernel, merge_kernel): decode rows over ragged kept pages
-    with a forced split of 40 keys (splits start mid-page, many of them, merged), and a
-    chunked-prefill row set (tokens added to a cached sequence), in bf16 and fp32.
+    and a full window with a forced split of 40 keys (splits start mid-page, many of them, merged),
+    and a chunked-prefill row set (tokens added to a cached sequence), in bf16 and fp32.
 The kernels run through kvzap_trt.ops.dispatch.CUDA on the device; the reference runs on CPU
 copies of the same inputs. Any mismatch exits 1, so a sanitizer run fails on wrong output too.
 
@@ -18,7 +18,6 @@ copies of the same inputs. Any mismatch exits 1, so a sanitizer run fails on wro
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.ops.dispatch import CUDA, REFERENCE
+from kvzap_trt.ops.evict_append import window_rows
 
 TAU = 0.0
 EVICT = dict(num_layers=1, num_kv_heads=2, head_dim=64, window=128, block_size=16, num_blocks=1024, max_seqs=3,
@@ -40,7 +40,8 @@ ATTENTION_RUNS = {"attention decode, split 40": ([[0, 700], [33, 1], [300, 5]], 
 
 def evict_check(chunks: list[list[int]], device: str, ops, dtype: torch.dtype, g: torch.Generator) -> None:
     """Write `chunks` into a cache on `device` with `ops` and into a CPU cache with the reference;
-    the kept positions, K/V in order, rings, lengths and pool usage must be equal."""
+    the kept and the window tokens (positions, K/V, scores) in order, lengths and pool usage must be
+    equal."""
     spec = CacheSpec(**EVICT, dtype=dtype)
     caches = {"run": PagedKVCache(spec, device), "reference": PagedKVCache(spec, "cpu")}
     slots = [caches["run"].add_sequence() for _ in chunks]
@@ -61,48 +62,65 @@ def evict_check(chunks: list[list[int]], device: str, ops, dtype: torch.dtype, g
             impl, dev = (ops, device) if name == "run" else (REFERENCE, "cpu")
             lc, a = cache.layer(0), cache.allocator
             impl.evict_append(k.to(dev), v.to(dev), sc.to(dev), cu, slot_t, ctx, lc.k_pool, lc.v_pool, lc.pos_pool,
-                              lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v, lc.ring_score, a.free_stack,
-                              a.num_free_t, TAU)
+                              lc.score_pool, lc.block_table, lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t,
+                              spec.window, TAU)
         for b, n in zip(batch, sizes):
             written[b] += n
+    for cache in caches.values():
+        for b, s in enumerate(slots):
+            cache.ctx_len[s] = written[b]
     assert_same_cache(caches["run"], caches["reference"], slots)
 
 
+def pool_rows(cache: PagedKVCache, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(positions, K, V, scores) of pool rows blocks * bs + offsets, on CPU."""
+    return tuple(t[blocks, offsets].cpu() for t in (cache.pos_pool, cache.k_pool, cache.v_pool, cache.score_pool))
+
+
 def kept_pages(cache: PagedKVCache, slot: int, head: int) -> tuple[torch.Tensor, ...]:
-    """(positions [n], K [n, D], V [n, D]) of one head's kept pages in page order, on CPU."""
+    """(positions [n], K [n, D], V [n, D], scores [n]) of one head's kept pages in page order."""
     n, bs = int(cache.kept_len[0, slot, head]), cache.spec.block_size
-    blocks = cache.block_table[0, slot, head, : math.ceil(n / bs)].long()
-    return tuple(t[blocks].reshape(-1, *t.shape[2:])[:n].cpu() for t in (cache.pos_pool, cache.k_pool, cache.v_pool))
+    j = torch.arange(n, device=cache.device)
+    return pool_rows(cache, cache.block_table[0, slot, head, j // bs].long(), j % bs)
+
+
+def window(cache: PagedKVCache, slot: int, head: int) -> tuple[torch.Tensor, ...]:
+    """(positions, K, V, scores) of one head's window, oldest first."""
+    spec, c = cache.spec, cache.ctx_len[slot]
+    positions = torch.arange(max(0, c - spec.window), c, device=cache.device)
+    blocks, offsets = window_rows(cache.layer(0).ring_table[slot], positions, spec.window, spec.block_size)
+    return pool_rows(cache, blocks[head], offsets)
 
 
 def assert_same_cache(got: PagedKVCache, want: PagedKVCache, slots: list[int]) -> None:
     """Block ids may differ (the kernel pops concurrently); everything a reader sees may not."""
     assert got.allocator.num_free == want.allocator.num_free, "pool usage differs"
     assert torch.equal(got.kept_len.cpu(), want.kept_len.cpu()), "kept lengths differ"
-    for name in ("ring_k", "ring_v", "ring_score"):
-        assert torch.equal(getattr(got, name)[:, slots].cpu(), getattr(want, name)[:, slots].cpu()), f"{name} differs"
+    assert torch.equal((got.ring_table.cpu() >= 0)[:, slots], (want.ring_table.cpu() >= 0)[:, slots]), \
+        "window pages held differ"
     for s in slots:
         for h in range(got.spec.num_kv_heads):
-            for a, b, what in zip(kept_pages(got, s, h), kept_pages(want, s, h), ("positions", "K", "V")):
-                assert torch.equal(a, b), f"kept {what} of slot {s} head {h} differ"
+            for region in (kept_pages, window):
+                for a, b, what in zip(region(got, s, h), region(want, s, h), ("positions", "K", "V", "scores")):
+                    assert torch.equal(a, b), f"{region.__name__} {what} of slot {s} head {h} differ"
 
 
 def fill_pages(cache: PagedKVCache, kept: list[list[int]], g: torch.Generator) -> list[int]:
     """One sequence per entry of `kept` (tokens per kv head) with random kept pages and a full
-    random window ring -> the sequences' slots."""
-    spec, lc = cache.spec, cache.layer(0)
+    random window -> the sequences' slots."""
+    spec, lc, a = cache.spec, cache.layer(0), cache.allocator
+    R = lc.ring_table.shape[-1]
     slots = []
     for lengths in kept:
         s = cache.add_sequence()
         for h, n in enumerate(lengths):
             nb = -(-n // spec.block_size)
-            ids = pop_blocks(cache.allocator.free_stack, cache.allocator.num_free_t, nb)
-            lc.block_table[s, h, :nb] = ids
+            ids = pop_blocks(a.free_stack, a.num_free_t, nb + R)
+            lc.block_table[s, h, :nb] = ids[:nb]
             lc.kept_len[s, h] = n
+            lc.ring_table[s, h] = ids[nb:]
             for pool in (lc.k_pool, lc.v_pool):
-                pool[ids.long()] = torch.randn(nb, spec.block_size, spec.head_dim, generator=g).to(pool)
-        for ring in (lc.ring_k[s], lc.ring_v[s]):
-            ring.copy_(torch.randn(ring.shape, generator=g).to(ring))
+                pool[ids.long()] = torch.randn(nb + R, spec.block_size, spec.head_dim, generator=g).to(pool)
         cache.ctx_len[s] = max(lengths) + spec.window
         slots.append(s)
     return slots
@@ -111,7 +129,7 @@ def fill_pages(cache: PagedKVCache, kept: list[list[int]], g: torch.Generator) -
 def attention_check(kept: list[list[int]], new: list[int], device: str, ops, dtype: torch.dtype,
                     g: torch.Generator) -> float:
     """Kernel (40-key splits) vs the fp32 reference on CPU copies -> max abs error (asserted)."""
-    H, G, D, W = 2, 4, 128, 32
+    H, G, D, W = 2, 4, 128, 40  # W not a multiple of the page size: the last window page is partial
     cache = PagedKVCache(CacheSpec(1, H, D, W, 16, 256, len(new), 1024, dtype), device)
     slots = fill_pages(cache, kept, g)
     N = sum(new)
@@ -121,12 +139,12 @@ def attention_check(kept: list[list[int]], new: list[int], device: str, ops, dty
     slot_t = torch.tensor(slots, dtype=torch.int32)
     ctx = torch.tensor([cache.ctx_len[s] for s in slots], dtype=torch.int32)
     lc = cache.layer(0)
-    tensors = (q, k_new, v_new, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k, lc.ring_v)
+    tensors = (q, k_new, v_new, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table)
     out = torch.full_like(q, float("nan"))
     kw = dict(split_size=40, out=out) if ops is CUDA else {}
-    result = ops.paged_attention(*tensors[:3], cu, slot_t, ctx, *tensors[3:], D**-0.5, **kw)
+    result = ops.paged_attention(*tensors[:3], cu, slot_t, ctx, *tensors[3:], W, D**-0.5, **kw)
     f32 = [t.cpu().float() if t.is_floating_point() else t.cpu() for t in tensors]
-    truth = REFERENCE.paged_attention(*f32[:3], cu, slot_t, ctx, *f32[3:], D**-0.5)
+    truth = REFERENCE.paged_attention(*f32[:3], cu, slot_t, ctx, *f32[3:], W, D**-0.5)
     assert not result.isnan().any(), "output not fully written"
     err = (result.cpu().float() - truth).abs().max().item()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2

@@ -1,6 +1,6 @@
 """The kernels' index arithmetic (plugins/src/cache_index.cuh), called on the host through the C
 ABI (kvzapIndex*), against the PyTorch references on many random cases: a bug in a leaver range,
-ring slot, page slot, key order, split or chunk bound fails here, in CI, not on the first GPU.
+window slot or page, page slot, key order, split or chunk bound fails here, in CI, not on the first GPU.
 
 The expected values come from running the references (kvzap_trt/ops/evict_append.py and
 paged_attention.py's key order) on tagged data, not from restating their formulas.
@@ -14,7 +14,9 @@ import random
 import pytest
 import torch
 
+from kvzap_trt.cache.paged_cache import window_pages
 from kvzap_trt.ops.dispatch import REFERENCE
+from kvzap_trt.ops.evict_append import window_rows
 from kvzap_trt.ops.paged_attention import gather_pages
 from tests.cache_sim import make_cache
 
@@ -36,6 +38,8 @@ def index(cmake_build):
     class Index:
         leavers = staticmethod(outs(lib.kvzapIndexLeavers, 3))
         ring_slot = staticmethod(lib.kvzapIndexRingSlot)
+        ring_page_slot = staticmethod(outs(lib.kvzapIndexRingPageSlot, 2))
+        ring_pages = staticmethod(lib.kvzapIndexRingPages)
         page_slot = staticmethod(outs(lib.kvzapIndexPageSlot, 2))
         row_keys = staticmethod(lib.kvzapIndexRowKeys)
         locate_key = staticmethod(outs(lib.kvzapIndexLocateKey, 2))
@@ -58,15 +62,33 @@ def tagged_write(cache, slot: int, start: int, n: int):
     k = pos[:, None, None].expand(n, H, D).contiguous()
     lc, a = cache.layer(0), cache.allocator
     REFERENCE.evict_append(k, k.clone(), torch.zeros(n, H), torch.tensor([0, n]), torch.tensor([slot]),
-                           torch.tensor([start]), lc.k_pool, lc.v_pool, lc.pos_pool, lc.block_table, lc.kept_len,
-                           lc.ring_k, lc.ring_v, lc.ring_score, a.free_stack, a.num_free_t, -1.0)
+                           torch.tensor([start]), lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool, lc.block_table,
+                           lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t, cache.spec.window, -1.0)
     cache.ctx_len[slot] = start + n
 
 
-def test_leavers_ring_and_page_slots_match_the_reference(index):
+def test_ring_pages_and_window_page_slots_match_the_reference(index):
+    """ring_pages and ring_page_slot against the reference's window_pages and window_rows (over a
+    ring table whose block ids are its column numbers)."""
+    rng = random.Random(5)
+    for _ in range(400):
+        W, bs, c = rng.choice([0, 1, 3, 8, 16, 128, 130]), rng.choice([1, 3, 16, 64]), rng.randrange(0, 400)
+        assert index.ring_pages(c, W, bs) == window_pages(c, W, bs), (c, W, bs)
+        if W == 0:
+            continue
+        columns = torch.arange(window_pages(W, W, bs), dtype=torch.int32)[None]  # [1, R]
+        positions = torch.tensor([rng.randrange(0, 5000) for _ in range(20)])
+        blocks, offsets = window_rows(columns, positions, W, bs)
+        got = [index.ring_page_slot(int(p), W, bs) for p in positions]
+        assert got == list(zip(blocks[0].tolist(), offsets.tolist())), (W, bs)
+        assert [index.ring_slot(int(p), W) for p in positions] == (blocks[0] * bs + offsets).tolist()  # window slot
+
+
+def test_leavers_window_and_page_slots_match_the_reference(index):
     """For random (c, T, W, block size): the reference appends exactly positions [lo, hi) to the
     pages, at the block-table column / offset page_slot gives, and leaves each window position p
-    in ring slot ring_slot(p, W); the new tokens from stay_lo on are in the ring."""
+    at the ring-table column / offset ring_page_slot(p, W, bs) gives, in a head holding
+    ring_pages(c + T, W, bs) window pages; the new tokens from stay_lo on are in the window."""
     rng = random.Random(0)
     for _ in range(150):
         W, bs = rng.choice([0, 1, 3, 8, 16]), rng.choice([1, 3, 16])
@@ -86,13 +108,19 @@ def test_leavers_ring_and_page_slots_match_the_reference(index):
             appended.append(int(cache.pos_pool[table[column], offset]))
         assert appended == list(range(lo, hi)), (c, T, W, bs)
         assert stay_lo == max(c, hi)  # the new tokens that did not leave
+        ring = cache.layer(0).ring_table[slot, 0]
+        held = index.ring_pages(c + T, W, bs)
+        assert (ring[:held] >= 0).all() and (ring[held:] == -1).all(), (c, T, W, bs, ring.tolist())
         for p in range(max(0, c + T - W), c + T):
-            assert int(cache.ring_k[0, slot, 0, index.ring_slot(p, W), 0]) == p, (c, T, W, p)
+            column, offset = index.ring_page_slot(p, W, bs)
+            block = int(ring[column])
+            assert int(cache.k_pool[block, offset, 0]) == p and int(cache.pos_pool[block, offset]) == p, (c, T, W, p)
 
 
 def test_key_order_matches_the_reference_attention(index):
     """locate_key(j) names the j-th key the reference attends to for row t: its kept pages in
-    page order (gather_pages), then ring slots 0..r-1, then the new tokens 0..t."""
+    page order (gather_pages), then window slots 0..r-1 (window slot i at ring-table column /
+    offset page_slot(i, bs)), then the new tokens 0..t."""
     rng = random.Random(1)
     for _ in range(40):
         W, bs = rng.choice([0, 4, 8]), rng.choice([1, 3, 16])
@@ -105,17 +133,20 @@ def test_key_order_matches_the_reference_attention(index):
         r = min(c, W)
         k_new = torch.arange(1000, 1000 + T, dtype=torch.float32)[:, None, None].expand(T, 1, 4)
         pages, _, _ = gather_pages(cache.k_pool, cache.v_pool, cache.block_table[0, slot], cache.kept_len[0, slot])
+        ring = cache.layer(0).ring_table[slot]  # [1, R]
+        window, _, _ = gather_pages(cache.k_pool, cache.v_pool, ring, torch.tensor([r]))
         for t in range(T):
-            want = torch.cat([pages[0, :kept, 0], cache.ring_k[0, slot, 0, :r, 0], k_new[: t + 1, 0, 0]]).tolist()
+            want = torch.cat([pages[0, :kept, 0], window[0, :r, 0], k_new[: t + 1, 0, 0]]).tolist()
             assert index.row_keys(kept, c, W, t) == len(want)
             got = []
             for j in range(len(want)):
                 source, i = index.locate_key(j, kept, r)
-                if source == KEY_PAGE:
-                    column, offset = index.page_slot(i, bs)
-                    got.append(float(cache.k_pool[cache.block_table[0, slot, 0, column], offset, 0]))
+                if source == KEY_NEW:
+                    got.append(float(k_new[i, 0, 0]))
                 else:
-                    got.append(float((cache.ring_k[0, slot, 0, i, 0] if source == KEY_RING else k_new[i, 0, 0])))
+                    column, offset = index.page_slot(i, bs)
+                    table = cache.block_table[0, slot, 0] if source == KEY_PAGE else ring[0]
+                    got.append(float(cache.k_pool[table[column], offset, 0]))
             assert got == want, (c, T, W, bs, t)
 
 

@@ -33,11 +33,11 @@ def evict_call(cache, seq, n: int, max_new_tokens: int) -> torch.Tensor:
     """torch.ops.kvzap_trt.evict_append of n new tokens with the given bound -> error flag [1]."""
     k, v, sc, cu, slots, ctx = chunk_args(cache, [seq], [n])
     error = torch.zeros(1, dtype=torch.int32, device="cuda")
-    a = cache.allocator
+    lc, a = cache.layer(0), cache.allocator
     torch.ops.kvzap_trt.evict_append(
-        k, v, sc, cu.cuda(), slots.cuda(), ctx.cuda(), cache.k_pool, cache.v_pool, cache.pos_pool, cache.block_table[0],
-        cache.kept_len[0], cache.ring_k[0], cache.ring_v[0], cache.ring_score[0], a.free_stack, a.num_free_t, error, 0.0,
-        max_new_tokens, torch.cuda.current_stream().cuda_stream)
+        k, v, sc, cu.cuda(), slots.cuda(), ctx.cuda(), lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool, lc.block_table,
+        lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t, error, cache.spec.window, 0.0, max_new_tokens,
+        torch.cuda.current_stream().cuda_stream)
     return error
 
 
@@ -55,7 +55,7 @@ def test_evict_flags_a_max_new_tokens_below_the_real_count(n, max_new_tokens, fl
     free = cache.allocator.num_free
     error = evict_call(cache, seq, n, max_new_tokens)
     assert int(error.item()) == (cuda_kernels.ERR_BOUND_EXCEEDED if flagged else 0)
-    if flagged:  # nothing taken, nothing appended
+    if flagged:  # nothing taken (kept or window pages), nothing appended
         assert cache.allocator.num_free == free and int(cache.kept_len.sum()) == 0
 
 
@@ -76,6 +76,6 @@ def test_attention_flags_a_max_keys_below_a_rows_keys(max_keys, flagged):
     out, error = torch.empty_like(q), torch.zeros(1, dtype=torch.int32, device="cuda")
     lc = cache.layer(0)
     torch.ops.kvzap_trt.paged_attention(
-        q, k, v, cu.cuda(), slots.cuda(), ctx.cuda(), lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_k,
-        lc.ring_v, 0.125, max_keys, split, out, workspace, error, torch.cuda.current_stream().cuda_stream)
+        q, k, v, cu.cuda(), slots.cuda(), ctx.cuda(), lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table,
+        cache.spec.window, 0.125, max_keys, split, out, workspace, error, torch.cuda.current_stream().cuda_stream)
     assert int(error.item()) == (cuda_kernels.ERR_BOUND_EXCEEDED if flagged else 0)

@@ -181,8 +181,8 @@ def _error_flag(device: torch.device) -> tuple[torch.Tensor, bool]:
 
 
 def evict_append(
-    k_new, v_new, scores, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, pos_pool, block_table, kept_len,
-    ring_k, ring_v, ring_score, free_stack, num_free, threshold: float,
+    k_new, v_new, scores, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, pos_pool, score_pool, block_table, kept_len,
+    ring_table, free_stack, num_free, window: int, threshold: float,
 ) -> None:
     """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append (one layer)."""
     load()
@@ -193,15 +193,15 @@ def evict_append(
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.evict_append(
             k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), batch.cu_seqlens, batch.seq_slots,
-            batch.ctx_lens, k_pool, v_pool, pos_pool, block_table, kept_len, ring_k, ring_v, ring_score, free_stack,
-            num_free, error, float(threshold), batch.max_chunk, torch.cuda.current_stream(dev).cuda_stream,
+            batch.ctx_lens, k_pool, v_pool, pos_pool, score_pool, block_table, kept_len, ring_table, free_stack,
+            num_free, error, int(window), float(threshold), batch.max_chunk, torch.cuda.current_stream(dev).cuda_stream,
         )
     if check_now:
         raise_kernel_error(int(to_host(error)[0]))
 
 
 def paged_attention(
-    q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_k, ring_v,
+    q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table, window: int,
     scale: float, split_size: int = 0, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-> [N, Hq, D]; arguments as kvzap_trt.ops.paged_attention.paged_attention.
@@ -218,7 +218,7 @@ def paged_attention(
     def kernel(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
         sub = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
-        launch_paged_attention(q, k_new, v_new, sub, k_pool, v_pool, block_table, kept_len, ring_k, ring_v, scale,
+        launch_paged_attention(q, k_new, v_new, sub, k_pool, v_pool, block_table, kept_len, ring_table, window, scale,
                                split_size, out)
         return out
 
@@ -226,8 +226,8 @@ def paged_attention(
                                         out, kernel)
 
 
-def launch_paged_attention(q, k_new, v_new, batch: BatchArgs, k_pool, v_pool, block_table, kept_len, ring_k, ring_v,
-                           scale: float, split_size: int, out: torch.Tensor) -> None:
+def launch_paged_attention(q, k_new, v_new, batch: BatchArgs, k_pool, v_pool, block_table, kept_len, ring_table,
+                           window: int, scale: float, split_size: int, out: torch.Tensor) -> None:
     """torch.ops.kvzap_trt.paged_attention on a prepared batch description, into `out`."""
     load()
     dev = q.device
@@ -237,8 +237,8 @@ def launch_paged_attention(q, k_new, v_new, batch: BatchArgs, k_pool, v_pool, bl
                                           split_size)
         torch.ops.kvzap_trt.paged_attention(
             q.contiguous(), k_new.contiguous(), v_new.contiguous(), batch.cu_seqlens, batch.seq_slots, batch.ctx_lens,
-            k_pool, v_pool, block_table, kept_len, ring_k, ring_v, float(scale), batch.max_keys, split, out, workspace,
-            error, torch.cuda.current_stream(dev).cuda_stream,
+            k_pool, v_pool, block_table, kept_len, ring_table, int(window), float(scale), batch.max_keys, split, out,
+            workspace, error, torch.cuda.current_stream(dev).cuda_stream,
         )
     if check_now:
         raise_kernel_error(int(to_host(error)[0]))

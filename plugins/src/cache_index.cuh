@@ -21,8 +21,8 @@ KVZAP_HD int imin(int a, int b) { return a < b ? a : b; }
 KVZAP_HD int pages_for(int tokens, int bs) { return (tokens + bs - 1) / bs; }
 
 // A head with c tokens written takes T new ones, window W. Positions [lo, hi) leave the window
-// (the first, [lo, min(c, hi)), come from the ring; the rest are new tokens); the new tokens
-// [stay_lo, c + T) stay in it.
+// (the first, [lo, min(c, hi)), come from the window's pages; the rest are new tokens); the new
+// tokens [stay_lo, c + T) stay in it.
 struct Leavers {
     int lo, hi, stay_lo;
 };
@@ -34,17 +34,26 @@ KVZAP_HD Leavers leavers(int c, int T, int W) {
 KVZAP_HD int ring_slot(int pos, int W) { return pos % W; }
 
 // The dst-th token of a head's kept pages sits in block table column dst / bs, offset dst % bs.
+// Likewise window slot i sits in ring table column i / bs, offset i % bs.
 struct PageSlot {
     int column, offset;
 };
 KVZAP_HD PageSlot page_slot(int dst, int bs) { return PageSlot{dst / bs, dst % bs}; }
 
+// The window lives in pool pages too. A head with c tokens written holds ring_pages(c, W, bs)
+// window pages, ring table columns [0, ring_pages); a call that brings it from c to c + T tokens
+// takes the columns [ring_pages(c), ring_pages(c + T)).
+KVZAP_HD int ring_pages(int c, int W, int bs) { return pages_for(imin(c, W), bs); }
+
+// Window position pos (W > 0): ring table column and offset of its window slot pos % W.
+KVZAP_HD PageSlot ring_page_slot(int pos, int W, int bs) { return page_slot(ring_slot(pos, W), bs); }
+
 // Keys of attention row t (0-based among its sequence's new tokens) for one kv head, in order:
-// [0, kept) kept pages, [kept, kept + r) ring slots 0..r-1 (r = min(c, W)), then new tokens 0..t.
+// [0, kept) kept pages, [kept, kept + r) window slots 0..r-1 (r = min(c, W)), then new tokens 0..t.
 enum KeySource { kKeyPage = 0, kKeyRing = 1, kKeyNew = 2 };
 struct KeyRef {
     int source;  // KeySource
-    int index;   // kept-token index, ring slot, or new-token offset
+    int index;   // kept-token index, window slot, or new-token offset
 };
 KVZAP_HD int ring_keys(int c, int W) { return imin(c, W); }
 KVZAP_HD int row_keys(int kept, int c, int W, int t) { return kept + ring_keys(c, W) + t + 1; }
@@ -65,6 +74,25 @@ KVZAP_HD SplitKeys split_keys(int split, int split_size, int n_keys, int kept, i
     const int page_hi = kept > begin ? (imin(end, kept) - 1) / bs + 1 : page_lo;
     return SplitKeys{begin, end, page_lo, page_hi};
 }
+
+// The split's window keys, window slots [max(begin, kept), min(end, kept + r)) - kept, lie in
+// ring table columns [ring_lo, ring_hi) (empty: 0, 0).
+struct SplitRing {
+    int ring_lo, ring_hi;
+};
+KVZAP_HD SplitRing split_ring(const SplitKeys& keys, int kept, int r, int bs) {
+    const int first = imax(keys.begin, kept) - kept, last = imin(keys.end, kept + r) - kept;
+    return first < last ? SplitRing{first / bs, (last - 1) / bs + 1} : SplitRing{0, 0};
+}
+
+// A split stages the ids of its kept pages (table columns [page_lo, page_hi)) and then of its
+// window pages (ring columns [ring_lo, ring_hi)) in one array; a cached key (source kKeyPage or
+// kKeyRing) is the pool row staged[column] * bs + offset. At most split_size / bs + 3 ids.
+KVZAP_HD PageSlot staged_slot(const KeyRef& key, const SplitKeys& keys, const SplitRing& ring, int bs) {
+    const int shift = key.source == kKeyPage ? -keys.page_lo : keys.page_hi - keys.page_lo - ring.ring_lo;
+    return page_slot(key.index + shift * bs, bs);
+}
+KVZAP_HD int max_staged_pages(int split_size, int bs) { return split_size / bs + 3; }
 
 // Splits a launch needs so that every row's keys are covered.
 KVZAP_HD int num_splits(int max_keys, int split_size) { return imax(1, (max_keys + split_size - 1) / split_size); }

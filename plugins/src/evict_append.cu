@@ -2,14 +2,18 @@
 // Reference: kvzap_trt/ops/evict_append.py (same arguments, same decisions).
 //
 // For sequence b with c tokens written and T new ones, the positions leaving the window of a kv
-// head are [lo, hi) = [max(0, c-W), max(0, c+T-W)): the first come from the ring, the rest
-// straight from the new tokens. Three steps per (layer, sequence, kv head):
-//   take   count the kept ones (score >= tau), pop the blocks the head's pages now need off the
-//          device free stack (one atomicSub per head), write their ids into the block table;
+// head are [lo, hi) = [max(0, c-W), max(0, c+T-W)): the first come from the window, the rest
+// straight from the new tokens. The window is pool pages too: window position p is pool row
+// ring_table[(p % W) / bs] * bs + (p % W) % bs. Three steps per (layer, sequence, kv head):
+//   take   count the kept ones (score >= tau); in one pop off the device free stack, take the
+//          blocks the head's kept pages now need and the window pages the window newly reaches
+//          (ring table columns [ring_pages(c), ring_pages(c+T))): the kept pages' ids go into the
+//          block table, the window pages' (after them on the stack) into the ring table;
 //   copy   walk the leavers in tiles of 128: a block-wide scan gives each kept token its page
-//          slot (kept_len + rank), the tile's kept rows are copied in 16-byte vectors;
-//   ring   after a barrier (the ring slots just read may be overwritten), the new tokens that
-//          stay in the window go into the ring with their scores.
+//          slot (kept_len + rank), the tile's kept rows are copied in 16-byte vectors with their
+//          positions and scores;
+//   window after a barrier (the window slots just read may be overwritten), the new tokens that
+//          stay in the window go into their window slots with their positions and scores.
 // Nothing is ever moved: kept pages are append-only.
 //
 // Two launch shapes, same decisions:
@@ -19,8 +23,8 @@
 //   chunked  long prefills (max T >= kChunkedFrom): one head's leavers are spread over blocks of
 //            kChunk each. A plan kernel takes the blocks; a copy kernel per (chunk, head) finds
 //            its first page slot by counting the kept scores before its chunk (4 bytes a token
-//            against the 2 x D x elem bytes it copies); a commit kernel, once every ring read is
-//            done, sets kept_len and rewrites the ring.
+//            against the 2 x D x elem bytes it copies); a commit kernel, once every window read
+//            is done, sets kept_len and writes the window.
 
 #include "cache_index.cuh"
 #include "common.cuh"
@@ -37,11 +41,10 @@ constexpr int kChunkedFrom = 4096;  // max new tokens per sequence from which th
 template <typename T>
 struct Head {
     int start, T_new, c, lo, hi;  // packed row of the first new token; new tokens; context; leavers
-    int64_t index;                // (layer, slot, head) in kept_len / block_table / rings
-    int32_t* table;
-    T* ring_k;
-    T* ring_v;
-    float* ring_score;
+    int64_t index;                // (layer, slot, head) in kept_len / block_table / ring_table
+    int32_t* table;               // [M] block ids of the kept pages
+    int32_t* ring;                // [R] block ids of the window pages
+    const float* score_pool;
     const T* k_new;  // this layer's new tokens, row 0, this head
     const T* v_new;
     const float* scores;
@@ -57,22 +60,29 @@ struct Head {
         hi = leaving.hi;
         index = ((int64_t)l * p.num_slots + p.seq_slots[b]) * H + h;
         table = p.block_table + index * M;
-        ring_k = static_cast<T*>(p.ring_k) + index * W * D;
-        ring_v = static_cast<T*>(p.ring_v) + index * W * D;
-        ring_score = p.ring_score + index * W;
+        ring = p.ring_table + index * p.ring_pages;
+        score_pool = p.score_pool;
         const int64_t layer_rows = (int64_t)l * p.num_rows;
         k_new = static_cast<const T*>(p.k_new) + (layer_rows * H + h) * D;
         v_new = static_cast<const T*>(p.v_new) + (layer_rows * H + h) * D;
         scores = p.scores + layer_rows * H + h;
     }
-    // Leaver at position pos: from the ring while older than the chunk, else a new token.
+    // Pool row of window position pos, whose window page the head holds.
+    __device__ int64_t window_row(int pos) const {
+        const PageSlot at = ring_page_slot(pos, W, bs);
+        return (int64_t)ring[at.column] * bs + at.offset;
+    }
+    // Leaver at position pos: from the window while older than the chunk, else a new token.
     __device__ float score(int pos) const {
-        return pos < c ? ring_score[ring_slot(pos, W)] : scores[(int64_t)(start + pos - c) * H];
+        return pos < c ? score_pool[window_row(pos)] : scores[(int64_t)(start + pos - c) * H];
+    }
+    __device__ const T* row(int pos, const T* pool, const T* fresh) const {
+        return pos < c ? pool + window_row(pos) * D : fresh + (int64_t)(start + pos - c) * H * D;
     }
     __device__ int pages(int tokens) const { return pages_for(tokens, bs); }
-    __device__ const T* row(int pos, const T* ring, const T* fresh) const {
-        return pos < c ? ring + (int64_t)ring_slot(pos, W) * D : fresh + (int64_t)(start + pos - c) * H * D;
-    }
+    // This call's new window pages are ring table columns [ring_lo(), ring_hi()).
+    __device__ int ring_lo() const { return ring_pages(c, W, bs); }
+    __device__ int ring_hi() const { return ring_pages(c + T_new, W, bs); }
     // The host's bound on new tokens (max_new_tokens, 0: unknown) is below this head's count: the
     // chunked grid would miss leavers. The head does nothing and reports it.
     __device__ bool over_bound(const kvzapEvictParams& p) const {
@@ -102,53 +112,74 @@ __device__ int count_kept(const Head<T>& v, int from, int to, float tau, int* sc
     return block_sum(mine, scratch);
 }
 
-// Pop the blocks `n_keep` more tokens need and write their ids after the head's pages. Returns
-// false (everyone) and sets an error bit when the table or the pool is too small.
+// One pop for the blocks `n_keep` more kept tokens need and the window pages the window newly
+// reaches: ids free_stack[top, top + kept_need) go after the head's kept pages in the block
+// table, the next ring_hi - ring_lo into ring table columns [ring_lo, ring_hi). Returns false
+// (everyone) and sets an error bit, writing nothing, when the table or the pool is too small.
 template <typename T>
 __device__ bool take_blocks(const kvzapEvictParams& p, const Head<T>& v, int n_keep) {
-    __shared__ int s_ok, s_first, s_need, s_top;
+    __shared__ int s_ok, s_first, s_kept_need, s_need, s_top;
     if (threadIdx.x == 0) {
         const int old_len = p.kept_len[v.index];
         const int old_blocks = v.pages(old_len), new_blocks = v.pages(old_len + n_keep);
-        const int need = new_blocks - old_blocks;
-        int ok = 1, first = 0;
+        const int kept_need = new_blocks - old_blocks, need = kept_need + v.ring_hi() - v.ring_lo();
+        int ok = 1, top = 0;
         if (new_blocks > v.M) {
             atomicOr(p.error, KVZAP_ERR_BLOCK_TABLE_FULL);
             ok = 0;
         } else if (need > 0) {
-            first = pop_free(p.num_free, need);
-            if (first < 0) {  // not enough: report, touch nothing
+            top = pop_free(p.num_free, need);
+            if (top < 0) {  // not enough: report, touch nothing
                 atomicOr(p.error, KVZAP_ERR_POOL_EXHAUSTED);
                 ok = 0;
             }
         }
-        s_ok = ok, s_first = old_blocks, s_need = need, s_top = first;  // ids free_stack[s_top, +need)
+        s_ok = ok, s_first = old_blocks, s_kept_need = kept_need, s_need = need, s_top = top;
     }
     __syncthreads();
     if (!s_ok) return false;
-    for (int j = threadIdx.x; j < s_need; j += kThreads) v.table[s_first + j] = p.free_stack[s_top + j];
+    const int ring_lo = v.ring_lo();
+    for (int j = threadIdx.x; j < s_need; j += kThreads) {
+        const int32_t id = p.free_stack[s_top + j];
+        if (j < s_kept_need) v.table[s_first + j] = id;
+        else v.ring[ring_lo + j - s_kept_need] = id;
+    }
     __syncthreads();
     return true;
 }
 
-// Copy the kept leavers of [from, to) to page slots first_dst, first_dst + 1, ... in order.
-// A slot whose page is missing (-1, or past the table: its head failed to take blocks) is skipped.
+// Whether the plan kernel took this head's blocks: it pops the kept and the window pages at once,
+// so the last new one (a column past a head's pages is -1) is there unless it failed.
+template <typename T>
+__device__ bool took_blocks(const Head<T>& v, int old_len, int n_keep) {
+    const int old_blocks = v.pages(old_len), new_blocks = v.pages(old_len + n_keep);
+    if (new_blocks > v.M) return false;
+    if (new_blocks > old_blocks) return v.table[new_blocks - 1] >= 0;
+    return v.ring_hi() == v.ring_lo() || v.ring[v.ring_hi() - 1] >= 0;
+}
+
+// Copy the kept leavers of [from, to) to page slots first_dst, first_dst + 1, ... in order, with
+// their positions and scores. A slot whose page is missing (-1, or past the table: its head
+// failed to take blocks) is skipped.
 template <typename T>
 __device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from, int to, int first_dst, int* scratch) {
     constexpr int VEC = Vec16<T>::VEC;
     __shared__ int s_src[kThreads], s_dst[kThreads];
+    __shared__ float s_score[kThreads];
     T* k_pool = static_cast<T*>(p.k_pool);
     T* v_pool = static_cast<T*>(p.v_pool);
     const int vecs_per_row = v.D / VEC;
     int written = 0;
     for (int tile = from; tile < to; tile += kThreads) {
         const int pos = tile + threadIdx.x;
-        const int keep = pos < to && v.score(pos) >= p.threshold;
+        const float score = pos < to ? v.score(pos) : 0.f;
+        const int keep = pos < to && score >= p.threshold;
         int tile_kept;
         const int rank = block_exclusive_scan(keep, scratch, &tile_kept);
         if (keep) {
             s_src[rank] = pos;
             s_dst[rank] = first_dst + written + rank;
+            s_score[rank] = score;
         }
         __syncthreads();
         for (int i = threadIdx.x; i < tile_kept * vecs_per_row; i += kThreads) {
@@ -159,29 +190,38 @@ __device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from,
             const int32_t block = v.table[dst.column];
             if (block < 0) continue;
             const int64_t slot = (int64_t)block * v.bs + dst.offset;
-            *reinterpret_cast<uint4*>(k_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, v.ring_k, v.k_new) + e);
-            *reinterpret_cast<uint4*>(v_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, v.ring_v, v.v_new) + e);
-            if (e == 0) p.pos_pool[slot] = src;
+            *reinterpret_cast<uint4*>(k_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, k_pool, v.k_new) + e);
+            *reinterpret_cast<uint4*>(v_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.row(src, v_pool, v.v_new) + e);
+            if (e == 0) {
+                p.pos_pool[slot] = src;
+                p.score_pool[slot] = s_score[r];
+            }
         }
         written += tile_kept;
-        __syncthreads();  // s_src / s_dst reused by the next tile
+        __syncthreads();  // s_src / s_dst / s_score reused by the next tile
     }
 }
 
-// The new tokens that stay in the window take the ring slots of those that left. Call after a
-// barrier that follows every read of the ring's leavers.
+// The new tokens that stay in the window take the window slots of those that left: K, V, position
+// and score at their slot's pool row. Call once the head holds its window pages, after a barrier
+// that follows every read of the window's leavers.
 template <typename T>
-__device__ void write_ring(const Head<T>& v) {
+__device__ void write_window(const kvzapEvictParams& p, const Head<T>& v) {
     constexpr int VEC = Vec16<T>::VEC;
+    T* k_pool = static_cast<T*>(p.k_pool);
+    T* v_pool = static_cast<T*>(p.v_pool);
     const int stay_lo = leavers(v.c, v.T_new, v.W).stay_lo, n_stay = v.c + v.T_new - stay_lo;
     const int vecs_per_row = v.D / VEC;
     for (int i = threadIdx.x; i < n_stay * vecs_per_row; i += kThreads) {
         const int pos = stay_lo + i / vecs_per_row, e = (i % vecs_per_row) * VEC;
-        const int64_t row = (int64_t)(v.start + pos - v.c) * v.H * v.D + e;
-        const int64_t slot = (int64_t)ring_slot(pos, v.W) * v.D + e;
-        *reinterpret_cast<uint4*>(v.ring_k + slot) = *reinterpret_cast<const uint4*>(v.k_new + row);
-        *reinterpret_cast<uint4*>(v.ring_v + slot) = *reinterpret_cast<const uint4*>(v.v_new + row);
-        if (e == 0) v.ring_score[ring_slot(pos, v.W)] = v.scores[(int64_t)(v.start + pos - v.c) * v.H];
+        const int64_t fresh = v.start + pos - v.c;  // its packed row
+        const int64_t slot = v.window_row(pos), src = fresh * v.H * v.D + e;
+        *reinterpret_cast<uint4*>(k_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.k_new + src);
+        *reinterpret_cast<uint4*>(v_pool + slot * v.D + e) = *reinterpret_cast<const uint4*>(v.v_new + src);
+        if (e == 0) {
+            p.pos_pool[slot] = pos;
+            p.score_pool[slot] = v.scores[fresh * v.H];
+        }
     }
 }
 
@@ -199,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) evict_fused_kernel(const kvzapEvictP
     if (!take_blocks(p, v, n_keep)) return;
     copy_kept(p, v, v.lo, v.hi, old_len, scratch);
     if (threadIdx.x == 0) p.kept_len[v.index] = old_len + n_keep;
-    write_ring(v);  // copy_kept ends with a barrier
+    write_window(p, v);  // copy_kept ends with a barrier
 }
 
 // (kThreads, 1): with the default occupancy target ptxas spilled 4 bytes here.
@@ -216,9 +256,11 @@ __global__ void __launch_bounds__(kThreads, 1) evict_plan_kernel(const kvzapEvic
 }
 
 // grid.x = heads x chunks: block (h, chunk) copies leavers [lo + chunk * kChunk, +kChunk). The
-// ring is only read here (every chunk may count the ring leavers' scores).
+// window is only read here (every chunk may count the window leavers' scores).
+// (kThreads, 8) here and in commit: with the default occupancy target, ptxas (nvcc 13, sm_90a)
+// held these to 32 registers and spilled.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) evict_copy_kernel(const kvzapEvictParams p) {
+__global__ void __launch_bounds__(kThreads, 8) evict_copy_kernel(const kvzapEvictParams p) {
     const int h = blockIdx.x % p.num_kv_heads, chunk = blockIdx.x / p.num_kv_heads;
     const Head<T> v(p, h, blockIdx.y, blockIdx.z);
     const Chunk mine = leaver_chunk(chunk, kChunk, v.lo, v.hi);
@@ -229,19 +271,19 @@ __global__ void __launch_bounds__(kThreads) evict_copy_kernel(const kvzapEvictPa
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) evict_commit_kernel(const kvzapEvictParams p) {
+__global__ void __launch_bounds__(kThreads, 8) evict_commit_kernel(const kvzapEvictParams p) {
     const Head<T> v(p, blockIdx.x, blockIdx.y, blockIdx.z);
     if (v.T_new <= 0 || v.over_bound(p)) return;
     __shared__ int scratch[32];
+    __shared__ int s_took;
     const int n_keep = count_kept(v, v.lo, v.hi, p.threshold, scratch);
     if (threadIdx.x == 0) {
         const int old_len = p.kept_len[v.index];
-        const int old_blocks = v.pages(old_len), new_blocks = v.pages(old_len + n_keep);
-        // The plan took the blocks unless it failed, and then the last new page is missing.
-        if (new_blocks <= v.M && (new_blocks == old_blocks || v.table[new_blocks - 1] >= 0))
-            p.kept_len[v.index] = old_len + n_keep;
+        s_took = took_blocks(v, old_len, n_keep);
+        if (s_took) p.kept_len[v.index] = old_len + n_keep;
     }
-    write_ring(v);  // count_kept's barrier follows every ring read of this block
+    __syncthreads();  // also after every window read of this block (count_kept)
+    if (s_took) write_window(p, v);  // a head whose plan failed writes nothing
 }
 
 template <typename T>

@@ -13,6 +13,13 @@ extern "C" void kvzapIndexLeavers(int ctx, int new_tokens, int window, int* lo, 
 
 extern "C" int kvzapIndexRingSlot(int pos, int window) { return ring_slot(pos, window); }
 
+extern "C" void kvzapIndexRingPageSlot(int pos, int window, int block_size, int* column, int* offset) {
+    const PageSlot r = ring_page_slot(pos, window, block_size);
+    *column = r.column, *offset = r.offset;
+}
+
+extern "C" int kvzapIndexRingPages(int ctx, int window, int block_size) { return ring_pages(ctx, window, block_size); }
+
 extern "C" void kvzapIndexPageSlot(int dst, int block_size, int* column, int* offset) {
     const PageSlot r = page_slot(dst, block_size);
     *column = r.column, *offset = r.offset;

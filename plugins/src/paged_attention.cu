@@ -1,16 +1,17 @@
-// kvzapVarlenPagedAttention: attention over per-head variable-length pages + window ring + new tokens.
+// kvzapVarlenPagedAttention: attention over per-head variable-length pages + window pages + new tokens.
 // Reference: kvzap_trt/ops/paged_attention.py (same arguments; fp32 accumulation, one rounding).
 //
 // Keys of row n (sequence b, slot s, t-th new token) for kv head h, in this order:
 //   [0, kept)              the head's kept pages   (kept = kept_len[s, h], pages block_table[s, h, :])
-//   [kept, kept + r)       the window ring slots   (r = min(c_b, W))
+//   [kept, kept + r)       the window slots 0..r-1 (r = min(c_b, W), pages ring_table[s, h, :])
 //   [kept + r, ... + t+1)  the sequence's new tokens up to n itself (causal)
 // Grid (row, kv head, split): one thread block serves the whole query group of its kv head, so
-// each key is read once per row for all G query heads. A split covers `split_size` keys; its
-// page ids are staged in shared memory first. Inside, a warp reads TY keys at a time, TX = D/VEC
-// lanes per key, each lane 16 bytes; UNROLL keys per lane are loaded before the first use. The
-// online softmax runs in the log2 domain. Partial results of several splits are merged by a
-// log-sum-exp kernel; with one split the block writes the output itself.
+// each key is read once per row for all G query heads. A split covers `split_size` keys; the ids
+// of its kept pages, then of its window pages, are staged in shared memory first, so a cached key
+// of either kind is pool row staged id * bs + offset. Inside, a warp reads TY keys at a time,
+// TX = D/VEC lanes per key, each lane 16 bytes; UNROLL keys per lane are loaded before the first
+// use. The online softmax runs in the log2 domain. Partial results of several splits are merged
+// by a log-sum-exp kernel; with one split the block writes the output itself.
 //
 // Decode (T_b = 1) is the fast path the design targets. Prefill rows reuse it row by row, which
 // re-reads the cache once per row: correct for chunked prefill, not tuned for it.
@@ -67,6 +68,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
     if (split == 0 && threadIdx.x == 0 && n_keys > num_splits * split_size)
         atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);  // max_keys was below this row's keys
     const SplitKeys keys = split_keys(split, split_size, n_keys, kept, bs);
+    const SplitRing ring = split_ring(keys, kept, r, bs);
     const int k_begin = keys.begin, k_end = keys.end;
 
     float* ws_o = p.workspace;
@@ -82,10 +84,13 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
         return;
     }
 
-    // Stage this split's page ids.
+    // Stage this split's page ids: kept pages', then window pages' (staged_slot's order).
     const int32_t* table = p.block_table + ((int64_t)s * H + h) * p.max_blocks_per_head;
-    const int page_lo = keys.page_lo;
-    for (int i = threadIdx.x; i < keys.page_hi - page_lo; i += kThreads) s_pages[i] = table[page_lo + i];
+    const int32_t* ring_table = p.ring_table + ((int64_t)s * H + h) * p.ring_pages;
+    const int n_kept_pages = keys.page_hi - keys.page_lo;
+    for (int i = threadIdx.x; i < n_kept_pages; i += kThreads) s_pages[i] = table[keys.page_lo + i];
+    for (int i = threadIdx.x; i < ring.ring_hi - ring.ring_lo; i += kThreads)
+        s_pages[n_kept_pages + i] = ring_table[ring.ring_lo + i];
 
     // Queries of the group, pre-scaled into the log2 domain.
     float q[GMAX][VEC];
@@ -103,23 +108,21 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
     }
     __syncthreads();
 
-    const int64_t head_ring = (((int64_t)s * H + h) * W) * D;
     const int64_t fresh0 = ((int64_t)start * H + h) * D;
     const T* k_pool = static_cast<const T*>(p.k_pool);
     const T* v_pool = static_cast<const T*>(p.v_pool);
-    const T* ring_k = static_cast<const T*>(p.ring_k) + head_ring;
-    const T* ring_v = static_cast<const T*>(p.ring_v) + head_ring;
     const T* new_k = static_cast<const T*>(p.k_new) + fresh0;
     const T* new_v = static_cast<const T*>(p.v_new) + fresh0;
-    // Element offset of key j's row in its source (pool, ring or new tokens) and which source.
-    auto locate = [&](int j, int& src) -> int64_t {
+    // Element offset of key j's row in its source, the pool (kept or window page) or the new
+    // tokens, and whether it is the pool.
+    auto locate = [&](int j, bool& cached) -> int64_t {
         const KeyRef key = locate_key(j, kept, r);
-        src = key.source;
-        if (src == kKeyPage) {
-            const PageSlot at = page_slot(key.index, bs);
-            return ((int64_t)s_pages[at.column - page_lo] * bs + at.offset) * D;
+        cached = key.source != kKeyNew;
+        if (cached) {
+            const PageSlot at = staged_slot(key, keys, ring, bs);
+            return ((int64_t)s_pages[at.column] * bs + at.offset) * D;
         }
-        return (int64_t)key.index * (src == kKeyRing ? D : H * D);
+        return (int64_t)key.index * H * D;
     };
 
     float m[GMAX], l[GMAX], acc[GMAX][VEC];
@@ -141,10 +144,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
             kraw[u] = make_uint4(0, 0, 0, 0);
             vraw[u] = make_uint4(0, 0, 0, 0);
             if (valid[u]) {
-                int src;
-                const int64_t off = locate(j, src) + tx * VEC;
-                const T* kp = src == kKeyPage ? k_pool : (src == kKeyRing ? ring_k : new_k);
-                const T* vp = src == kKeyPage ? v_pool : (src == kKeyRing ? ring_v : new_v);
+                bool cached;
+                const int64_t off = locate(j, cached) + tx * VEC;
+                const T* kp = cached ? k_pool : new_k;
+                const T* vp = cached ? v_pool : new_v;
                 kraw[u] = load_stream(kp + off);
                 vraw[u] = load_stream(vp + off);
             }
@@ -265,7 +268,7 @@ __global__ void merge_kernel(const kvzapAttentionParams p, const int num_splits)
 template <typename T, int D, int GMAX>
 cudaError_t launch_attention(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
     const int splits = num_splits(p.max_keys, split_size);
-    const size_t page_smem = sizeof(int) * (split_size / p.block_size + 2);
+    const size_t page_smem = sizeof(int) * max_staged_pages(split_size, p.block_size);
     dim3 grid(p.num_rows, p.num_kv_heads, splits);
     attention_kernel<T, D, GMAX><<<grid, kThreads, page_smem, stream>>>(p, split_size);
     cudaError_t err = cudaGetLastError();

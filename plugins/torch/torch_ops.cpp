@@ -3,6 +3,7 @@
 // Arguments and layouts are those of the references in kvzap_trt/ops/ (see kvzap_kernels.h),
 // except that cu_seqlens, seq_slots and ctx_lens are int32 tensors on the device and the host
 // passes what it knows already (max_new_tokens for evict, max_keys and split_size for attention).
+// The window W is an argument of both: no tensor's shape fixes it (ring_table has ceil(W / bs) columns).
 // Every tensor must be contiguous on one CUDA device, the current one; every shape is checked
 // against the cache's and every vector-accessed pointer for 16-byte alignment: a mismatch is an
 // error naming the argument. Values inside the index tensors (slots, lengths, block ids) are not
@@ -67,20 +68,19 @@ void check_current_device(const at::Tensor& t) {
 void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& scores,
                   const at::Tensor& cu_seqlens, const at::Tensor& seq_slots, const at::Tensor& ctx_lens,
                   const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pos_pool,
-                  const at::Tensor& block_table, const at::Tensor& kept_len, const at::Tensor& ring_k,
-                  const at::Tensor& ring_v, const at::Tensor& ring_score, const at::Tensor& free_stack,
-                  const at::Tensor& num_free, const at::Tensor& error, double threshold, int64_t max_new_tokens,
-                  int64_t stream) {
+                  const at::Tensor& score_pool, const at::Tensor& block_table, const at::Tensor& kept_len,
+                  const at::Tensor& ring_table, const at::Tensor& free_stack, const at::Tensor& num_free,
+                  const at::Tensor& error, int64_t window, double threshold, int64_t max_new_tokens, int64_t stream) {
     constexpr const char* op = "kvzap_trt.evict_append";
     const auto dt = k_pool.scalar_type();
-    for (auto [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"}, {v_pool, "v_pool"},
-                           {ring_k, "ring_k"}, {ring_v, "ring_v"}})
+    for (auto [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"}, {v_pool, "v_pool"}})
         check(op, t, name, dt, k_pool);
     check(op, scores, "scores", at::kFloat, k_pool);
-    check(op, ring_score, "ring_score", at::kFloat, k_pool);
+    check(op, score_pool, "score_pool", at::kFloat, k_pool);
     for (auto [t, name] : {std::pair{cu_seqlens, "cu_seqlens"}, {seq_slots, "seq_slots"}, {ctx_lens, "ctx_lens"},
                            {pos_pool, "pos_pool"}, {block_table, "block_table"}, {kept_len, "kept_len"},
-                           {free_stack, "free_stack"}, {num_free, "num_free"}, {error, "error"}})
+                           {ring_table, "ring_table"}, {free_stack, "free_stack"}, {num_free, "num_free"},
+                           {error, "error"}})
         check(op, t, name, at::kInt, k_pool);
     TORCH_CHECK(k_pool.dim() == 3, op, ": k_pool must be [num_blocks, block_size, D]");
     TORCH_CHECK(block_table.dim() == 3 || block_table.dim() == 4, op, ": block_table must be [S, H, M] or [L, S, H, M]");
@@ -88,8 +88,9 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     const int64_t L = layered ? block_table.size(0) : 1, off = layered ? 1 : 0;
     const int64_t S = block_table.size(off), H = block_table.size(off + 1), M = block_table.size(off + 2);
     const int64_t NB = k_pool.size(0), BS = k_pool.size(1), D = k_pool.size(2);
-    TORCH_CHECK(ring_score.dim() == 3 + off, op, ": ring_score must be [", layered ? "L, " : "", "S, H, W]");
-    const int64_t W = ring_score.size(off + 2);
+    TORCH_CHECK(window >= 0 && window <= INT_MAX, op, ": window must be in [0, INT_MAX], got ", window);
+    TORCH_CHECK(BS > 0, op, ": block_size must be > 0");
+    const int64_t W = window, R = (W + BS - 1) / BS;
     TORCH_CHECK(k_new.dim() == 3 + off, op, ": k_new must be [", layered ? "L, " : "", "N, H, D]");
     const int64_t N = k_new.size(off), B = seq_slots.numel();
     auto per_layer = [&](std::initializer_list<int64_t> dims) {
@@ -105,11 +106,10 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     shape(v_new, "v_new", per_layer({N, H, D}));
     shape(scores, "scores", per_layer({N, H}));
     shape(kept_len, "kept_len", per_layer({S, H}));
-    shape(ring_k, "ring_k", per_layer({S, H, W, D}));
-    shape(ring_v, "ring_v", per_layer({S, H, W, D}));
-    shape(ring_score, "ring_score", per_layer({S, H, W}));
+    shape(ring_table, "ring_table (R = ceil(window / block_size))", per_layer({S, H, R}));
     check_shape(op, v_pool, "v_pool", {NB, BS, D});
     check_shape(op, pos_pool, "pos_pool", {NB, BS});
+    check_shape(op, score_pool, "score_pool", {NB, BS});
     check_shape(op, free_stack, "free_stack", {NB});
     check_shape(op, num_free, "num_free", {1});
     check_shape(op, error, "error", {1});
@@ -117,8 +117,7 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     check_shape(op, ctx_lens, "ctx_lens", {B});
     TORCH_CHECK(D * k_pool.element_size() % 16 == 0, op, ": head_dim ", D, " x ", k_pool.element_size(),
                 " bytes must be a multiple of 16 bytes");
-    for (auto [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"}, {v_pool, "v_pool"},
-                           {ring_k, "ring_k"}, {ring_v, "ring_v"}})
+    for (auto [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"}, {v_pool, "v_pool"}})
         check_aligned(op, t, name);
     TORCH_CHECK(seq_slots.dim() == 1, op, ": seq_slots must be [B]");
     TORCH_CHECK(max_new_tokens >= 0 && max_new_tokens <= N, op, ": max_new_tokens must be in [0, N] (0: unknown), got ",
@@ -134,6 +133,7 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     p.head_dim = static_cast<int>(D);
     p.block_size = static_cast<int>(BS);
     p.window = static_cast<int>(W);
+    p.ring_pages = static_cast<int>(R);
     p.num_rows = static_cast<int>(N);
     p.threshold = static_cast<float>(threshold);
     p.max_new_tokens = static_cast<int>(max_new_tokens);
@@ -146,11 +146,10 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     p.k_pool = k_pool.data_ptr();
     p.v_pool = v_pool.data_ptr();
     p.pos_pool = pos_pool.data_ptr<int32_t>();
+    p.score_pool = score_pool.data_ptr<float>();
     p.block_table = block_table.data_ptr<int32_t>();
     p.kept_len = kept_len.data_ptr<int32_t>();
-    p.ring_k = ring_k.data_ptr();
-    p.ring_v = ring_v.data_ptr();
-    p.ring_score = ring_score.data_ptr<float>();
+    p.ring_table = ring_table.data_ptr<int32_t>();
     p.free_stack = free_stack.data_ptr<int32_t>();
     p.num_free = num_free.data_ptr<int32_t>();
     p.error = error.data_ptr<int32_t>();
@@ -179,43 +178,43 @@ int64_t attention_workspace_floats(int64_t num_rows, int64_t num_q_heads, int64_
 void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                      const at::Tensor& cu_seqlens, const at::Tensor& seq_slots, const at::Tensor& ctx_lens,
                      const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& block_table,
-                     const at::Tensor& kept_len, const at::Tensor& ring_k, const at::Tensor& ring_v, double scale,
+                     const at::Tensor& kept_len, const at::Tensor& ring_table, int64_t window, double scale,
                      int64_t max_keys, int64_t split_size, const at::Tensor& out, const at::Tensor& workspace,
                      const at::Tensor& error, int64_t stream) {
     constexpr const char* op = "kvzap_trt.paged_attention";
     const auto dt = q.scalar_type();
     for (auto [t, name] : {std::pair{q, "q"}, {k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"},
-                           {v_pool, "v_pool"}, {ring_k, "ring_k"}, {ring_v, "ring_v"}, {out, "out"}})
+                           {v_pool, "v_pool"}, {out, "out"}})
         check(op, t, name, dt, q);
     for (auto [t, name] : {std::pair{cu_seqlens, "cu_seqlens"}, {seq_slots, "seq_slots"}, {ctx_lens, "ctx_lens"},
-                           {block_table, "block_table"}, {kept_len, "kept_len"}, {error, "error"}})
+                           {block_table, "block_table"}, {kept_len, "kept_len"}, {ring_table, "ring_table"},
+                           {error, "error"}})
         check(op, t, name, at::kInt, q);
     check(op, workspace, "workspace", at::kFloat, q);
     TORCH_CHECK(q.dim() == 3, op, ": q must be [N, Hq, D]");
     TORCH_CHECK(block_table.dim() == 3, op, ": block_table must be [S, H, M]");
     TORCH_CHECK(k_pool.dim() == 3, op, ": k_pool must be [num_blocks, block_size, D]");
-    TORCH_CHECK(ring_k.dim() == 4 && ring_v.dim() == 4, op, ": ring_k and ring_v must be [S, H, W, D]");
     TORCH_CHECK(seq_slots.dim() == 1, op, ": seq_slots must be [B]");
     const int64_t N = q.size(0), Hq = q.size(1), D = k_pool.size(2), B = seq_slots.numel();
-    const int64_t S = block_table.size(0), H = block_table.size(1);
+    const int64_t S = block_table.size(0), H = block_table.size(1), BS = k_pool.size(1);
+    TORCH_CHECK(BS > 0, op, ": block_size must be > 0");
+    TORCH_CHECK(window >= 0 && window <= INT_MAX, op, ": window must be in [0, INT_MAX], got ", window);
+    const int64_t R = (window + BS - 1) / BS;
     check_shape(op, q, "q", {N, Hq, D});  // head_dim from the cache
     TORCH_CHECK(H > 0 && Hq % H == 0 && Hq / H <= 8, op, ": q has ", Hq, " heads for ", H,
                 " kv heads: query heads per kv head must divide evenly and be at most 8");
     TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
     check_shape(op, k_new, "k_new", {N, H, D});
     check_shape(op, v_new, "v_new", {N, H, D});
-    check_shape(op, v_pool, "v_pool", {k_pool.size(0), k_pool.size(1), D});
+    check_shape(op, v_pool, "v_pool", {k_pool.size(0), BS, D});
     check_shape(op, kept_len, "kept_len", {S, H});
-    // No tensor of attention fixes W but the rings: either may be the wrong one.
-    TORCH_CHECK(ring_k.sizes() == ring_v.sizes() && ring_k.size(0) == S && ring_k.size(1) == H && ring_k.size(3) == D,
-                op, ": ring_k ", ring_k.sizes(), " and ring_v ", ring_v.sizes(), " must both be [S=", S, ", H=", H,
-                ", W, D=", D, "]");
+    check_shape(op, ring_table, "ring_table (R = ceil(window / block_size))", {S, H, R});
     check_shape(op, out, "out", {N, Hq, D});
     check_shape(op, cu_seqlens, "cu_seqlens", {B + 1});
     check_shape(op, ctx_lens, "ctx_lens", {B});
     check_shape(op, error, "error", {1});
     for (auto [t, name] : {std::pair{q, "q"}, {k_new, "k_new"}, {v_new, "v_new"}, {k_pool, "k_pool"},
-                           {v_pool, "v_pool"}, {ring_k, "ring_k"}, {ring_v, "ring_v"}})
+                           {v_pool, "v_pool"}})
         check_aligned(op, t, name);
     TORCH_CHECK(split_size > 0 && split_size <= 4096, op, ": split_size must be in [1, 4096] (see attention_split), got ",
                 split_size);
@@ -231,8 +230,9 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     p.max_blocks_per_head = static_cast<int>(block_table.size(2));
     p.num_q_heads = static_cast<int>(Hq);
     p.head_dim = static_cast<int>(D);
-    p.window = static_cast<int>(ring_k.size(2));
-    p.block_size = static_cast<int>(k_pool.size(1));
+    p.window = static_cast<int>(window);
+    p.ring_pages = static_cast<int>(R);
+    p.block_size = static_cast<int>(BS);
     p.num_rows = static_cast<int>(N);
     p.max_keys = static_cast<int>(max_keys);
     p.scale = static_cast<float>(scale);
@@ -246,8 +246,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     p.v_pool = v_pool.data_ptr();
     p.block_table = block_table.data_ptr<int32_t>();
     p.kept_len = kept_len.data_ptr<int32_t>();
-    p.ring_k = ring_k.data_ptr();
-    p.ring_v = ring_v.data_ptr();
+    p.ring_table = ring_table.data_ptr<int32_t>();
     p.out = out.data_ptr();
     p.workspace = workspace.numel() ? workspace.data_ptr<float>() : nullptr;
     p.error = error.data_ptr<int32_t>();
@@ -260,12 +259,12 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
 
 TORCH_LIBRARY(kvzap_trt, m) {
     m.def("evict_append(Tensor k_new, Tensor v_new, Tensor scores, Tensor cu_seqlens, Tensor seq_slots, "
-          "Tensor ctx_lens, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!) pos_pool, Tensor(d!) block_table, "
-          "Tensor(e!) kept_len, Tensor(f!) ring_k, Tensor(g!) ring_v, Tensor(h!) ring_score, "
-          "Tensor(i!) free_stack, Tensor(j!) num_free, Tensor(k!) error, float threshold, int max_new_tokens, int stream) -> ()");
+          "Tensor ctx_lens, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor(c!) pos_pool, Tensor(d!) score_pool, "
+          "Tensor(e!) block_table, Tensor(f!) kept_len, Tensor(g!) ring_table, Tensor(h!) free_stack, "
+          "Tensor(i!) num_free, Tensor(j!) error, int window, float threshold, int max_new_tokens, int stream) -> ()");
     m.def("paged_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cu_seqlens, Tensor seq_slots, "
-          "Tensor ctx_lens, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor kept_len, Tensor ring_k, "
-          "Tensor ring_v, float scale, int max_keys, int split_size, Tensor(a!) out, Tensor(b!) workspace, "
+          "Tensor ctx_lens, Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor kept_len, Tensor ring_table, "
+          "int window, float scale, int max_keys, int split_size, Tensor(a!) out, Tensor(b!) workspace, "
           "Tensor(c!) error, int stream) -> ()");
     // No tensor arguments: one kernel for every dispatch key.
     m.def("attention_split(int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms, int sm) -> int",
