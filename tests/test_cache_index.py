@@ -46,6 +46,7 @@ def index(cmake_build):
         split_keys = staticmethod(outs(lib.kvzapIndexSplitKeys, 4))
         num_splits = staticmethod(lib.kvzapIndexNumSplits)
         leaver_chunk = staticmethod(outs(lib.kvzapIndexLeaverChunk, 2))
+        staged_key = staticmethod(outs(lib.kvzapIndexStagedKey, 6))
 
         @staticmethod
         def row_sequence(cu: list[int], row: int) -> int:
@@ -171,6 +172,40 @@ def test_splits_partition_each_row_and_stage_exactly_its_pages(index):
                                                                                                kept, split)
             assert page_hi - page_lo <= split_size // bs + 2  # the launcher's shared-memory bound
         assert covered == list(range(n_keys))
+
+
+def test_staged_page_ids_locate_every_cached_key_of_a_split(index):
+    """The attention kernel stages, per split, the ids of its kept pages (table columns
+    [page_lo, page_hi)) and then of its window pages (ring columns [ring_lo, ring_hi)), within
+    max_staged ids of shared memory, and reads cached key j at staged[column] * bs + offset. That
+    pool row must be the one the reference gathers for key j (gather_pages over the block table,
+    then over the ring table; a pool tagged with its own row numbers tells which)."""
+    rng = random.Random(6)
+    for _ in range(300):
+        bs, split_size = rng.choice([1, 3, 16, 24, 64]), rng.choice([40, 64, 100, 256])
+        W, c = rng.choice([0, 5, 16, 40, 128, 130]), rng.randrange(0, 3000)
+        r = min(c, W)
+        kept = rng.randrange(0, max(1, c - r + 1))
+        n_keys = kept + r + rng.randrange(1, 4)  # a row t = 0..2 of the new tokens
+        M, R = -(-max(kept, 1) // bs), window_pages(W, W, bs)
+        ids = torch.randperm(M + R + 8, dtype=torch.int32)  # distinct random blocks
+        table, ring = ids[:M][None], ids[M : M + R][None]  # [1, M], [1, R]
+        rows = torch.arange(len(ids) * bs, dtype=torch.float32).view(len(ids), bs, 1)  # pool row numbers
+        kept_rows, _, _ = gather_pages(rows, rows, table, torch.tensor([kept]))
+        window_rows_, _, _ = gather_pages(rows, rows, ring, torch.tensor([r]))
+        want = kept_rows[0, :kept, 0].tolist() + window_rows_[0, :r, 0].tolist()  # cached keys in the reference's order
+        for split in range(index.num_splits(n_keys, split_size)):
+            begin, end, page_lo, page_hi = index.split_keys(split, split_size, n_keys, kept, bs)
+            for j in range(begin, end):
+                source, column, offset, ring_lo, ring_hi, max_staged = index.staged_key(
+                    j, split, split_size, n_keys, kept, r, bs)
+                staged = table[0, page_lo:page_hi].tolist() + ring[0, ring_lo:ring_hi].tolist()  # as the kernel stages
+                assert len(staged) <= max_staged, (bs, split_size, W, c, kept, split)
+                if j >= kept + r:
+                    assert source == KEY_NEW
+                    continue
+                assert source == (KEY_PAGE if j < kept else KEY_RING)
+                assert staged[column] * bs + offset == want[j], (bs, split_size, W, c, kept, split, j)
 
 
 def test_chunks_partition_the_leavers(index):

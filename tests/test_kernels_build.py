@@ -95,7 +95,8 @@ def test_torch_ops_library_loads_and_plans_attention_without_a_gpu(cmake_build):
     ops = torch.ops.kvzap_trt
     schema = str(ops.paged_attention.default._schema)
     assert "Tensor(b!) workspace, Tensor(c!) error, int stream" in schema
-    assert "Tensor(k!) error, float threshold, int max_new_tokens, int stream" in str(ops.evict_append.default._schema)
+    assert "Tensor(j!) error, int window, float threshold, int max_new_tokens, int stream" in str(
+        ops.evict_append.default._schema)
     lib = ctypes.CDLL(str(build / "libkvzap_kernels.so"))
     lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
     for rows, hq, h, keys in [(1, 32, 8, 32769), (8, 32, 8, 16385), (64, 9, 3, 4097), (3, 6, 6, 100)]:

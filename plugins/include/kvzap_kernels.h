@@ -136,6 +136,12 @@ void kvzapIndexLocateKey(int j, int kept, int ring, int* source, int* index);
 void kvzapIndexSplitKeys(int split, int split_size, int n_keys, int kept, int block_size, int* begin, int* end,
                          int* page_lo, int* page_hi);
 int kvzapIndexNumSplits(int max_keys, int split_size);
+// Where the attention kernel finds key j of a row in split `split`: its source (0 kept page, 1
+// window, 2 new token) and, for a cached key, the column and offset in the split's staged page
+// ids (kept pages' table columns [page_lo, page_hi), then window pages' ring columns
+// [ring_lo, ring_hi)); ring_lo / ring_hi and the staged-ids bound come back too.
+void kvzapIndexStagedKey(int j, int split, int split_size, int n_keys, int kept, int ring, int block_size,
+                         int* source, int* column, int* offset, int* ring_lo, int* ring_hi, int* max_staged);
 void kvzapIndexLeaverChunk(int chunk, int chunk_size, int lo, int hi, int* from, int* to);
 int kvzapIndexRowSequence(const int32_t* cu_seqlens, int batch, int row);
 

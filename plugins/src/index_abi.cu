@@ -48,3 +48,18 @@ extern "C" void kvzapIndexLeaverChunk(int chunk, int chunk_size, int lo, int hi,
 extern "C" int kvzapIndexRowSequence(const int32_t* cu_seqlens, int batch, int row) {
     return row_sequence(cu_seqlens, batch, row);
 }
+
+extern "C" void kvzapIndexStagedKey(int j, int split, int split_size, int n_keys, int kept, int ring, int block_size,
+                                    int* source, int* column, int* offset, int* ring_lo, int* ring_hi,
+                                    int* max_staged) {
+    const SplitKeys keys = split_keys(split, split_size, n_keys, kept, block_size);
+    const SplitRing window = split_ring(keys, kept, ring, block_size);
+    const KeyRef key = locate_key(j, kept, ring);
+    *source = key.source, *ring_lo = window.ring_lo, *ring_hi = window.ring_hi;
+    *max_staged = max_staged_pages(split_size, block_size);
+    *column = *offset = -1;
+    if (key.source != kKeyNew) {
+        const PageSlot at = staged_slot(key, keys, window, block_size);
+        *column = at.column, *offset = at.offset;
+    }
+}
