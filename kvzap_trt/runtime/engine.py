@@ -1,4 +1,4 @@
-"""Continuous batching over the KVzap cache with the PyTorch executor.
+"""Continuous batching over the KVzap cache, one executor running the forward (PyTorch by default).
 
 Every `step()` runs one packed forward pass over the running sequences (one new token each) and
 the sequences admitted in this step (their whole prompt), then samples one token per sequence.
@@ -6,9 +6,9 @@ Sequences join as slots and free blocks allow and leave as soon as they finish, 
 blocks. Admission counts exact worst cases from the cache's own state (a head can only need a
 block when its last one is full and a token leaves its window), so what KVzap evicts is room
 for more sequences; when the running set outgrows the pool, the youngest are restarted later.
-Per layer the forward scores the new tokens with the surrogate and attends over kept pages +
-window + new tokens; eviction follows the layer's attention (kvpress order), at once in a step
-that feeds a prompt, for all layers in one call after the forward in a decode step. Device data is
+Per layer the forward (an executor: `kvzap_trt/executors/`) scores the new tokens with the
+surrogate and attends over kept pages + window + new tokens; eviction follows the layer's
+attention (kvpress order). Device data is
 read on the host only through `device_reads.to_host`, a fixed few times per step and never per
 layer or per sequence (tests/test_device_reads.py counts them).
 """
@@ -25,8 +25,9 @@ import torch
 from kvzap_trt.cache.paged_cache import PagedKVCache
 from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
+from kvzap_trt.executors import Executor, StepInputs
+from kvzap_trt.executors.torch_executor import TorchExecutor
 from kvzap_trt.models.transformer import Transformer
-from kvzap_trt.ops.dispatch import ops
 from kvzap_trt.runtime.sampler import SamplingParams, sample
 from kvzap_trt.surrogate import Surrogate
 
@@ -63,15 +64,24 @@ class Engine:
         policy: EvictionPolicy,
         max_seq_len: int,
         record_positions: bool = False,
+        executor: Executor | None = None,
     ):
         self.model, self.cache, self.policy = model, cache, policy
         self.max_seq_len = max_seq_len
         self.record_positions = record_positions
-        self.ops = ops(cache.device)
+        self.executor = executor or TorchExecutor(model, policy.surrogate, policy.threshold, cache.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
-        self.scale = model.cfg.head_dim**-0.5
+
+    @property
+    def ops(self):
+        """The PyTorch executor's ops (tests wrap them to count calls)."""
+        return self.executor.ops
+
+    @ops.setter
+    def ops(self, value) -> None:
+        self.executor.ops = value
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Request:
@@ -213,60 +223,26 @@ class Engine:
         self.running.remove(r)
         r.slot = None
 
-    def _evict(self, k, v, scores, cu, slots, ctx, lc) -> None:
-        """evict_append of packed rows into the cache views `lc` (one layer, or all folded)."""
-        alloc = self.cache.allocator
-        self.ops.evict_append(k, v, scores, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool,
-                              lc.block_table, lc.kept_len, lc.ring_table, alloc.free_stack, alloc.num_free_t,
-                              self.cache.spec.window, self.policy.threshold)
-
     def _forward(self, batch: list[Request], feeds: list[list[int]], is_decode: list[bool]) -> torch.Tensor:
         dev, cache, policy = self.cache.device, self.cache, self.policy
         lens = [len(f) for f in feeds]
         ctx = [cache.ctx_len[r.slot] for r in batch]
         # cu, slots, ctx_t: host tensors built from lists (the ops read them without a device read)
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
-        slots = torch.tensor([r.slot for r in batch], dtype=torch.int32)
-        ctx_t = torch.tensor(ctx, dtype=torch.int32)
-        tokens = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=dev)
-        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, lens)]).to(dev)
         # Sequences whose tokens are never evicted: all without a surrogate; decoding ones when
         # decoding is not compressed (kvpress decoding=False). Known here, so no layer asks the device.
         never_seq = [policy.surrogate is None or (d and not policy.compress_decoding) for d in is_decode]
-        never = torch.tensor([v for v, n in zip(never_seq, lens) for _ in range(n)], device=dev)  # [N]
-        # A step of one token per sequence (decode) evicts every layer in one call after the forward:
-        # a layer's eviction changes only its own cache, which its attention has read already. Its
-        # new K/V/scores wait in `stash` ([L, N, ...]: small). Steps with prompts evict per layer.
-        stash: dict[str, torch.Tensor] = {}
-        one_evict = all(n == 1 for n in lens)
-
-        def attend(layer: int, h_norm, q, k, v):
-            lc = cache.layer(layer)
-            if all(never_seq):
-                scores = torch.full(never.shape + (k.shape[1],), float("inf"), device=dev)
-            else:
-                scores = policy.surrogate.score(layer, h_norm).masked_fill(never[:, None], float("inf"))
-            out = self.ops.paged_attention(
-                q, k, v, cu, slots, ctx_t, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table,
-                cache.spec.window, self.scale,
-            )
-            if one_evict:
-                for name, t in (("k", k), ("v", v), ("scores", scores)):
-                    if name not in stash:
-                        stash[name] = t.new_empty((cache.spec.num_layers, *t.shape))
-                    stash[name][layer] = t
-            else:
-                self._evict(k, v, scores, cu, slots, ctx_t, lc)
-            return out
-
-        last_rows = (cu[1:] - 1).to(dev)
-        with self.ops.deferred_errors(dev):  # kernels: one error check per step, not per layer
-            logits = self.model(tokens, positions, attend, logits_at=last_rows)
-            if one_evict:
-                L, S, N = cache.spec.num_layers, cache.spec.max_seqs, len(lens)
-                folded = (torch.arange(L, dtype=torch.int32)[:, None] * S + slots[None, :]).reshape(-1)  # [L*N]
-                self._evict(*(stash[n].flatten(0, 1) for n in ("k", "v", "scores")),
-                            torch.arange(L * N + 1, dtype=torch.int32), folded, ctx_t.repeat(L), cache.all_layers())
+        step = StepInputs(
+            tokens=torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=dev),
+            positions=torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, lens)]).to(dev),
+            never_evict=torch.tensor([v for v, n in zip(never_seq, lens) for _ in range(n)], device=dev),  # [N]
+            never_all=all(never_seq),
+            cu_seqlens=cu,
+            seq_slots=torch.tensor([r.slot for r in batch], dtype=torch.int32),
+            ctx_lens=torch.tensor(ctx, dtype=torch.int32),
+            logits_at=(cu[1:] - 1).to(dev),
+        )
+        logits = self.executor.forward(step, cache)
         for r, n, d in zip(batch, lens, is_decode):
             cache.ctx_len[r.slot] += n
             if not d and not policy.compress_decoding:

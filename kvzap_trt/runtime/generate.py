@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ import torch
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.config import RunConfig
 from kvzap_trt.errors import KvzapError
+from kvzap_trt.executors import EXECUTORS, Executor
 from kvzap_trt.models.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_model_dir
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
 from kvzap_trt.runtime.sampler import SamplingParams
@@ -27,13 +30,26 @@ class GenerationResult:
 
 
 class Runtime:
-    """A loaded model, its surrogate and tokenizer, ready to generate under `cfg`."""
+    """A loaded model, its surrogate and tokenizer, ready to generate under `cfg`.
 
-    def __init__(self, cfg: RunConfig, loaded: LoadedModel, surrogate: Surrogate | None):
+    executor: "torch" (our PyTorch forward) or "onnx" (the exported graph on ONNX Runtime, CPU);
+    onnx_model: the `model.onnx` (or its directory) of `kvzap-trt export` for the ONNX executor;
+    None exports this runtime's model once, into a temporary directory.
+    """
+
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel, surrogate: Surrogate | None, executor: str = "torch",
+                 onnx_model: Path | None = None):
+        if executor not in EXECUTORS:
+            raise KvzapError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        if onnx_model is not None and executor != "onnx":
+            raise KvzapError("an ONNX model was given but the executor is not onnx")
         self.cfg, self.loaded, self.surrogate = cfg, loaded, surrogate
+        self.executor_name, self.onnx_model = executor, onnx_model
+        self._executor: Executor | None = None
+        self._export_dir: tempfile.TemporaryDirectory | None = None
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> "Runtime":
+    def from_config(cls, cfg: RunConfig, executor: str = "torch", onnx_model: Path | None = None) -> "Runtime":
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise KvzapError("--device cuda was asked for but PyTorch sees no CUDA device")
         model_dir = resolve_model_dir(cfg.model)
@@ -45,7 +61,32 @@ class Runtime:
                 raise KvzapError(f"surrogate {cfg.surrogate} is {surrogate.kind}, the config says {cfg.surrogate_kind}")
         if surrogate is not None:
             surrogate = surrogate.to(cfg.device)
-        return cls(cfg, loaded, surrogate)
+        return cls(cfg, loaded, surrogate, executor, onnx_model)
+
+    def export_onnx(self, out: Path, external_data: bool | None = None) -> Path:
+        """This runtime's model, surrogate, window and threshold as an ONNX graph in `out` -> model.onnx."""
+        from kvzap_trt.export import export_onnx
+
+        source = {"model": self.cfg.preset or self.cfg.model, "config": self.cfg.to_dict()}
+        return export_onnx(self.loaded.model, self.surrogate, self.cfg.window, self.cfg.threshold, out,
+                           external_data, source)
+
+    def executor(self) -> Executor | None:
+        """The executor engines of this runtime run (None: the engine's default, PyTorch); the ONNX
+        one is built once (export and ONNX Runtime session) and shared by every engine."""
+        if self.executor_name == "torch":
+            return None
+        if self._executor is None:
+            from kvzap_trt.executors.onnx_executor import OnnxExecutor
+
+            path = self.onnx_model
+            if path is None:
+                self._export_dir = tempfile.TemporaryDirectory(prefix="kvzap-onnx-")
+                path = self.export_onnx(Path(self._export_dir.name) / "export")
+            elif Path(path).is_dir():
+                path = Path(path) / "model.onnx"
+            self._executor = OnnxExecutor(path, self.cfg.window, self.cfg.threshold, self.surrogate)
+        return self._executor
 
     @property
     def tokenizer(self):
@@ -99,7 +140,8 @@ class Runtime:
         num_blocks = sum(heads * (math.ceil(n / self.cfg.block_size) + 1) for n in lens)
         cache = self.make_cache(max(lens), len(prompts), num_blocks)
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
-        engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions)
+        engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions,
+                        executor=self.executor())
         return engine, [engine.submit(p, sampling) for p in prompts]
 
     def result(self, r: Request) -> GenerationResult:
