@@ -69,7 +69,27 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
     p.add_argument("--positions", action="store_true", help="with --json: list the kept positions per layer and head")
+    p.add_argument("--executor", choices=["torch", "onnx"], default="torch",
+                   help="torch (default): the PyTorch forward; onnx: the exported graph on ONNX Runtime (CPU, float32)")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="with --executor onnx: a `kvzap-trt export` directory (default: export the model now, to a temporary directory)")
     p.set_defaults(func=run_generate)
+
+
+def add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the model with KVzap as an ONNX graph (the input of a TensorRT engine build)",
+        description="Write OUT/model.onnx: the Llama/Qwen3 forward with the KVzap surrogate as ordinary ops and "
+        "per layer a KvzapVarlenPagedAttention and a KvzapEvict node (the TensorRT plugins; domain kvzap_trt), "
+        "the cache and the batch description as graph inputs, the updated cache as outputs, window and "
+        "threshold as plugin fields. Weights go to OUT/model.onnx.data past 2 GB. Checked with onnx.checker; "
+        "`kvzap-trt generate --executor onnx --onnx OUT` runs it on ONNX Runtime.",
+    )
+    add_config_flags(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
+    p.add_argument("--external-data", action="store_true", help="weights in model.onnx.data whatever their size")
+    p.set_defaults(func=run_export)
 
 
 def add_build(sub: Any) -> None:
@@ -210,7 +230,9 @@ def run_generate(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else None
     if text is not None and not text.strip():
         raise KvzapError("the prompt is empty")
-    rt = Runtime.from_config(cfg)
+    if args.onnx is not None and args.executor != "onnx":
+        raise KvzapError("--onnx needs --executor onnx")
+    rt = Runtime.from_config(cfg, executor=args.executor, onnx_model=args.onnx)
     if text is not None:
         prompt_ids = rt.encode(text, chat=args.chat)
     result = rt.generate([prompt_ids], positions=args.positions)[0]
@@ -222,6 +244,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "finish_reason": result.finish_reason,
             "kv": result.kv,
             "config": cfg.to_dict(),
+            "executor": args.executor,
         }
         print(json.dumps(out))
     else:
@@ -232,6 +255,14 @@ def run_generate(args: argparse.Namespace) -> int:
             f"{kv['bytes_allocated'] / 2**20:.2f} MiB allocated vs {kv['bytes_dense'] / 2**20:.2f} MiB dense",
             file=sys.stderr,
         )
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from kvzap_trt.runtime.generate import Runtime
+
+    cfg = config_from_args(args)
+    print(Runtime.from_config(cfg).export_onnx(args.out, external_data=args.external_data or None))
     return 0
 
 
@@ -391,6 +422,7 @@ def build_parser() -> Parser:
     add_generate(sub)
     add_build(sub)
     add_convert(sub)
+    add_export(sub)
     add_score(sub)
     add_train(sub)
     add_calibrate(sub)
