@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "kernel_static_report.py"
-BUDGET = {"attention.bf16_d128_g4": 280.0}  # instructions per KiB; measured 277.0 on 2026-11-24
+BUDGET = {"attention.bf16_d128_g4": 255.0}  # instructions per KiB; 277.0, then 251.8 with the window in the pool
 UNROLL = 4  # kUnroll in plugins/src/paged_attention.cu
 
 
