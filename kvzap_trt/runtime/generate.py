@@ -81,8 +81,9 @@ class Runtime:
 
             path = self.onnx_model
             if path is None:
+                # Weights in model.onnx.data: the executor then re-serialises only the graph.
                 self._export_dir = tempfile.TemporaryDirectory(prefix="kvzap-onnx-")
-                path = self.export_onnx(Path(self._export_dir.name) / "export")
+                path = self.export_onnx(Path(self._export_dir.name) / "export", external_data=True)
             elif Path(path).is_dir():
                 path = Path(path) / "model.onnx"
             self._executor = OnnxExecutor(path, self.cfg.window, self.cfg.threshold, self.surrogate)
