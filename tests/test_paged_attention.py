@@ -78,6 +78,9 @@ MATRIX = {
     "W0": (0, 16, 3, 64, 0, [(300, 1), (50, 4)]),
     "partial-ring": (128, 16, 3, 64, 0, [(17, 1), (100, 3)]),     # c < W: nothing kept yet
     "idle": (8, 16, 3, 64, 0, [(300, 1), (40, 0), (9, 1)]),       # T = 0 in the middle of the batch
+    # a fresh prompt, a chunk over a cache, a decode row and an idle sequence in one call: each
+    # fast path routes the first two away from its decode kernel
+    "mixed": (8, 16, 3, 64, 0, [(0, 20), (100, 5), (300, 1), (40, 0)]),
 }
 
 
@@ -178,10 +181,15 @@ GPU_CASES = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim,q_heads", [(128, 32), (64, 24)])
 @pytest.mark.parametrize("split_size", [0, 256])
-def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype, head_dim, q_heads, split_size):
+@pytest.mark.parametrize("chunks_to_kernel", [False, True], ids=["chunks-gathered", "chunks-kernel"])
+def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype, head_dim, q_heads, split_size,
+                                                         chunks_to_kernel):
     """Qwen3-8B-like groups (32 q / 8 kv, D=128) and a G=3 one (D=64); ragged kept lengths; the
-    launcher's split and a forced small one (many splits, log-sum-exp merge); output poisoned."""
+    launcher's split and a forced small one (many splits, log-sum-exp merge); chunks over a cache
+    through cached_chunks.py and through the kernel's row-wise path; output poisoned."""
     lengths, new = GPU_CASES[case]
+    if chunks_to_kernel and case != "chunked-prefill":
+        pytest.skip("only the chunked-prefill case has chunks over a cache")
     H, W = 8, 128
     cache = make_cache(H=H, D=head_dim, W=W, bs=block_size, num_blocks=60000 // block_size + 3000, max_seqs=len(new),
                        max_seq_len=33000, dtype=dtype, seed=block_size, device="cuda")
@@ -200,7 +208,8 @@ def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype
 
     out = torch.full_like(q, float("nan"))
     CUDA.paged_attention(q, k_new, v_new, cu, slots_t, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
-                         lc.ring_table, cache.spec.window, scale, split_size=split_size, out=out)
+                         lc.ring_table, cache.spec.window, scale, split_size=split_size, out=out,
+                         chunks_to_kernel=chunks_to_kernel)
     assert not out.isnan().any(), "output not fully written"
 
     f32 = lambda t: t.float()  # noqa: E731

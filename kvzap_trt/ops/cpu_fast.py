@@ -7,8 +7,8 @@ concatenated, an explicit fp32 softmax over query chunks. Here:
     gathered block by block (`index_select` of [bs, D] rows, not token by token), logits against
     the kept pages, the window and the new token computed apart and softmaxed together (only
     logits are concatenated), a per-(sequence, kv head) mask for the ragged kept lengths;
-  - chunked prefill over a cache (several new tokens, ctx > 0): the same, one sequence at a time,
-    causal among its new tokens.
+  - chunked prefill over a cache (several new tokens, ctx > 0): cached_chunks.py (the sequence's
+    cache gathered once, fused attention with a mask).
 Decisions do not depend on it (eviction reads scores, not attention), but the hidden states it
 feeds forward differ from the reference's by rounding only; tests compare it with the reference.
 
@@ -26,6 +26,7 @@ from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.cache.paged_cache import window_pages
 from kvzap_trt.errors import CacheFullError
 from kvzap_trt.ops import evict_append as reference
+from kvzap_trt.ops.cached_chunks import cached_chunk_attention
 from kvzap_trt.ops.fresh_prompts import attend_routing_fresh_prompts
 
 
@@ -37,34 +38,32 @@ def paged_attention(
     out = torch.empty_like(q) if out is None else out
     cache = (k_pool, v_pool, block_table, kept_len, ring_table, window)
 
-    def attend_cached(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out):
+    def attend_decode(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out):
+        """Decode rows only (chunks and fresh prompts were routed away); idle sequences have none."""
         out = torch.empty_like(q) if out is None else out
         cu, ctx = cu_seqlens.tolist(), ctx_lens.tolist()
-        lens = [b - a for a, b in zip(cu, cu[1:])]
-        decode = [b for b, n in enumerate(lens) if n == 1]
+        decode = [b for b in range(len(ctx)) if cu[b + 1] - cu[b] == 1]
         if decode:
             rows = torch.tensor([cu[b] for b in decode])
             out[rows] = attend_group(q[rows], k_new[rows], v_new[rows], seq_slots[decode], [ctx[b] for b in decode],
-                                     1, cache, scale)
-        for b, n in enumerate(lens):
-            if n > 1:
-                rows = slice(cu[b], cu[b + 1])
-                out[rows] = attend_group(q[rows], k_new[rows], v_new[rows], seq_slots[b : b + 1], [ctx[b]], n, cache,
-                                         scale)
+                                     cache, scale)
         return out
 
+    def attend_chunk(q, k_new, v_new, slot: int, ctx: int) -> torch.Tensor:
+        return cached_chunk_attention(q, k_new, v_new, slot, ctx, *cache, scale)
+
     return attend_routing_fresh_prompts(q, k_new, v_new, cu_seqlens.tolist(), ctx_lens.tolist(), seq_slots, scale, out,
-                                        attend_cached)
+                                        attend_decode, attend_chunk)
 
 
-def attend_group(q, k_new, v_new, slots: torch.Tensor, ctx: list[int], T: int, cache, scale: float) -> torch.Tensor:
-    """n sequences with T new tokens each, packed sequence by sequence.
+def attend_group(q, k_new, v_new, slots: torch.Tensor, ctx: list[int], cache, scale: float) -> torch.Tensor:
+    """n sequences with one new token each (decode).
 
-    q: [n*T, Hq, D]  k_new, v_new: [n*T, Hkv, D]  slots: [n]  ctx: n ints  -> [n*T, Hq, D]
+    q: [n, Hq, D]  k_new, v_new: [n, Hkv, D]  slots: [n]  ctx: n ints  -> [n, Hq, D]
 
-    Logits of the three key sources (kept pages, ring, new tokens) are computed separately and
-    softmaxed together: only the logits are concatenated, never the keys or values. In float32
-    whatever the cache's dtype (as the reference), rounded once to q's dtype.
+    Logits of the three key sources (kept pages, window, the new token) are computed separately
+    and softmaxed together: only the logits are concatenated, never the keys or values. In
+    float32 whatever the cache's dtype (as the reference), rounded once to q's dtype.
     """
     k_pool, v_pool, block_table, kept_len, ring_table, W = cache
     n, (Hq, D), H, bs = len(ctx), q.shape[1:], k_new.shape[1], k_pool.shape[1]
@@ -81,19 +80,18 @@ def attend_group(q, k_new, v_new, slots: torch.Tensor, ctx: list[int], T: int, c
     page_k, page_v = pages(block_table, blocks)
     R = window_pages(max(ctx, default=0), W, bs)  # window pages of the fullest window
     ring_k, ring_v = pages(ring_table, R)  # window slots [0, R*bs): slot j at page j // bs
-    new_k, new_v = (t.view(n, T, H, D).transpose(1, 2).float() for t in (k_new, v_new))  # [n, H, T, D]
-    qs = q.view(n, T, H, G, D).permute(0, 2, 3, 1, 4).reshape(n, H, G * T, D).float() * scale  # rows (g, t)
+    new_k, new_v = (t.view(n, H, 1, D).float() for t in (k_new, v_new))  # [n, H, 1, D]
+    qs = q.view(n, H, G, D).float() * scale  # [n, H, G, D]
 
     page_logits = (qs @ page_k.transpose(2, 3)).masked_fill_(
-        (torch.arange(blocks * bs) >= kept[:, :, None])[:, :, None], float("-inf"))  # [n, H, G*T, P]
+        (torch.arange(blocks * bs) >= kept[:, :, None])[:, :, None], float("-inf"))  # [n, H, G, P]
     ring_logits = (qs @ ring_k.transpose(2, 3)).masked_fill_(
-        (torch.arange(R * bs) >= torch.tensor(ctx).clamp(max=W)[:, None])[:, None, None], float("-inf"))  # [n, H, G*T, R*bs]
-    later = torch.ones(T, T, dtype=torch.bool).triu(1).repeat(G, 1)  # [G*T, T]: key after the row's token
-    new_logits = (qs @ new_k.transpose(2, 3)).masked_fill_(later, float("-inf"))  # [n, H, G*T, T]
+        (torch.arange(R * bs) >= torch.tensor(ctx).clamp(max=W)[:, None])[:, None, None], float("-inf"))  # [n, H, G, R*bs]
+    new_logits = qs @ new_k.transpose(2, 3)  # [n, H, G, 1]
     probs = torch.cat([page_logits, ring_logits, new_logits], 3).softmax(-1)
     P, Rb = blocks * bs, R * bs
-    o = probs[..., :P] @ page_v + probs[..., P : P + Rb] @ ring_v + probs[..., P + Rb :] @ new_v  # [n, H, G*T, D]
-    return o.view(n, H, G, T, D).permute(0, 3, 1, 2, 4).reshape(n * T, Hq, D).to(q.dtype)
+    o = probs[..., :P] @ page_v + probs[..., P : P + Rb] @ ring_v + probs[..., P + Rb :] @ new_v  # [n, H, G, D]
+    return o.reshape(n, Hq, D).to(q.dtype)
 
 
 def evict_append(

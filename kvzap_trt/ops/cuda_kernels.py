@@ -33,6 +33,7 @@ import torch
 
 from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
+from kvzap_trt.ops.cached_chunks import cached_chunk_attention
 from kvzap_trt.ops.fresh_prompts import attend_routing_fresh_prompts
 
 # The CUDA sources: beside the package in a source checkout, or where $KVZAP_TRT_PLUGINS says.
@@ -202,15 +203,17 @@ def evict_append(
 
 def paged_attention(
     q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table, window: int,
-    scale: float, split_size: int = 0, out: torch.Tensor | None = None,
+    scale: float, split_size: int = 0, out: torch.Tensor | None = None, chunks_to_kernel: bool = False,
 ) -> torch.Tensor:
     """-> [N, Hq, D]; arguments as kvzap_trt.ops.paged_attention.paged_attention.
 
     Fresh prompts (nothing cached yet, several new tokens) see only their own tokens: they go to
     PyTorch's fused causal attention (flash on GPUs), which the row-wise kernel cannot match for
-    long prompts. Everything else (decode rows, chunked prefill over a cache) goes to
-    kvzapVarlenPagedAttention. split_size: keys per thread block (0: the launcher's choice).
-    out: written in place if given.
+    long prompts. Chunks over a cache (several new tokens, ctx > 0) go to cached_chunks.py (the
+    sequence's cache gathered once, fused attention with a mask), or with chunks_to_kernel to the
+    kernel, whose row-wise path re-reads the cache per row (what a TensorRT engine runs; the GPU
+    tests cover both). Decode rows go to kvzapVarlenPagedAttention. split_size: keys per thread
+    block (0: the launcher's choice). out: written in place if given.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     batch = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
@@ -222,8 +225,12 @@ def paged_attention(
                                split_size, out)
         return out
 
+    def chunk(q, k_new, v_new, slot: int, ctx: int) -> torch.Tensor:
+        return cached_chunk_attention(q, k_new, v_new, slot, ctx, k_pool, v_pool, block_table, kept_len, ring_table,
+                                      window, scale)
+
     return attend_routing_fresh_prompts(q, k_new, v_new, list(batch.host_cu), list(batch.host_ctx), seq_slots, scale,
-                                        out, kernel)
+                                        out, kernel, None if chunks_to_kernel else chunk)
 
 
 def launch_paged_attention(q, k_new, v_new, batch: BatchArgs, k_pool, v_pool, block_table, kept_len, ring_table,
