@@ -79,6 +79,8 @@ class Runtime:
         if self._executor is None:
             from kvzap_trt.executors.onnx_executor import OnnxExecutor
 
+            if self.cfg.dtype != "float32":
+                raise KvzapError(f"the ONNX executor runs float32 graphs, not {self.cfg.dtype}: run with --dtype float32")
             path = self.onnx_model
             if path is None:
                 # Weights in model.onnx.data: the executor then re-serialises only the graph.
