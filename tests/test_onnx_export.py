@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -19,7 +20,6 @@ from kvzap_trt.executors import StepInputs
 from kvzap_trt.export.plugins import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
 from kvzap_trt.runtime.generate import Runtime
 
-onnx = pytest.importorskip("onnx")  # a main dependency: only absent in a broken install
 REPO = Path(__file__).resolve().parents[1]
 READMES = {"KvzapVarlenPagedAttention": REPO / "plugins/trt/kvzapVarlenPagedAttentionPlugin/README.md",
            "KvzapEvict": REPO / "plugins/trt/kvzapEvictPlugin/README.md"}
