@@ -71,6 +71,25 @@ def test_pool_exhaustion_is_a_clear_error(impl, prompt):
     assert cache.allocator.num_free == 3  # nothing taken
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("prompt", [64, 5000])  # the kernel's one-block and chunked paths
+def test_a_failed_write_leaves_a_partly_filled_page_untouched(impl, prompt):
+    """A head with 5 kept tokens (a partly filled page) then a chunk it cannot take blocks for:
+    CacheFullError, and the pool, tables and lengths are exactly as before (nothing written past
+    kept_len either: the kernel's chunked copy checks that its head took its blocks)."""
+    ops, device = impl
+    cache = make_cache(H=2, W=2, bs=16, num_blocks=6, max_seq_len=8192, device=device)
+    seq = random_seq(cache, 7 + prompt, torch.Generator().manual_seed(0))
+    seq.scores.fill_(1.0)  # keep everything
+    write_chunk(cache, [seq], [7], tau=0.0, ops=ops)  # 5 leavers per head: one kept page and one window page each
+    names = ("k_pool", "v_pool", "pos_pool", "score_pool", "block_table", "kept_len", "ring_table")
+    before = {name: getattr(cache, name).clone() for name in names}
+    with pytest.raises(CacheFullError, match="exhausted"):
+        write_chunk(cache, [seq], [prompt], tau=0.0, ops=ops)
+    assert cache.allocator.num_free == 2
+    assert all(torch.equal(getattr(cache, name), t) for name, t in before.items())
+
+
 def kept_pages(cache, slots):
     """{(layer, slot, head): (positions, scores, K, V)} of each head's kept pages in page order and
     of its window in slot order, on CPU. Gathered on the cache's device: only the pages travel,

@@ -8,7 +8,10 @@
 //   k_pool, v_pool  [num_blocks, block_size, D]    one block = block_size tokens of one (layer, seq, kv head)
 //   pos_pool        [num_blocks, block_size] int32 absolute position of each stored token
 //   score_pool      [num_blocks, block_size] float32 its log-score (the window's are read at eviction)
-//   block_table     [L, S, H, M] int32             block ids of each head's kept pages
+//   block_table     [L, S, H, M] int32             block ids of each head's kept pages; columns at and past
+//                                                  ceil(kept_len / block_size) must be -1 (kvzapEvict's
+//                                                  chunked path reads them to know whether a head took its
+//                                                  blocks): allocate it filled with -1 and refill on release
 //   kept_len        [L, S, H] int32                tokens in each head's kept pages
 //   ring_table      [L, S, H, R] int32             block ids of each head's window pages, R = ceil(W / block_size):
 //                                                  position p lives in window slot p % W, which is column
@@ -36,7 +39,7 @@ typedef enum { KVZAP_FLOAT32 = 0, KVZAP_FLOAT16 = 1, KVZAP_BFLOAT16 = 2 } kvzapD
 
 // Error bits OR-ed into *error by the kernels (they cannot raise). After any of kvzapEvict's the
 // cache is invalid; after BOUND_EXCEEDED from kvzapVarlenPagedAttention the output is.
-//   POOL_EXHAUSTED    fewer free blocks than a head's kept pages need
+//   POOL_EXHAUSTED    fewer free blocks than a head's new kept and window pages need
 //   BLOCK_TABLE_FULL  a head needs more than max_blocks_per_head blocks
 //   BOUND_EXCEEDED    a bound the host passed is below the real value: kvzapEvict's max_new_tokens
 //                     (below some T_b) or kvzapVarlenPagedAttention's max_keys (below some row's keys)
@@ -50,7 +53,8 @@ typedef struct {
     int num_slots;    // S
     int num_kv_heads; // H
     int head_dim;     // D
-    int window;       // W (0 allowed)
+    int window;       // W (0 allowed); no tensor carries it, so a W that differs from the one the cache
+                      // was written with but gives the same R cannot be detected: pass the model's
     int block_size;
     int max_blocks_per_head;  // M
     int ring_pages;   // R = ceil(W / block_size)

@@ -266,8 +266,12 @@ __global__ void __launch_bounds__(kThreads, 8) evict_copy_kernel(const kvzapEvic
     const Chunk mine = leaver_chunk(chunk, kChunk, v.lo, v.hi);
     if (v.T_new <= 0 || v.over_bound(p) || (chunk > 0 && mine.from >= mine.to)) return;
     __shared__ int scratch[32];
+    // A head whose plan failed writes nothing, not even into its partly filled last page (the
+    // reference takes and writes nothing): count all its leavers (4 bytes each) to know.
+    const int old_len = p.kept_len[v.index];  // commit, a later launch, updates it
+    if (!took_blocks(v, old_len, count_kept(v, v.lo, v.hi, p.threshold, scratch))) return;
     const int before = count_kept(v, v.lo, mine.from, p.threshold, scratch);
-    copy_kept(p, v, mine.from, mine.to, p.kept_len[v.index] + before, scratch);
+    copy_kept(p, v, mine.from, mine.to, old_len + before, scratch);
 }
 
 template <typename T>

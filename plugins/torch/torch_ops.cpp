@@ -199,6 +199,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     const int64_t S = block_table.size(0), H = block_table.size(1), BS = k_pool.size(1);
     TORCH_CHECK(BS > 0, op, ": block_size must be > 0");
     TORCH_CHECK(window >= 0 && window <= INT_MAX, op, ": window must be in [0, INT_MAX], got ", window);
+    TORCH_CHECK(B > 0 || N == 0, op, ": ", N, " rows of q but no sequence in seq_slots (every row belongs to one)");
     const int64_t R = (window + BS - 1) / BS;
     check_shape(op, q, "q", {N, Hq, D});  // head_dim from the cache
     TORCH_CHECK(H > 0 && Hq % H == 0 && Hq / H <= 8, op, ": q has ", Hq, " heads for ", H,

@@ -301,6 +301,8 @@ std::string checkAttentionShapes(Shape const* in, int32_t nbInputs, AttentionFie
     checkBatchAndPool(c, cache, d);
     checkLayerCache(c, cache, d);
     c.shape(kERROR, {1}, "[1]");
+    // Every row belongs to a sequence: the kernel looks each row's up in cu_seqlens.
+    c.require(d.B > 0 || d.N == 0, std::to_string(d.N) + " rows of q but no sequence in seq_slots");
     c.require(d.H > 0 && d.Hq % d.H == 0 && d.Hq / d.H <= 8,
               "q has " + std::to_string(d.Hq) + " heads for " + std::to_string(d.H) +
                   " kv heads: query heads per kv head must divide evenly and be at most 8");

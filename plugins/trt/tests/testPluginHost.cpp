@@ -288,6 +288,11 @@ void testRingTable() {
         CHECK(contains(evictCheck(e, 33), "ring_table") && contains(evictCheck(e, 33), "= [2, 2, 2, 3]"), "evict: '%s'",
               evictCheck(e, 33).c_str());
     }
+    // Rows with no sequence (B = 0, N > 0): the kernel would read cu_seqlens[1] and seq_slots[0].
+    Dims rowsless = d;
+    rowsless.B = 0;
+    CHECK(contains(attention(attentionInputs(rowsless), 33), "3 rows of q but no sequence in seq_slots"),
+          "attention B = 0, N = 3: '%s'", attention(attentionInputs(rowsless), 33).c_str());
     // W = 0: no window pages, ring_table [L, S, H, 0]; one column is refused, as is W = 1 with none.
     Dims none = d;
     none.W = 0;
