@@ -10,7 +10,6 @@ optimisations beyond `basic` (fusions that change arithmetic) are off: what runs
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from kvzap_trt.cache.paged_cache import PagedKVCache
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.executors.ort_ops import ORT_DOMAIN, import_ort, register
-from kvzap_trt.export import import_onnx
+from kvzap_trt.export import load_exported
 from kvzap_trt.export.plugins import CACHE_TENSORS, DOMAIN
 from kvzap_trt.ops.cuda_kernels import raise_kernel_error
 from kvzap_trt.surrogate import Surrogate
@@ -37,16 +36,8 @@ class OnnxExecutor:
         """path: model.onnx of `kvzap-trt export`; window, threshold, surrogate: what the engine
         runs with, checked against what the graph was exported with."""
         ort, _ = import_ort()
-        onnx = import_onnx()
         path = Path(path)
-        try:
-            m = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # a missing file, or bytes that are not an ONNX model
-            raise KvzapError(f"cannot read ONNX model {path}: {e}") from None
-        props = {p.key: p.value for p in m.metadata_props}
-        if "kvzap_trt" not in props:
-            raise KvzapError(f"{path} was not exported by kvzap-trt (no kvzap_trt metadata)")
-        self.meta = json.loads(props["kvzap_trt"])
+        m, self.meta = load_exported(path)
         if self.meta["dtype"] != "float32":
             raise KvzapError(f"{path} is a {self.meta['dtype']} graph; the ONNX executor runs float32 ones "
                              "(its plugin bindings are float32): run with --dtype float32")

@@ -96,8 +96,9 @@ def export_onnx(model: "Transformer", surrogate: "Surrogate | None", window: int
     return out / MODEL_FILE
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The export metadata stored in a model file (not its weights)."""
+def load_exported(path: Path) -> tuple[Any, dict[str, Any]]:
+    """(ModelProto without its external weights, the export metadata) of a kvzap-trt export;
+    KvzapError when the file is missing, not ONNX, or not ours."""
     onnx = import_onnx()
     try:
         m = onnx.load(str(path), load_external_data=False)
@@ -106,4 +107,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
     props = {p.key: p.value for p in m.metadata_props}
     if "kvzap_trt" not in props:
         raise KvzapError(f"{path} was not exported by kvzap-trt (no kvzap_trt metadata)")
-    return json.loads(props["kvzap_trt"])
+    return m, json.loads(props["kvzap_trt"])
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The export metadata stored in a model file (not its weights)."""
+    return load_exported(path)[1]
