@@ -29,6 +29,8 @@ class Event:
     compression_ratio: float = 0.0
     kv_bytes: int = 0
     error: str | None = None
+    finish_reason: str | None = None  # final events: "stop" (EOS or a stop word) | "length"
+    completion_tokens: int = 0  # final events: tokens generated (a stop word's included)
 
 
 @dataclass
@@ -62,6 +64,16 @@ def cut_at_stop_word(text: str, stop_words: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def streamable(text: str, stop_words: list[str]) -> str:
+    """`text` less a tail that could still become a stop word (and a partial UTF-8 character),
+    so that streamed deltas always join to the final, cut text."""
+    if text.endswith("\ufffd"):
+        text = text.rstrip("\ufffd")
+    hold = max((k for w in stop_words for k in range(min(len(w) - 1, len(text)), 0, -1)
+                if text.endswith(w[:k])), default=0)
+    return text[: len(text) - hold]
+
+
 class EngineLoop:
     def __init__(self, runtime: Runtime, engine: Engine):
         self.runtime, self.engine = runtime, engine
@@ -83,9 +95,10 @@ class EngineLoop:
         return cls(runtime, Engine(runtime.loaded.model, cache, policy, max_seq_len))
 
     # -- called from request threads --------------------------------------------------------
-    def prepare(self, params: GenerationParams) -> list[int]:
-        """Tokenise and check a request; BadRequest for anything waiting would not cure."""
-        ids = self.runtime.encode(params.prompt)
+    def prepare(self, params: GenerationParams, prompt_ids: list[int] | None = None) -> list[int]:
+        """Tokenise (unless `prompt_ids` are given: a chat template's) and check a request;
+        BadRequest for anything waiting would not cure."""
+        ids = self.runtime.encode(params.prompt) if prompt_ids is None else list(prompt_ids)
         limit = self.engine.max_seq_len
         if not ids:
             raise BadRequest("text_input has no tokens")
@@ -159,11 +172,14 @@ class EngineLoop:
                 return
             kv = r.kv
             rest = text[len(job.sent):] if job.params.stream else text
-            self._emit(job, Event(rest, True, kv["compression_ratio"], kv["bytes_allocated"]))
-        elif job.params.stream and len(text) > len(job.sent) and not text.endswith("\ufffd"):
+            reason = "stop" if r.finish_reason == "stop" else "length"
+            self._emit(job, Event(rest, True, kv["compression_ratio"], kv["bytes_allocated"],
+                                  finish_reason=reason, completion_tokens=len(r.output_ids)))
+        elif job.params.stream:
+            ready = streamable(text, job.params.stop_words)
             # After a preemption the request regenerates the same tokens: nothing is resent.
-            if self._emit(job, Event(text[len(job.sent):], False)):
-                job.sent = text
+            if len(ready) > len(job.sent) and self._emit(job, Event(ready[len(job.sent):], False)):
+                job.sent = ready
 
     def _emit(self, job: Job, ev: Event) -> bool:
         """Send an event; a client that cannot be reached any more loses its request, nobody else."""
