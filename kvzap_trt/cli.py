@@ -69,10 +69,15 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
     p.add_argument("--positions", action="store_true", help="with --json: list the kept positions per layer and head")
-    p.add_argument("--executor", choices=["torch", "onnx"], default="torch",
-                   help="torch (default): the PyTorch forward; onnx: the exported graph on ONNX Runtime (CPU, float32)")
+    p.add_argument("--executor", choices=["torch", "onnx", "tensorrt"], default="torch",
+                   help="torch (default): the PyTorch forward; onnx: the exported graph on ONNX Runtime (CPU, float32); "
+                   "tensorrt: an engine of `kvzap-trt build --engine tensorrt` (CUDA; needs --engine-file)")
     p.add_argument("--onnx", type=Path, default=None,
                    help="with --executor onnx: a `kvzap-trt export` directory (default: export the model now, to a temporary directory)")
+    p.add_argument("--engine-file", type=Path, default=None,
+                   help="with --executor tensorrt: model.plan or its directory (OUT/engine of `kvzap-trt build --engine tensorrt`)")
+    p.add_argument("--plugin-lib", type=Path, default=None,
+                   help="with --executor tensorrt: libkvzap_trt_plugins.so (default: $KVZAP_TRT_PLUGIN_LIB, else the engine's)")
     p.set_defaults(func=run_generate)
 
 
@@ -95,15 +100,32 @@ def add_export(sub: Any) -> None:
 def add_build(sub: Any) -> None:
     p = sub.add_parser(
         "build",
-        help="write a Triton model repository (Python backend) for a model",
+        help="write a Triton model repository (Python backend) for a model, with a TensorRT engine on request",
         description="Write a Triton Inference Server model repository serving the model with KVzap "
-        "eviction through this package's PyTorch executor: <name> (infer, generate) and <name>_stream "
-        "(generate_stream, token by token). Any tritonserver with the Python backend loads it where "
-        "kvzap_trt is installed. TensorRT engines for the large presets are not built yet.",
+        "eviction: <name> (infer, generate) and <name>_stream (generate_stream, token by token). Any "
+        "tritonserver with the Python backend loads it where kvzap_trt is installed. --engine pytorch (default): "
+        "the PyTorch executor, OUT is the repository. --engine tensorrt: OUT/checkpoint (kvzap-trt convert), "
+        "OUT/onnx (kvzap-trt export), OUT/engine (TensorRT, strongly typed, decode and prefill profiles, the "
+        "kvzap plugins), OUT/triton (the repository, running the engine); where TensorRT, a GPU or the plugin "
+        "library is missing it stops after the ONNX with exit code 2 and the `docker run` command that finishes.",
     )
     add_config_flags(p)
     add_serving_flags(p)
-    p.add_argument("--out", type=Path, default=None, help="repository directory (default: build/triton/<model>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="repository directory (default: build/triton/<model>); with --engine tensorrt the build "
+                   "directory (default: build/engines/<model>)")
+    p.add_argument("--engine", choices=["pytorch", "tensorrt"], default="pytorch",
+                   help="pytorch (default): the PyTorch executor; tensorrt: build a TensorRT engine and serve it")
+    p.add_argument("--dry-run", action="store_true", help="print every step with its paths and commands; run nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="with --engine tensorrt: reuse the complete checkpoint, ONNX and engine already in OUT")
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="with --engine tensorrt: most packed tokens in one step, the prefill profile's maximum (default 8192)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="with --engine tensorrt: longest context (default: the model's max_position_embeddings)")
+    p.add_argument("--plugin-lib", type=Path, default=None,
+                   help="with --engine tensorrt: libkvzap_trt_plugins.so (default: $KVZAP_TRT_PLUGIN_LIB, else "
+                   "build/plugins/trt/libkvzap_trt_plugins.so)")
     p.set_defaults(func=run_build)
 
 
@@ -232,7 +254,12 @@ def run_generate(args: argparse.Namespace) -> int:
         raise KvzapError("the prompt is empty")
     if args.onnx is not None and args.executor != "onnx":
         raise KvzapError("--onnx needs --executor onnx")
-    rt = Runtime.from_config(cfg, executor=args.executor, onnx_model=args.onnx)
+    if (args.engine_file is not None or args.plugin_lib is not None) and args.executor != "tensorrt":
+        raise KvzapError("--engine-file and --plugin-lib need --executor tensorrt")
+    if args.executor == "tensorrt" and args.engine_file is None:
+        raise KvzapError("--executor tensorrt needs --engine-file (OUT/engine of `kvzap-trt build --engine tensorrt`)")
+    rt = Runtime.from_config(cfg, executor=args.executor, onnx_model=args.onnx, engine_file=args.engine_file,
+                             plugin_lib=args.plugin_lib)
     if text is not None:
         prompt_ids = rt.encode(text, chat=args.chat)
     result = rt.generate([prompt_ids], positions=args.positions)[0]
@@ -266,13 +293,56 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+BUILD_ENGINE_FLAGS = ("resume", "max_num_tokens", "max_seq_len", "plugin_lib")
+
+
 def run_build(args: argparse.Namespace) -> int:
     from kvzap_trt.serve.repository import write_repository
 
     cfg = config_from_args(args)
-    out = args.out or Path("build") / "triton" / (cfg.preset or Path(cfg.model).name)
+    name = cfg.preset or Path(cfg.model).name
+    if args.engine == "tensorrt":
+        return run_build_tensorrt(args, cfg, name)
+    given = [f"--{f.replace('_', '-')}" for f in BUILD_ENGINE_FLAGS if getattr(args, f) not in (None, False)]
+    if given:
+        raise KvzapError(f"{', '.join(given)} need --engine tensorrt")
+    out = args.out or Path("build") / "triton" / name
+    if args.dry_run:
+        print(f"1. repository: write the Triton repository {out} (models {args.model_name}, {args.model_name}_stream; "
+              "executor pytorch)")
+        return 0
     write_repository(cfg, out, args.model_name)
     print(out)
+    return 0
+
+
+def build_container_args(args: argparse.Namespace) -> list[str]:
+    """The build command's arguments as the container must see them (no paths of this machine)."""
+    out = ["--model", args.model] if args.model else []
+    for dest in ("surrogate", "threshold", "window", "block_size", "dtype", "model_name", "max_seqs", "kv_cache_mb",
+                 "max_num_tokens", "max_seq_len"):
+        v = getattr(args, dest, None)
+        if v is not None:
+            out += [f"--{dest.replace('_', '-')}", str(v)]
+    if args.compress_decoding is False:
+        out.append("--no-compress-decoding")
+    return ["--engine", "tensorrt", *out]
+
+
+def run_build_tensorrt(args: argparse.Namespace, cfg, name: str) -> int:
+    from kvzap_trt.trt import default_plugin_lib
+    from kvzap_trt.trt.pipeline import EngineBuild, run
+
+    if args.max_num_tokens is not None and args.max_num_tokens < 1:
+        raise KvzapError(f"--max-num-tokens must be >= 1, got {args.max_num_tokens}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise KvzapError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    if cfg.tp != 1:
+        raise KvzapError(f"TensorRT engines are built for one GPU (tp 1); the config says tp {cfg.tp}")
+    b = EngineBuild(cfg, (args.out or Path("build") / "engines" / name).resolve(), args.model_name,
+                    args.plugin_lib or default_plugin_lib(), args.max_num_tokens or 8192, args.max_seq_len,
+                    args.resume, build_container_args(args))
+    print(run(b, print, dry_run=args.dry_run))
     return 0
 
 

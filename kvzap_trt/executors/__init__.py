@@ -7,6 +7,8 @@ model's layers with their attention and eviction and leaves the cache tensors up
     references);
   - `OnnxExecutor`: the graph of `kvzap-trt export` on ONNX Runtime (CPU), its plugin nodes bound
     to the PyTorch references: the CPU proof of what the TensorRT engine computes.
+  - `TrtExecutor`: the TensorRT engine built from that graph (`kvzap-trt build --engine tensorrt`),
+    the cache bound by address (`trt_executor.py`).
 An executor knows nothing of requests or scheduling; the engine knows nothing of how the layers run.
 """
 
@@ -20,7 +22,7 @@ import torch
 if TYPE_CHECKING:
     from kvzap_trt.cache.paged_cache import PagedKVCache
 
-EXECUTORS = ("torch", "onnx")
+EXECUTORS = ("torch", "onnx", "tensorrt")
 
 
 @dataclass

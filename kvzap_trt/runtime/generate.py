@@ -35,21 +35,33 @@ class Runtime:
     executor: "torch" (our PyTorch forward) or "onnx" (the exported graph on ONNX Runtime, CPU);
     onnx_model: the `model.onnx` (or its directory) of `kvzap-trt export` for the ONNX executor;
     None exports this runtime's model once, into a temporary directory.
+    engine_file, plugin_lib: the TensorRT executor's engine (model.plan or its directory, from
+    `kvzap-trt build --engine tensorrt`) and plugin library (default: $KVZAP_TRT_PLUGIN_LIB).
     """
 
     def __init__(self, cfg: RunConfig, loaded: LoadedModel, surrogate: Surrogate | None, executor: str = "torch",
-                 onnx_model: Path | None = None):
+                 onnx_model: Path | None = None, engine_file: Path | None = None, plugin_lib: Path | None = None):
         if executor not in EXECUTORS:
             raise KvzapError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
         if onnx_model is not None and executor != "onnx":
             raise KvzapError("an ONNX model was given but the executor is not onnx")
+        if engine_file is not None and executor != "tensorrt":
+            raise KvzapError("a TensorRT engine was given but the executor is not tensorrt")
+        if executor == "tensorrt" and engine_file is None:
+            raise KvzapError("the TensorRT executor needs an engine (--engine-file, from `kvzap-trt build --engine tensorrt`)")
+        self.engine_file, self.plugin_lib = engine_file, plugin_lib
         self.cfg, self.loaded, self.surrogate = cfg, loaded, surrogate
         self.executor_name, self.onnx_model = executor, onnx_model
         self._executor: Executor | None = None
         self._export_dir: tempfile.TemporaryDirectory | None = None
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, executor: str = "torch", onnx_model: Path | None = None) -> "Runtime":
+    def from_config(cls, cfg: RunConfig, executor: str = "torch", onnx_model: Path | None = None,
+                    engine_file: Path | None = None, plugin_lib: Path | None = None) -> "Runtime":
+        if executor == "tensorrt":  # say so before loading a model it cannot run
+            from kvzap_trt.trt import import_tensorrt
+
+            import_tensorrt()
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise KvzapError("--device cuda was asked for but PyTorch sees no CUDA device")
         model_dir = resolve_model_dir(cfg.model)
@@ -61,7 +73,7 @@ class Runtime:
                 raise KvzapError(f"surrogate {cfg.surrogate} is {surrogate.kind}, the config says {cfg.surrogate_kind}")
         if surrogate is not None:
             surrogate = surrogate.to(cfg.device)
-        return cls(cfg, loaded, surrogate, executor, onnx_model)
+        return cls(cfg, loaded, surrogate, executor, onnx_model, engine_file, plugin_lib)
 
     def export_onnx(self, out: Path, external_data: bool | None = None) -> Path:
         """This runtime's model, surrogate, window and threshold as an ONNX graph in `out` -> model.onnx."""
@@ -76,6 +88,11 @@ class Runtime:
         one is built once (export and ONNX Runtime session) and shared by every engine."""
         if self.executor_name == "torch":
             return None
+        if self._executor is None and self.executor_name == "tensorrt":
+            from kvzap_trt.executors.trt_executor import TrtExecutor
+
+            self._executor = TrtExecutor(self.engine_file, self.plugin_lib, self.cfg.window, self.cfg.threshold,
+                                         self.surrogate, self.cfg.device)
         if self._executor is None:
             from kvzap_trt.executors.onnx_executor import OnnxExecutor
 

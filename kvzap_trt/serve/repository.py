@@ -47,14 +47,19 @@ from kvzap_trt.serve.{module} import TritonPythonModel  # noqa: F401
 '''
 
 
-def write_repository(cfg: RunConfig, out: Path, name: str = "ensemble") -> Path:
-    """Write the repository atomically (a failed build leaves no directory behind)."""
+def write_repository(cfg: RunConfig, out: Path, name: str = "ensemble", executor: dict | None = None) -> Path:
+    """Write the repository atomically (a failed build leaves no directory behind).
+
+    executor: None for the PyTorch executor, else the core's `kvzap_executor` parameter, e.g.
+    {"executor": "tensorrt", "engine": ".../model.plan", "plugin_lib": ".../libkvzap_trt_plugins.so"}.
+    """
     core = f"{name}_stream"
     resolved = json.dumps(cfg.to_dict(), sort_keys=True)
+    core_params = {"kvzap_config": resolved, **({"kvzap_executor": json.dumps(executor)} if executor else {})}
     with atomic_dir(Path(out)) as tmp:
         for model, module, decoupled, params in [
             (name, "triton_front", False, {"core_model": core}),
-            (core, "triton_core", True, {"kvzap_config": resolved}),
+            (core, "triton_core", True, core_params),
         ]:
             (tmp / model / "1").mkdir(parents=True)
             (tmp / model / "config.pbtxt").write_text(model_config(model, decoupled, params))

@@ -36,12 +36,26 @@ def config_from_model_args(args: dict) -> RunConfig:
     return RunConfig(**json.loads(raw)).validate()
 
 
+def executor_from_model_args(args: dict) -> dict:
+    """Runtime.from_config's executor arguments from the `kvzap_executor` parameter (absent: PyTorch)."""
+    params = json.loads(args["model_config"]).get("parameters", {})
+    raw = params.get("kvzap_executor", {}).get("string_value")
+    if not raw:
+        return {}
+    spec = json.loads(raw)
+    return {"executor": spec["executor"], "engine_file": spec.get("engine"), "plugin_lib": spec.get("plugin_lib")}
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        self.loop = EngineLoop.from_runtime(Runtime.from_config(config_from_model_args(args))).start()
+        runtime = Runtime.from_config(config_from_model_args(args), **executor_from_model_args(args))
+        loop = EngineLoop.from_runtime(runtime)
+        if runtime.executor() is not None:  # the repository names another executor than PyTorch
+            loop.engine.executor = runtime.executor()
+        self.loop = loop.start()
         families = {
             name: pb_utils.MetricFamily(name=name, description=desc, kind=pb_utils.MetricFamily.GAUGE)
             for name, desc in METRICS.items()

@@ -1,0 +1,134 @@
+"""Optimisation profiles of a kvzap engine: min / opt / max of every dynamic input dimension.
+
+The exported graph (`export/graph.py`) names its dynamic dimensions; each gets a range here:
+
+    symbol               decode profile            prefill profile           why
+    num_tokens (N)       1 .. S  (opt S)           1 .. T  (opt min(T, 2048)) packed new tokens of a step
+    batch (B)            1 .. S  (opt S)           1 .. S  (opt 1)           sequences in a step
+    batch_plus_1         B + 1                     B + 1                     cu_seqlens
+    num_blocks           1 .. P  (opt P)           same                      the block pool
+    block_size           bs (fixed)                same                      a build setting of the cache
+    max_seqs             1 .. S  (opt S)           same                      sequence slots of the cache
+    max_blocks_per_head  1 .. ceil(C / bs)         same                      block table columns (C: context)
+    ring_pages           ceil(W / bs) (fixed)      same                      window pages per head
+
+S = max_seqs, T = max_num_tokens, P = the pool's blocks (kv_cache_mb's worth), C = max_seq_len.
+
+Why two profiles: the attention plugin sizes its workspace from the profile's largest N
+(plugins/trt/kvzapVarlenPagedAttentionPlugin/README.md: `4 * Hq * (D + 1) * max(256 * 4 / H,
+N * ceil(max_keys / 4096))` bytes, max_keys = M * bs + W + N). For Qwen3-8B (Hq 32, D 128, H 8,
+C 40960, W 128) that is ~6 MB at N = 32 and ~1.6 GB at N = 8192; a decode step runs on the decode
+profile's execution context, whose device memory is sized for N <= S only, and TensorRT tunes
+its GEMMs for each profile's opt (a full decode batch; a 2k-token prefill chunk). The engine
+prefills whole prompts (runtime/engine.py), so T bounds the packed tokens of any step: a step
+beyond it is refused with a clear error (the scheduler has no per-step token budget yet).
+The cache dimensions only pass through the plugins (aliased I/O), so their wide ranges cost no
+memory inside the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvzap_trt.errors import KvzapError
+
+Range = tuple[int, int, int]  # (min, opt, max)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine must accept: max_seqs S, max_num_tokens T (packed tokens of a prefill step),
+    max_seq_len C, block_size, window W, num_blocks P (the pool's largest size)."""
+
+    max_seqs: int
+    max_num_tokens: int
+    max_seq_len: int
+    block_size: int
+    window: int
+    num_blocks: int
+
+    def __post_init__(self):
+        for name in ("max_seqs", "max_num_tokens", "max_seq_len", "block_size", "num_blocks"):
+            if getattr(self, name) < 1:
+                raise KvzapError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.window < 0:
+            raise KvzapError(f"window must be >= 0, got {self.window}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dim_ranges(limits: EngineLimits) -> dict[str, dict[str, Range]]:
+    """{"decode": {symbol: range}, "prefill": {...}}: the table of the module docstring."""
+    S, T, bs = limits.max_seqs, limits.max_num_tokens, limits.block_size
+    cache = {
+        "num_blocks": (1, limits.num_blocks, limits.num_blocks),
+        "block_size": (bs, bs, bs),
+        "max_seqs": (1, S, S),
+        "max_blocks_per_head": (1, -(-limits.max_seq_len // bs), -(-limits.max_seq_len // bs)),
+        "ring_pages": (-(-limits.window // bs),) * 3,
+    }
+
+    def batch(opt: int) -> dict[str, Range]:
+        return {"batch": (1, opt, S), "batch_plus_1": (2, opt + 1, S + 1)}
+
+    return {
+        "decode": {"num_tokens": (1, S, S), **batch(S), **cache},
+        "prefill": {"num_tokens": (1, min(T, 2048), T), **batch(1), **cache},
+    }
+
+
+def graph_inputs(model_path: Path) -> dict[str, list[int | str]]:
+    """Each input of an exported graph -> its dims (ints, or the symbol of a dynamic one)."""
+    from kvzap_trt.export import load_exported
+
+    m, _ = load_exported(model_path)
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+
+
+def profile_shapes(inputs: dict[str, list[int | str]], ranges: dict[str, Range]) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """{input: (min shape, opt shape, max shape)} of one profile for the graph's inputs."""
+    shapes = {}
+    for name, dims in inputs.items():
+        per_dim = []
+        for d in dims:
+            if isinstance(d, str):
+                if d not in ranges:
+                    raise KvzapError(f"input {name} has dimension {d!r}, which no optimisation profile covers "
+                                     f"(known: {', '.join(sorted(ranges))})")
+                per_dim.append(ranges[d])
+            else:
+                per_dim.append((d, d, d))
+        shapes[name] = tuple(tuple(r[k] for r in per_dim) for k in range(3))
+    return shapes
+
+
+def engine_profiles(inputs: dict[str, list[int | str]], limits: EngineLimits) -> list[tuple[str, dict]]:
+    """[(profile name, {input: (min, opt, max)})] in the engine's profile order (decode first)."""
+    return [(name, profile_shapes(inputs, r)) for name, r in dim_ranges(limits).items()]
+
+
+def select_profile(profiles: list[dict[str, tuple[tuple, tuple, tuple]]], shapes: dict[str, tuple]) -> int:
+    """Index of the first profile whose [min, max] holds every input shape of a step, else a
+    KvzapError naming the input and dimension that no profile holds."""
+    why = ""
+    for i, prof in enumerate(profiles):
+        bad = _outside(prof, shapes)
+        if bad is None:
+            return i
+        why = bad
+    raise KvzapError(f"no optimisation profile of the engine fits this step: {why}")
+
+
+def _outside(profile: dict, shapes: dict[str, tuple]) -> str | None:
+    for name, shape in shapes.items():
+        if name not in profile:
+            raise KvzapError(f"the engine has no input named {name}")
+        lo, _, hi = profile[name]
+        if len(shape) != len(lo):
+            return f"{name} has {len(shape)} dimensions, the engine's {len(lo)}"
+        for axis, (n, a, b) in enumerate(zip(shape, lo, hi)):
+            if not a <= n <= b:
+                return f"{name} dim {axis} is {n}, outside the engine's range [{a}, {b}]"
+    return None
