@@ -1,0 +1,109 @@
+"""`kvzap-trt eval`: flags, checks and the run; kvzap_trt/cli.py only registers it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvzap_trt.errors import KvzapError
+
+
+def _list(kind: type, flag: str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def add_parser(sub: Any) -> None:
+    from kvzap_trt.eval.tasks import TASKS
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy against compression on generated long-context tasks (RULER-style)",
+        description="Generate long-context tasks locally (deterministic per seed, scored exactly), run them "
+        "with the full cache, then per surrogate and threshold with KVzap and with two baselines at the same "
+        "compression (window only; random eviction at KVzap's per-head rate). Writes OUT/report.json, "
+        f"report.md and report.png atomically. Tasks: {', '.join(TASKS)}.",
+    )
+    p.add_argument("--model", default=None, help="preset, HF model directory, .gguf or HF id (default: smollm2-135m)")
+    p.add_argument("--surrogate", action="append", default=None,
+                   help="surrogate directory, HF id or random:KIND:SEED; repeat for several (default: the preset's)")
+    p.add_argument("--thresholds", type=_list(float, "--thresholds"), default=[],
+                   help="comma-separated taus (none: the full cache only, to find what the model can do)")
+    p.add_argument("--tasks", type=_list(str, "--tasks"), default=None, help="comma-separated tasks (default: all)")
+    p.add_argument("--lengths", type=_list(int, "--lengths"), default=[512, 1024],
+                   help="comma-separated prompt lengths in tokens (default: 512,1024)")
+    p.add_argument("--samples", type=int, default=8, help="samples per task and length (default: 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=None, help="KVzap's window (default: the preset's)")
+    p.add_argument("--min-full-accuracy", type=float, default=0.0,
+                   help="run KVzap and baselines only where the full cache scores at least this %% (default: 0)")
+    p.add_argument("--batch", type=int, default=8, help="samples per continuous batch (default: 8)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--out", type=Path, default=None, help="report directory (default: build/eval/<model>)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvzap_trt.config import resolve_config
+    from kvzap_trt.eval.report import kvzap_summary, write_report
+    from kvzap_trt.eval.runner import Prompter
+    from kvzap_trt.eval.suite import evaluate
+    from kvzap_trt.eval.tasks import task_names
+    from kvzap_trt.runtime.generate import Runtime
+    from kvzap_trt.surrogate import load_surrogate
+
+    tasks = task_names(args.tasks)
+    if not all(math.isfinite(t) for t in args.thresholds):
+        raise KvzapError(f"--thresholds must be finite, got {args.thresholds}")
+    for flag, value in (("--samples", args.samples), ("--batch", args.batch)):
+        if value < 1:
+            raise KvzapError(f"{flag} must be >= 1, got {value}")
+    if not args.lengths or min(args.lengths) < 1:
+        raise KvzapError(f"--lengths must be positive, got {args.lengths}")
+    cfg = resolve_config(args.model, window=args.window, device=args.device, dtype=args.dtype)
+    specs = args.surrogate or ([cfg.surrogate] if cfg.surrogate and args.thresholds else [])
+    if args.thresholds and not specs:
+        raise KvzapError(f"--thresholds needs a surrogate: {cfg.preset or cfg.model} has none, pass --surrogate")
+    rt = Runtime.from_config(dataclasses.replace(cfg, surrogate=None, surrogate_kind=None))
+    if rt.tokenizer is None:
+        raise KvzapError(f"model {cfg.model} has no tokenizer: eval writes its prompts as text")
+    limit = rt.loaded.config.max_position_embeddings
+    if max(args.lengths) > limit:
+        raise KvzapError(f"--lengths {max(args.lengths)} exceeds the model's context of {limit} tokens")
+    name = cfg.preset or Path(cfg.model).name
+    surrogates = {Path(s).name if Path(s).expanduser().is_dir() else s: load_surrogate(s, rt.loaded.config, name)
+                  for s in specs}
+    prompter = Prompter(rt)
+    runs = evaluate(rt, prompter.ids, prompter.text, prompter.count(), tasks, args.lengths, args.samples, args.seed,
+                    surrogates, args.thresholds, args.min_full_accuracy, args.batch)
+    meta = {
+        "model": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+                   f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {cfg.device}".replace(" ,", ","),
+        "command": "kvzap-trt " + shlex.join(sys.argv[1:]),
+        "surrogates": specs, "thresholds": args.thresholds, "tasks": tasks, "lengths": args.lengths,
+        "samples": args.samples, "seed": args.seed, "window": cfg.window,
+        "min_full_accuracy": args.min_full_accuracy, "decoding": "compressed (kvpress decoding=True)",
+    }
+    out = write_report({"meta": meta, "config": cfg.to_dict(), "runs": runs}, args.out or Path("build/eval") / name)
+    for s in kvzap_summary(runs):
+        print(f"{s['config']}: compression {s['compression']:.1%}, accuracy {s['accuracy']:.1f} "
+              f"(full {s['full']:.1f}, window {s['window']:.1f}, random {s['random']:.1f}) over {s['groups']} groups")
+    print(out)
+    return 0

@@ -1,0 +1,31 @@
+"""One evaluation sample and its exact scorer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Sample:
+    """context: the user turn (document + question); answer_prefix: what the assistant turn starts
+    with (the model continues it); answers: every string a correct output contains."""
+
+    task: str
+    length: int  # target prompt length in tokens
+    index: int
+    context: str
+    answer_prefix: str
+    answers: list[str]
+    max_new_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def score(output: str, answers: list[str]) -> float:
+    """Fraction of `answers` that occur in `output` as whole words, case-insensitively (RULER's
+    string_match_all with word boundaries, so that "art" is not found in "party")."""
+    if not answers:
+        raise ValueError("a sample needs at least one expected answer")
+    found = sum(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", output, re.IGNORECASE) is not None for a in answers)
+    return found / len(answers)

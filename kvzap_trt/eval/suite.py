@@ -1,0 +1,50 @@
+"""The evaluation: the full cache on every task and length, then per surrogate and threshold
+KVzap and its two baselines matched to it (baselines.py), on the groups (task, length) where the
+full cache reaches `min_full_accuracy`. Returns the report's data (report.py writes it)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kvzap_trt.eval.baselines import RandomEviction, WindowOnly, leave_rates, matched_window
+from kvzap_trt.eval.runner import Method, run_method, summarise
+from kvzap_trt.eval.sample import Sample
+from kvzap_trt.eval.tasks import make_samples
+from kvzap_trt.runtime.generate import Runtime
+
+
+def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[list[int]], str],
+             count: Callable[[str], int], tasks: list[str], lengths: list[int], samples: int, seed: int,
+             surrogates: dict[str, Any], thresholds: list[float], min_full_accuracy: float = 0.0,
+             batch: int = 8) -> list[dict[str, Any]]:
+    """One entry per (method, task, length): the method's settings, summary and per-sample records."""
+    runs: list[dict[str, Any]] = []
+    window = rt.cfg.window
+
+    def record(method: Method, task: str, length: int, recs: list[dict]) -> None:
+        runs.append({"method": method.name, "key": method.key(), "surrogate": method.label,
+                     "threshold": method.threshold if method.name == "kvzap" else None, "window": method.window,
+                     "matched_to": method.matched_to, "task": task, "length": length, **summarise(recs),
+                     "records": recs})
+
+    heads = rt.loaded.config.num_kv_heads
+    for length in lengths:
+        for task in tasks:
+            group = make_samples(task, length, samples, seed, count)
+            full = Method("full", None, 0.0, window)
+            recs = run_method(rt, full, group, ids, text, batch, f"{task} {length} full")
+            record(full, task, length, recs)
+            if summarise(recs)["accuracy"] < min_full_accuracy:
+                continue
+            for label, surrogate in surrogates.items():
+                for tau in thresholds:
+                    kvzap = Method("kvzap", surrogate, tau, window, label)
+                    recs = run_method(rt, kvzap, group, ids, text, batch, f"{task} {length} {kvzap.key()}")
+                    record(kvzap, task, length, recs)
+                    kvs = [r["kv"] for r in recs]
+                    for base in (Method("window", WindowOnly(heads), 0.0, matched_window(kvs), matched_to=kvzap.key()),
+                                 Method("random", RandomEviction(leave_rates(kvs, window), seed), 0.0, window,
+                                        matched_to=kvzap.key())):
+                        record(base, task, length, run_method(rt, base, group, ids, text, batch,
+                                                              f"{task} {length} {base.name}"))
+    return runs
