@@ -497,6 +497,9 @@ def build_parser() -> Parser:
     add_train(sub)
     add_calibrate(sub)
     add_serve(sub)
+    from kvzap_trt.eval.command import add_parser as add_eval  # flags and run: kvzap_trt/eval/command.py
+
+    add_eval(sub)
     return parser
 
 
