@@ -220,6 +220,9 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) "
+                   "on this port of --host, on the same engine and KV pool as Triton (default: off, no OpenAI port)")
     p.add_argument("--verbose", action="store_true", help="show tritonserver's log")
     p.set_defaults(func=run_serve)
 
@@ -461,28 +464,47 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import os
     import tempfile
 
+    from kvzap_trt.serve import server
     from kvzap_trt.serve.repository import write_repository
-    from kvzap_trt.serve.server import serve_forever, start_server, wait_until_ready
 
+    server.handle_sigterm()  # SIGTERM while starting still stops tritonserver (finally below)
     repo = args.repository
-    if repo is None:
-        repo = write_repository(config_from_args(args), Path(tempfile.mkdtemp(prefix="kvzap-triton-")) / "repo",
-                                args.model_name)
-    elif not (repo / args.model_name / "config.pbtxt").is_file():
+    if repo is not None and not (repo / args.model_name / "config.pbtxt").is_file():
         raise KvzapError(f"{repo} has no model {args.model_name!r}; write one with `kvzap-trt build`")
-    triton = start_server(repo, args.host, args.http_port, args.grpc_port, args.metrics_port, args.verbose)
-    url = f"{args.host}:{args.http_port}"
+    cfg = config_from_args(args) if repo is None else server.repository_config(repo)
+    server.check_loadable(cfg)  # a missing model, surrogate or tokenizer: one line, exit 2
+    work = Path(tempfile.mkdtemp(prefix="kvzap-triton-"))
+    if repo is None:
+        repo = write_repository(cfg, work / "repo", args.model_name)
+    if args.openai_port is not None:
+        os.environ[server.OPENAI_ENV] = f"{args.host}:{args.openai_port}"
+    log_file = work / "tritonserver.log"
+    reaper = server.ProcessReaper().start()
+    triton = None
     try:
-        wait_until_ready(url, f"{args.model_name}_stream")
-        wait_until_ready(url, args.model_name)
-    except KvzapError:
-        triton.stop()
-        raise
-    print(f"kvzap-trt: serving {args.model_name} at http://{url} (metrics on port {args.metrics_port})",
-          file=sys.stderr, flush=True)
-    serve_forever(triton)
+        triton = server.start_server(repo, args.host, args.http_port, args.grpc_port, args.metrics_port,
+                                     args.verbose, log_file)
+        url = f"{args.host}:{args.http_port}"
+        server.wait_until_ready(url, f"{args.model_name}_stream", triton=triton, log_file=log_file)
+        server.wait_until_ready(url, args.model_name, triton=triton, log_file=log_file)
+        extra = ""
+        if args.openai_port is not None:
+            server.wait_for_openai(args.host, args.openai_port)
+            extra = f", OpenAI API at http://{args.host}:{args.openai_port}/v1"
+        print(f"kvzap-trt: serving {args.model_name} at http://{url} (metrics on port {args.metrics_port}){extra}",
+              file=sys.stderr, flush=True)
+        if not server.serve_forever(triton):
+            tail = server.log_tail(log_file)
+            raise KvzapError("tritonserver stopped" + (f"; its log ends:\n{tail}" if tail else ""))
+    finally:
+        if triton is not None:
+            triton.stop()
+        left = reaper.reap()
+        if left:
+            print(f"kvzap-trt: killed {len(left)} process(es) left behind by tritonserver: {left}", file=sys.stderr)
     return 0
 
 

@@ -41,7 +41,7 @@ def test_defaults_are_greedy_and_unstreamed():
 
 @pytest.mark.parametrize("fields,message", [
     ({"max_tokens": 3}, "'text_input' is required"),
-    ({"text_input": "x"}, "'max_tokens' is required"),
+    ({"text_input": "x"}, r"'max_tokens' \(or 'sampling_param_max_tokens'\) is required"),
     ({"text_input": "   ", "max_tokens": 3}, "text_input is empty"),
     ({"text_input": "x", "max_tokens": 0}, "max_tokens must be >= 1"),
     ({"text_input": "x", "max_tokens": -5}, "max_tokens must be >= 1"),
@@ -55,3 +55,36 @@ def test_defaults_are_greedy_and_unstreamed():
 def test_bad_requests(fields, message):
     with pytest.raises(BadRequest, match=message):
         parse_request(request(**fields))
+
+
+def test_llmapi_names_map_to_the_same_parameters():
+    """TensorRT-LLM's llmapi model's inputs, alone or beside equal ensemble inputs."""
+    fields = dict(text_input="hi", sampling_param_max_tokens=7, sampling_param_temperature=0.5,
+                  sampling_param_top_p=0.75, sampling_param_top_k=4, streaming=True,
+                  sampling_param_seed=np.array([[2**40]], dtype=np.uint64),
+                  sampling_param_stop=np.array([[b"\n", b"END"]], dtype=object),
+                  sampling_param_exclude_input_from_output=True)
+    p = parse_request(request(**fields))
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop_words, p.stream) == \
+        (7, 0.5, 0.75, 4, 2**40, ["\n", "END"], True)
+    both = parse_request(request(**fields, max_tokens=7, temperature=0.5, top_p=0.75, top_k=4, stream=True,
+                                 random_seed=np.array([[2**40]], dtype=np.uint64),
+                                 stop_words=np.array([[b"\n", b"END"]], dtype=object)))
+    assert both == p
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"max_tokens": 3, "sampling_param_max_tokens": 4}, r"max_tokens and sampling_param_max_tokens .* disagree \(\[\[3\]\] vs \[\[4\]\]\)|disagree"),
+    ({"max_tokens": 3, "temperature": 0.5, "sampling_param_temperature": 0.7}, "temperature and sampling_param_temperature"),
+    ({"max_tokens": 3, "top_p": 0.5, "sampling_param_top_p": 0.7}, "top_p and sampling_param_top_p"),
+    ({"max_tokens": 3, "top_k": 1, "sampling_param_top_k": 2}, "top_k and sampling_param_top_k"),
+    ({"max_tokens": 3, "random_seed": 1, "sampling_param_seed": 2}, "random_seed and sampling_param_seed"),
+    ({"max_tokens": 3, "stream": True, "streaming": False}, "stream and streaming"),
+    ({"max_tokens": 3, "stop_words": "a", "sampling_param_stop": "b"}, "stop_words and sampling_param_stop"),
+    ({"sampling_param_max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"sampling_param_max_tokens": 3, "sampling_param_top_p": 2.0}, "top_p must be in"),
+    ({"sampling_param_max_tokens": 3, "sampling_param_exclude_input_from_output": False}, "never echoed"),
+])
+def test_llmapi_names_disagreeing_or_bad(fields, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_request(request(text_input="x", **fields))

@@ -1,9 +1,13 @@
 """The real server: PyTriton's bundled tritonserver on free loopback ports, loading the repository
-that `kvzap-trt build` wrote, unchanged. SmolLM2 with window 8, so short prompts evict."""
+that `kvzap-trt build` wrote, unchanged, with the OpenAI-compatible API beside it on the same
+engine. SmolLM2 with window 8, so short prompts evict. The module's last test stops the server
+with SIGTERM and checks that none of its processes (Python-backend stubs included) is left."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +20,7 @@ import requests
 
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.generate import Runtime
+from kvzap_trt.serve.server import descendants
 from tests.test_engine_loop import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -37,27 +42,28 @@ def server(tmp_path_factory, smollm2_dir):
     repo = tmp_path_factory.mktemp("triton") / "repo"
     subprocess.run([sys.executable, "-m", "kvzap_trt.cli", "build", *FLAGS, "--out", str(repo)], check=True,
                    capture_output=True)
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, openai_port = free_ports(4)
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "kvzap_trt.cli", "serve", "--repository", str(repo),
-                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                             "--openai-port", str(openai_port)],
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert proc.poll() is None, open(log.name).read()[-3000:]
-        try:
-            if requests.get(f"{base}/v2/models/ensemble/ready", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
+        if "kvzap-trt: serving ensemble" in open(log.name).read():  # Triton and the OpenAI port are up
+            break
         time.sleep(1)
     else:
         proc.kill()
         pytest.fail("server not ready: " + open(log.name).read()[-3000:])
-    yield {"base": base, "http_port": http, "metrics": f"http://127.0.0.1:{metrics}/metrics"}
-    proc.terminate()
-    proc.wait(60)
+    state = {"base": base, "http_port": http, "metrics": f"http://127.0.0.1:{metrics}/metrics",
+             "openai": f"http://127.0.0.1:{openai_port}/v1", "proc": proc, "log": log.name}
+    yield state
+    if proc.poll() is None:  # the last test stops it; this is for a run cut short
+        proc.terminate()
+        proc.wait(60)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +178,47 @@ def test_disconnect_returns_blocks_and_metrics(server):
     assert free_before is not None, "the disconnected request kept running"
     assert metric(server, "kvzap_kv_blocks_used") == 0
     assert metric(server, "kvzap_compression_ratio") == 0  # nothing running
+
+
+def test_openai_door_shares_the_engine_with_triton(server, expected):
+    import openai
+
+    client = openai.OpenAI(base_url=server["openai"], api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == ["smollm2-135m"]
+    text, kv = expected(PROMPTS[0], 10)
+    c = client.completions.create(model="smollm2-135m", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    assert c.choices[0].text == text == generate(server, PROMPTS[0], 10).json()["text_output"]
+    assert c.usage.model_extra["kv_bytes"] == kv["bytes_allocated"]
+    chat = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi!"}],
+                                          max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 6
+    # A long OpenAI stream shows in Triton's gauges (one engine, one KV pool); closing it frees its blocks.
+    with client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,", max_tokens=3000, temperature=0,
+                                   stream=True) as stream:
+        next(iter(stream))
+        time.sleep(1.5)  # gauges are published every 0.5 s
+        assert metric(server, "kvzap_running_batch") == 1 and metric(server, "kvzap_kv_blocks_used") > 0
+    deadline = time.monotonic() + 30
+    while metric(server, "kvzap_kv_blocks_used") > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert metric(server, "kvzap_kv_blocks_used") == 0 and metric(server, "kvzap_running_batch") == 0
+    r = requests.post(f"{server['openai']}/chat/completions", json={"model": "smollm2-135m", "messages": [], "n": 2},
+                      timeout=30)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert requests.get(f"{server['base']}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_sigterm_leaves_no_process_behind(server):
+    """Last in the module: SIGTERM to `kvzap-trt serve` stops tritonserver and every stub."""
+    proc = server["proc"]
+    tree = descendants(proc.pid)
+    stubs = [p for p in tree if "triton_python_backend_stub" in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
+    assert len(stubs) >= 2, tree  # the front and the core model
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(90) == 0, open(server["log"]).read()[-3000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in tree):
+        time.sleep(0.2)
+    left = [p for p in tree if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert not left, [open(f"/proc/{p}/cmdline", "rb").read() for p in left]
+    assert "killed" not in open(server["log"]).read()  # they ended by themselves, not by the reaper

@@ -4,6 +4,10 @@ One table (`INPUTS`, `OUTPUTS`) drives both request parsing here and `config.pbt
 (`repository.py`). Like TensorRT-LLM's ensemble, the model has `max_batch_size > 0`: tensors
 carry a leading batch dimension ([1, 1] for a scalar; `/generate` adds it by itself). One
 request holds one prompt.
+
+TensorRT-LLM's current Triton model (the `llmapi` Python model) names its inputs otherwise
+(`streaming`, `sampling_param_max_tokens`, ...): `ALIASES` accepts those too, each as the one
+parameter it means; a request that gives both names with different values gets a 400.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from kvzap_trt.errors import KvzapError
 # name: (Triton data type, dims, required)
 INPUTS: dict[str, tuple[str, list[int], bool]] = {
     "text_input": ("TYPE_STRING", [1], True),
-    "max_tokens": ("TYPE_INT32", [1], True),
+    "max_tokens": ("TYPE_INT32", [1], False),  # required, under this name or sampling_param_max_tokens
     "temperature": ("TYPE_FP32", [1], False),
     "top_p": ("TYPE_FP32", [1], False),
     "top_k": ("TYPE_INT32", [1], False),
@@ -27,6 +31,24 @@ INPUTS: dict[str, tuple[str, list[int], bool]] = {
     "stop_words": ("TYPE_STRING", [-1], False),
     "bad_words": ("TYPE_STRING", [-1], False),  # accepted for drop-in clients; must be empty
     "stream": ("TYPE_BOOL", [1], False),
+    # TensorRT-LLM llmapi names (tensorrtllm_backend's `llmapi` model), see ALIASES
+    "streaming": ("TYPE_BOOL", [1], False),
+    "sampling_param_max_tokens": ("TYPE_INT32", [1], False),
+    "sampling_param_temperature": ("TYPE_FP32", [1], False),
+    "sampling_param_top_p": ("TYPE_FP32", [1], False),
+    "sampling_param_top_k": ("TYPE_INT32", [1], False),
+    "sampling_param_seed": ("TYPE_UINT64", [1], False),
+    "sampling_param_stop": ("TYPE_STRING", [-1], False),
+    "sampling_param_exclude_input_from_output": ("TYPE_BOOL", [1], False),  # the prompt is never echoed
+}
+ALIASES: dict[str, str] = {  # llmapi name -> the ensemble name of the same parameter
+    "streaming": "stream",
+    "sampling_param_max_tokens": "max_tokens",
+    "sampling_param_temperature": "temperature",
+    "sampling_param_top_p": "top_p",
+    "sampling_param_top_k": "top_k",
+    "sampling_param_seed": "random_seed",
+    "sampling_param_stop": "stop_words",
 }
 OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "text_output": ("TYPE_STRING", [1]),
@@ -68,6 +90,19 @@ def parse_request(get: Callable[[str], np.ndarray | None]) -> GenerationParams:
             continue
         if a.ndim == 0 or a.shape[0] != 1:
             raise BadRequest(f"input {name!r}: one prompt per request (batch size 1), got shape {list(a.shape)}")
+    for alias, name in ALIASES.items():
+        a, b = arrays.pop(alias), arrays[name]
+        if a is not None and b is not None:
+            same = _words(a) == _words(b) if name == "stop_words" else a.reshape(-1).tolist() == b.reshape(-1).tolist()
+            if not same:
+                raise BadRequest(f"{name} and {alias} are the same parameter and disagree "
+                                 f"({b.reshape(-1).tolist()} vs {a.reshape(-1).tolist()}); give one")
+        arrays[name] = b if b is not None else a
+    if arrays["max_tokens"] is None:
+        raise BadRequest("input 'max_tokens' (or 'sampling_param_max_tokens') is required")
+    exclude = arrays.pop("sampling_param_exclude_input_from_output")
+    if exclude is not None and not bool(exclude.reshape(-1)[0]):
+        raise BadRequest("sampling_param_exclude_input_from_output must be true: the prompt is never echoed")
 
     def scalar(name):
         a = arrays[name]

@@ -5,11 +5,17 @@ Runs under any tritonserver's Python backend (NGC container or PyTriton's bundle
 each request and hands it to the engine loop, returning at once; the loop answers through the
 request's response sender: text deltas with `stream`, else one response, always ending with
 the FINAL flag. Errors in a request are answered with INVALID_ARG (HTTP 400).
+
+With `KVZAP_TRT_OPENAI=host:port` in its environment (`kvzap-trt serve --openai-port` sets it)
+the model also serves the OpenAI-compatible API (`openai_api.py`) from this process, on the
+same EngineLoop: one scheduler and one KV pool for both doors. A watchdog ends the process
+when its parent (tritonserver) is gone, so no stub outlives the server.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 
@@ -18,6 +24,7 @@ from kvzap_trt.errors import KvzapError
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
 from kvzap_trt.serve.protocol import BadRequest, output_arrays, parse_request
+from kvzap_trt.serve.server import OPENAI_ENV
 
 METRICS = {  # name: description; gauges updated after every engine step
     "kvzap_queue_length": "requests waiting for admission",
@@ -64,6 +71,16 @@ class TritonPythonModel:
         self._families = families  # keep them alive
         self._metrics_stop = threading.Event()
         threading.Thread(target=self._publish_metrics, daemon=True).start()
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="kvzap-watchdog", daemon=True).start()
+        self.openai = None
+        spec = os.environ.get(OPENAI_ENV)
+        if spec:
+            from kvzap_trt.serve.openai_api import OpenAIServer
+
+            host, _, port = spec.rpartition(":")
+            cfg = self.loop.runtime.cfg
+            _ = self.loop.runtime.tokenizer.chat_template  # load the template now, not on the first request
+            self.openai = OpenAIServer(self.loop, cfg.preset or cfg.model, host.strip("[]"), int(port)).start()
 
     def execute(self, requests):
         pb = self.pb
@@ -79,6 +96,9 @@ class TritonPythonModel:
                 ids = self.loop.prepare(params)
             except BadRequest as e:
                 self._send(sender, Event("", True, error=str(e)))
+                continue
+            except Exception as e:  # noqa: BLE001 - whatever our code cannot take is the request's fault
+                self._send(sender, Event("", True, error=f"bad request: {type(e).__name__}: {e}"))
                 continue
             self.loop.submit(Job(params, ids, emit=lambda ev, s=sender: self._send(s, ev), is_cancelled=sender.is_cancelled))
         return None
@@ -102,7 +122,18 @@ class TritonPythonModel:
 
     def finalize(self):
         self._metrics_stop.set()
+        if self.openai is not None:
+            self.openai.stop()
         self.loop.stop()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A stub whose tritonserver died (killed, or itself orphaned) is re-parented: leave then."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 

@@ -33,7 +33,7 @@ class TritonPythonModel:
         inputs = []
         for name in INPUTS:
             t = pb.get_input_tensor_by_name(request, name)
-            if t is not None and name != "stream":
+            if t is not None and name not in ("stream", "streaming"):  # the front answers once
                 inputs.append(pb.Tensor(name, t.as_numpy()))
         bls = pb.InferenceRequest(model_name=self.core, requested_output_names=list(OUTPUTS), inputs=inputs)
         outputs = None
