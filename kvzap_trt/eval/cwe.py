@@ -1,6 +1,6 @@
 """Common-word extraction (RULER cwe): a shuffled numbered list of words in which `top` common
-words appear 3k times each and every other word k times, k = max(1, length // 1024) (longer
-prompts repeat more rather than run out of words); the answer is the `top` common words."""
+words appear 3k times each and every other word k times, k = max(1, length // 512) (longer
+prompts repeat more rather than run out of words: the lists hold 145 words); the answer is the `top` common words."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def generate(rng: random.Random, length: int, count: Callable[[str], int], top: 
              ) -> tuple[str, str, list[str], dict]:
     vocab = rng.sample(NOUNS + ADJECTIVES, len(NOUNS) + len(ADJECTIVES))
     common, rare = vocab[:top], vocab[top:]
-    k = max(1, length // 1024)
+    k = max(1, length // 512)
     freq_common, freq_rare = 3 * k, k
     seed = rng.randrange(1 << 30)  # the shuffle's seed: lists of any size are drawn the same way
     intro = ("Below is a numbered list of words. In these words, some appear more often than others. "
