@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from tqdm import tqdm
+
 from kvzap_trt.eval.baselines import RandomEviction, WindowOnly, leave_rates, matched_window
 from kvzap_trt.eval.runner import Method, run_method, summarise
 from kvzap_trt.eval.sample import Sample
@@ -26,6 +28,8 @@ def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[li
                      "threshold": method.threshold if method.name == "kvzap" else None, "window": method.window,
                      "matched_to": method.matched_to, "task": task, "length": length, **summarise(recs),
                      "records": recs})
+        r = runs[-1]
+        tqdm.write(f"{task} @{length} {r['key']}: accuracy {r['accuracy']:.1f}%, compression {r['compression']:.1%}")
 
     heads = rt.loaded.config.num_kv_heads
     for length in lengths:
