@@ -115,6 +115,14 @@ def test_greedy_over_http_equals_generate(server, expected):
                                json={"text_input": prompt, "max_tokens": 10, "stream": True}, timeout=300)
         events = [json.loads(line[len("data: "):]) for line in stream.text.splitlines() if line.startswith("data: ")]
         assert len(events) > 2 and "".join(e["text_output"] for e in events) == text
+        # TensorRT-LLM's llmapi input names reach the same parameters
+        llmapi = {"text_input": prompt, "sampling_param_max_tokens": 10, "sampling_param_temperature": 0.0}
+        assert requests.post(f"{server['base']}/v2/models/ensemble/generate", json=llmapi,
+                             timeout=300).json()["text_output"] == text
+        stream = requests.post(f"{server['base']}/v2/models/ensemble_stream/generate_stream",
+                               json={**llmapi, "streaming": True}, timeout=300)
+        events = [json.loads(line[len("data: "):]) for line in stream.text.splitlines() if line.startswith("data: ")]
+        assert len(events) > 2 and "".join(e["text_output"] for e in events) == text
 
 
 def test_32_concurrent_clients(server, expected):
@@ -148,6 +156,10 @@ def test_bad_requests_get_4xx_and_the_server_stays_ready(server):
         (f"{base}/v2/models/ensemble/generate", {"text_input": long_prompt, "max_tokens": 4}, "exceeds the context limit"),
         (f"{base}/v2/models/ensemble/generate", {"text_input": PROMPTS[2] * 12, "max_tokens": 4}, "KV blocks; the pool has"),
         (f"{base}/v2/models/ensemble_stream/generate_stream", {"text_input": "", "max_tokens": 4, "stream": True}, "empty"),
+        (f"{base}/v2/models/ensemble/generate", {"text_input": "hi", "max_tokens": 3, "sampling_param_max_tokens": 4},
+         "max_tokens and sampling_param_max_tokens are the same parameter and disagree"),
+        (f"{base}/v2/models/ensemble/generate", {"text_input": "hi", "sampling_param_max_tokens": 3,
+                                                 "sampling_param_top_p": 1.5}, "top_p must be in"),
     ]
     for url, body, message in cases:
         r = requests.post(url, json=body, timeout=120)
