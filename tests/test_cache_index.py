@@ -208,6 +208,30 @@ def test_staged_page_ids_locate_every_cached_key_of_a_split(index):
                 assert staged[column] * bs + offset == want[j], (bs, split_size, W, c, kept, split, j)
 
 
+def test_key_bound_covers_every_row_and_follows_the_kept_lengths(index):
+    """cuda_kernels.key_bound, the max_keys the attention kernel is launched with: at least every
+    row's keys (row_keys, checked against the reference above) given the largest kept length of
+    the batch, never above the uncompressed bound, and below it once heads have evicted."""
+    from kvzap_trt.ops.cuda_kernels import key_bound
+
+    rng = random.Random(7)
+    tighter = 0
+    for _ in range(400):
+        W = rng.choice([0, 8, 128])
+        lens = [rng.choice([0, 1, 1, 5]) for _ in range(rng.randrange(1, 6))]
+        ctx = [rng.randrange(0, 3000) for _ in lens]
+        kept = [[rng.randrange(0, max(1, c - min(c, W) + 1)) for _ in range(3)] for c in ctx]  # 3 heads each
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        rows = [index.row_keys(k, c, W, t) for ks, c, n in zip(kept, ctx, lens) for k in ks for t in range(n)]
+        bound = key_bound(tuple(cu), tuple(ctx), W, max(max(ks) for ks in kept))
+        uncompressed = key_bound(tuple(cu), tuple(ctx), W, None)
+        assert all(r <= bound for r in rows) and bound <= uncompressed, (lens, ctx, kept, W)
+        tighter += bound < uncompressed
+    assert tighter > 100
+
+
 def test_chunks_partition_the_leavers(index):
     rng = random.Random(3)
     for _ in range(500):

@@ -150,20 +150,26 @@ class PagedKVCache:
         """Most blocks `slot` can take when it next writes `new_tokens` tokens (all leavers kept)."""
         return self.blocks_needed_many([slot], new_tokens)[0]
 
-    def blocks_needed_many(self, slots: list[int], new_tokens: int) -> list[int]:
+    def read_kept(self, slots: list[int]) -> torch.Tensor:
+        """kept_len of `slots` on the host: [L, B, H] int64. One device read, none for no slots."""
+        if not slots:
+            return torch.zeros(self.spec.num_layers, 0, self.spec.num_kv_heads, dtype=torch.long)
+        return to_host(self.kept_len[:, slots]).long()
+
+    def blocks_needed_many(self, slots: list[int], new_tokens: int, kept: torch.Tensor | None = None) -> list[int]:
         """Most blocks each of `slots` can take when each next writes `new_tokens` tokens.
 
         Every token leaving a window is counted as kept: a head takes a block exactly when its
         kept length crosses a block boundary, or when its window reaches a new page (known from
-        the context length alone). One device read (kept_len of all `slots`), none when `slots`
-        is empty.
+        the context length alone). kept: `read_kept(slots)` if the caller has it; else one device
+        read here (none when `slots` is empty).
         """
         if not slots:
             return []
         spec, W, bs = self.spec, self.spec.window, self.spec.block_size
         ctx = [self.ctx_len[s] for s in slots]
         leaving = torch.tensor([max(0, c + new_tokens - W) - max(0, c - W) for c in ctx])  # [B]
-        kept = to_host(self.kept_len[:, slots]).long()  # [L, B, H]
+        kept = self.read_kept(slots) if kept is None else kept  # [L, B, H]
         grown = kept + leaving[None, :, None]
         paged = (-(-grown // bs) - (-(-kept // bs))).sum((0, 2))  # ceil(grown/bs) - ceil(kept/bs), summed
         heads = spec.num_layers * spec.num_kv_heads

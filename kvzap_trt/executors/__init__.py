@@ -33,6 +33,9 @@ class StepInputs:
     scores are +inf   never_all: every row is never evicted (known on the host)
     cu_seqlens: [B+1]  seq_slots: [B]  ctx_lens: [B]  int32, host
     logits_at: [B] int (cache device): each sequence's last row
+    max_kept: no head of these sequences holds more kept tokens when the step starts (None:
+    unknown); the attention kernel sizes its splits from it (kept + window + new tokens), not from
+    the uncompressed context
     """
 
     tokens: torch.Tensor
@@ -43,6 +46,7 @@ class StepInputs:
     seq_slots: torch.Tensor
     ctx_lens: torch.Tensor
     logits_at: torch.Tensor
+    max_kept: int | None = None
 
 
 class Executor(Protocol):

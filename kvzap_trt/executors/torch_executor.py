@@ -48,7 +48,7 @@ class TorchExecutor:
                 scores = self.surrogate.score(layer, h_norm).masked_fill(never[:, None], float("inf"))
             out = self.ops.paged_attention(
                 q, k, v, cu, slots, ctx_t, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table,
-                cache.spec.window, self.scale,
+                cache.spec.window, self.scale, max_kept=step.max_kept,
             )
             if one_evict:
                 for name, t in (("k", k), ("v", v), ("scores", scores)):

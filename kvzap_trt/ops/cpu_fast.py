@@ -32,9 +32,10 @@ from kvzap_trt.ops.fresh_prompts import attend_routing_fresh_prompts
 
 def paged_attention(
     q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table,
-    window: int, scale: float, out: torch.Tensor | None = None,
+    window: int, scale: float, max_kept: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-> [N, Hq, D]; arguments and shapes as kvzap_trt.ops.paged_attention.paged_attention."""
+    """-> [N, Hq, D]; arguments and shapes as kvzap_trt.ops.paged_attention.paged_attention (max_kept
+    unused: the batched gather reads the kept lengths it needs anyway)."""
     out = torch.empty_like(q) if out is None else out
     cache = (k_pool, v_pool, block_table, kept_len, ring_table, window)
 

@@ -87,7 +87,6 @@ class BatchArgs:
     seq_slots: torch.Tensor
     ctx_lens: torch.Tensor
     max_chunk: int  # most new tokens of any sequence
-    max_keys: int  # most keys any row sees: the longest context plus the longest chunk
 
 
 def batch_args(cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor, device,
@@ -126,7 +125,7 @@ def _batch_args(device: str, stream: int, cu: tuple[int, ...], slots: tuple[int,
     check_batch(cu, slots, ctx, num_slots, num_rows)
     dev_cu, dev_slots, dev_ctx = (torch.tensor(h, dtype=torch.int32).to(device, non_blocking=True) for h in (cu, slots, ctx))
     chunk = max((b - a for a, b in zip(cu, cu[1:])), default=0)
-    return BatchArgs(cu, ctx, dev_cu, dev_slots, dev_ctx, chunk, max(ctx, default=0) + chunk)
+    return BatchArgs(cu, ctx, dev_cu, dev_slots, dev_ctx, chunk)
 
 
 # device -> (error flag, stream) of the open deferred_errors() block
@@ -203,7 +202,8 @@ def evict_append(
 
 def paged_attention(
     q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table, window: int,
-    scale: float, split_size: int = 0, out: torch.Tensor | None = None, chunks_to_kernel: bool = False,
+    scale: float, max_kept: int | None = None, split_size: int = 0, out: torch.Tensor | None = None,
+    chunks_to_kernel: bool = False,
 ) -> torch.Tensor:
     """-> [N, Hq, D]; arguments as kvzap_trt.ops.paged_attention.paged_attention.
 
@@ -212,8 +212,10 @@ def paged_attention(
     long prompts. Chunks over a cache (several new tokens, ctx > 0) go to cached_chunks.py (the
     sequence's cache gathered once, fused attention with a mask), or with chunks_to_kernel to the
     kernel, whose row-wise path re-reads the cache per row (what a TensorRT engine runs; the GPU
-    tests cover both). Decode rows go to kvzapVarlenPagedAttention. split_size: keys per thread
-    block (0: the launcher's choice). out: written in place if given.
+    tests cover both). Decode rows go to kvzapVarlenPagedAttention, whose splits are sized from
+    `key_bound` (max_kept: a bound on kept_len over the batch, which the engine's scheduler reads
+    anyway; None: the uncompressed context). split_size: keys per thread block (0: the launcher's
+    choice). out: written in place if given.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     batch = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
@@ -222,7 +224,7 @@ def paged_attention(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
         sub = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
         launch_paged_attention(q, k_new, v_new, sub, k_pool, v_pool, block_table, kept_len, ring_table, window, scale,
-                               split_size, out)
+                               split_size, out, max_kept)
         return out
 
     def chunk(q, k_new, v_new, slot: int, ctx: int) -> torch.Tensor:
@@ -233,18 +235,30 @@ def paged_attention(
                                         out, kernel, None if chunks_to_kernel else chunk)
 
 
+def key_bound(host_cu: tuple[int, ...], host_ctx: tuple[int, ...], window: int, max_kept: int | None) -> int:
+    """An upper bound of the keys any row of a batch sees: kept + min(ctx, W) + its new tokens up
+    to itself, at most the longest context plus the longest chunk. With max_kept (no head of the
+    batch holds more kept tokens) the bound follows the compressed cache, not the context."""
+    chunk = max((b - a for a, b in zip(host_cu, host_cu[1:])), default=0)
+    ctx = max(host_ctx, default=0)
+    cached = ctx if max_kept is None else min(ctx, max_kept + min(ctx, window))
+    return cached + chunk
+
+
 def launch_paged_attention(q, k_new, v_new, batch: BatchArgs, k_pool, v_pool, block_table, kept_len, ring_table,
-                           window: int, scale: float, split_size: int, out: torch.Tensor) -> None:
-    """torch.ops.kvzap_trt.paged_attention on a prepared batch description, into `out`."""
+                           window: int, scale: float, split_size: int, out: torch.Tensor,
+                           max_kept: int | None = None) -> None:
+    """torch.ops.kvzap_trt.paged_attention on a prepared batch description, into `out`; splits
+    sized from key_bound (max_kept: as paged_attention's)."""
     load()
     dev = q.device
     error, check_now = _error_flag(dev)
+    max_keys = key_bound(batch.host_cu, batch.host_ctx, window, max_kept)
     with torch.cuda.device(dev):
-        split, workspace = attention_plan(q.shape[0], q.shape[1], k_new.shape[1], q.shape[2], batch.max_keys, dev,
-                                          split_size)
+        split, workspace = attention_plan(q.shape[0], q.shape[1], k_new.shape[1], q.shape[2], max_keys, dev, split_size)
         torch.ops.kvzap_trt.paged_attention(
             q.contiguous(), k_new.contiguous(), v_new.contiguous(), batch.cu_seqlens, batch.seq_slots, batch.ctx_lens,
-            k_pool, v_pool, block_table, kept_len, ring_table, int(window), float(scale), batch.max_keys, split, out,
+            k_pool, v_pool, block_table, kept_len, ring_table, int(window), float(scale), max_keys, split, out,
             workspace, error, torch.cuda.current_stream(dev).cuda_stream,
         )
     if check_now:

@@ -47,11 +47,14 @@ def paged_attention(
     ring_table: torch.Tensor,
     window: int,
     scale: float,
+    max_kept: int | None = None,
 ) -> torch.Tensor:
     """q: [N, Hq, D]  k_new, v_new: [N, Hkv, D]  (N = sum of T_b, packed)
     cu_seqlens: [B+1]  seq_slots: [B]  ctx_lens: [B]  (host-readable ints)
     k_pool, v_pool: [num_blocks, bs, D]  block_table: [S, Hkv, M]  kept_len: [S, Hkv]
     ring_table: [S, Hkv, R] (R = ceil(window / bs))
+    max_kept: a bound on kept_len over the batch's sequences, if the caller knows one: the kernel
+    sizes its work from it; the reference reads kept_len itself and does not need it
     -> [N, Hq, D]
     """
     N, Hq, D = q.shape

@@ -73,6 +73,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
+        self._max_kept: int | None = None  # set by each _schedule
 
     @property
     def ops(self):
@@ -148,7 +149,11 @@ class Engine:
         case fits. Returns the admitted requests. Two device reads (the running slots' kept
         lengths, the free count); a preemption adds its release's and a fresh free count.
         """
-        needs = self.cache.blocks_needed_many([r.slot for r in self.running], 1)
+        kept = self.cache.read_kept([r.slot for r in self.running])  # [L, B, H]
+        # Kept tokens of the fullest head this step can see (admitted prompts have none): the bound
+        # the attention kernel sizes its splits from, read here at no extra cost.
+        self._max_kept = int(kept.max()) if kept.numel() else 0
+        needs = self.cache.blocks_needed_many([r.slot for r in self.running], 1, kept)
         need = {r.request_id: n for r, n in zip(self.running, needs)}
         free = self.cache.allocator.num_free
         while len(self.running) > 1 and sum(need.values()) > free:
@@ -241,6 +246,7 @@ class Engine:
             seq_slots=torch.tensor([r.slot for r in batch], dtype=torch.int32),
             ctx_lens=torch.tensor(ctx, dtype=torch.int32),
             logits_at=(cu[1:] - 1).to(dev),
+            max_kept=self._max_kept,
         )
         logits = self.executor.forward(step, cache)
         for r, n, d in zip(batch, lens, is_decode):
