@@ -206,3 +206,14 @@ def test_smollm2_onnx_equals_torch(smollm2_dir):
     assert got.token_ids == want.token_ids and got.text == want.text
     assert got.kv == want.kv and got.kv["compression_ratio"] > 0
     assert time.monotonic() - t0 < 120  # ~40 s here on 2 busy cores; the bound catches a runaway
+
+
+def test_the_serving_loop_runs_the_runtimes_executor(tiny_dirs):
+    """EngineLoop.from_runtime (the Triton core model's and the OpenAI front's engine) takes the
+    runtime's executor: the exported graph when the runtime names onnx, PyTorch otherwise."""
+    from kvzap_trt.serve.engine_loop import EngineLoop
+
+    torch_rt, onnx_rt = runtimes(tiny_dirs, "qwen3", "linear", 8, 4, 0.0, True)
+    assert EngineLoop.from_runtime(onnx_rt).engine.executor is onnx_rt.executor()
+    assert EngineLoop.from_runtime(onnx_rt).engine.executor.name == "onnx"
+    assert EngineLoop.from_runtime(torch_rt).engine.executor.name == "torch"

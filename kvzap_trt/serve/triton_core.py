@@ -59,10 +59,7 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         runtime = Runtime.from_config(config_from_model_args(args), **executor_from_model_args(args))
-        loop = EngineLoop.from_runtime(runtime)
-        if runtime.executor() is not None:  # the repository names another executor than PyTorch
-            loop.engine.executor = runtime.executor()
-        self.loop = loop.start()
+        self.loop = EngineLoop.from_runtime(runtime).start()  # the executor the repository names
         families = {
             name: pb_utils.MetricFamily(name=name, description=desc, kind=pb_utils.MetricFamily.GAUGE)
             for name, desc in METRICS.items()
