@@ -40,11 +40,13 @@ def test_generators_are_deterministic_per_seed_and_fill_their_length(task):
     a = make_samples(task, LENGTH, 3, seed=7, count=words)
     b = make_samples(task, LENGTH, 3, seed=7, count=words)
     c = make_samples(task, LENGTH, 3, seed=8, count=words)
-    assert [(s.context, s.answer_prefix, s.answers) for s in a] == [(s.context, s.answer_prefix, s.answers) for s in b]
+    fields = lambda xs: [(s.context, s.question, s.answer_prefix, s.answers) for s in xs]  # noqa: E731
+    assert fields(a) == fields(b)
     assert all(x.context != y.context and x.answers != y.answers for x, y in zip(a, c))
     assert len({s.context for s in a}) == 3  # samples of one seed differ from each other
     for s in a:
-        assert 0.85 * LENGTH <= words(s.context) <= LENGTH
+        assert 0.85 * LENGTH <= words(s.user_turn) <= LENGTH
+        assert s.question not in s.context
     # a sample does not depend on how many others are drawn beside it
     assert make_samples(task, LENGTH, 1, seed=7, count=words)[0].context == a[0].context
 
@@ -58,7 +60,7 @@ def test_needle_answers_are_the_asked_keys_values(task, keys, values):
     for s in make_samples(task, LENGTH, 4, seed=1, count=words):
         found = NEEDLE.findall(s.context)
         assert len({k for k, _ in found}) == keys and len(found) == keys - 1 + values
-        (query,) = re.findall(r"special magic numbers? for (\S+) mentioned", s.context)
+        (query,) = re.findall(r"special magic numbers? for (\S+) mentioned", s.question)
         assert sorted(v for k, v in found if k == query) == sorted(s.answers)
         assert query in s.answer_prefix
         assert score(s.answer_prefix + " " + ", ".join(s.answers) + ".", s.answers) == 1.0
@@ -76,7 +78,7 @@ def test_variable_tracking_answer_is_every_variable_holding_the_value():
     for s in make_samples("vt", LENGTH, 4, seed=2, count=words):
         direct = dict(re.findall(r"VAR ([A-Z]{5}) = (\d+)\.", s.context))
         links = re.findall(r"VAR ([A-Z]{5}) = VAR ([A-Z]{5})\.", s.context)
-        (value,) = re.findall(r"assigned the value (\d+) in the text", s.context)
+        (value,) = re.findall(r"assigned the value (\d+) in the text", s.question)
         holding = {v for v, x in direct.items() if x == value}
         for _ in links:  # follow the chain to a fixed point, in any order
             holding |= {b for b, a in links if a in holding}
@@ -95,7 +97,7 @@ def test_common_words_are_the_most_frequent_in_the_list():
 def test_qa_answer_is_the_asked_persons_town():
     for s in make_samples("qa", LENGTH, 4, seed=5, count=words):
         bios = dict(re.findall(r"^(\w+ \w+) was born in \d+ in the town of (\w+),", s.context, re.MULTILINE))
-        (name,) = re.findall(r"In which town was (\w+ \w+) born\?", s.context)
+        (name,) = re.findall(r"In which town was (\w+ \w+) born\?", s.question)
         assert len(bios) == 4 and [bios[name]] == s.answers
         wrong = next(t for n, t in bios.items() if n != name)
         assert score(wrong, s.answers) == 0.0
@@ -145,8 +147,10 @@ def test_leave_rates_and_matched_window_from_kv_reports():
 VOCAB = 160
 
 
-def ids(sample) -> list[int]:
-    return [b % VOCAB for b in (sample.context + "\n" + sample.answer_prefix).encode()]
+def ids(sample) -> tuple[list[int], list[int]]:
+    """(context, question + answer prefix) as bytes modulo the tiny vocabulary."""
+    return ([b % VOCAB for b in (sample.context + "\n").encode()],
+            [b % VOCAB for b in (sample.question + "\n" + sample.answer_prefix).encode()])
 
 
 def text(token_ids: list[int]) -> str:
@@ -180,6 +184,21 @@ def test_baselines_hit_the_compression_of_their_kvzap_run(tiny_rt):
     kept = lambda recs: torch.tensor([r["kv"]["kept"] for r in recs], dtype=torch.float).mean(0)  # noqa: E731
     assert torch.allclose(kept(rand), kept(kv_recs), rtol=0.12)  # per head, not just on average
     assert [r["index"] for r in rand] == [0, 1, 2] and all(r["score"] in (0.0, 1.0) for r in rand)
+
+
+def test_question_is_fed_after_the_context_over_the_cache(tiny_rt):
+    """Full cache: forcing the question one token per step after the context's prefill gives the
+    answer that prefilling context + question in one prompt gives (greedy); with eviction the
+    question's tokens are fed too (the kv report counts them)."""
+    samples = make_samples("niah_single_noise", 500, 2, seed=3, count=count)
+    recs = run_method(tiny_rt, Method("full", None, 0.0, 32), samples, ids, text)
+    for s, r in zip(samples, recs):
+        context, question = ids(s)
+        (one,) = tiny_rt.generate([context + question], tiny_rt.sampling(max_new_tokens=s.max_new_tokens,
+                                                                          stop_token_ids=()))
+        assert r["output"] == text(one.token_ids) and len(one.token_ids) == s.max_new_tokens
+        assert r["kv"]["tokens"] == len(context) + len(question) + s.max_new_tokens - 1
+        assert r["prompt_tokens"] == len(context) + len(question)
 
 
 def test_report_files_are_written_and_valid(tiny_rt, tmp_path):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from kvzap_trt.eval.haystack import fit
+from kvzap_trt.eval.haystack import fit_context
 from kvzap_trt.eval.words import ADJECTIVES, NOUNS
 
 
 def generate(rng: random.Random, length: int, count: Callable[[str], int], top: int = 5
-             ) -> tuple[str, str, list[str], dict]:
+             ) -> tuple[str, str, str, list[str], dict]:
     vocab = rng.sample(NOUNS + ADJECTIVES, len(NOUNS) + len(ADJECTIVES))
     common, rare = vocab[:top], vocab[top:]
     k = max(1, length // 512)
@@ -26,8 +26,8 @@ def generate(rng: random.Random, length: int, count: Callable[[str], int], top: 
         words = common * freq_common + rare[:n] * freq_rare
         random.Random(seed).shuffle(words)
         listing = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-        return f"{intro}\n{listing}\n{question}"
+        return f"{intro}\n{listing}"
 
     prefix = f"Answer: The top {top} words that appear most often in the list are:"
-    text = fit(build, count, length, max_units=len(rare))
-    return text, prefix, common, {"freq_common": freq_common, "freq_rare": freq_rare}
+    text = fit_context(build, question, count, length, max_units=len(rare))
+    return text, question, prefix, common, {"freq_common": freq_common, "freq_rare": freq_rare}

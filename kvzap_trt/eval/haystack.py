@@ -55,6 +55,12 @@ def insert_at_depths(units: list[str], needles: list[str], depths: list[float]) 
     return out
 
 
+def fit_context(build: Callable[[int], str], question: str, count: Callable[[str], int], length: int,
+                max_units: int = 1 << 16) -> str:
+    """build(n), fitted so that build(n) + "\\n" + question has at most `length` tokens (see fit)."""
+    return fit(lambda n: f"{build(n)}\n{question}", count, length, max_units)[: -len(question) - 1]
+
+
 def fit(build: Callable[[int], str], count: Callable[[str], int], length: int, max_units: int = 1 << 16) -> str:
     """build(n) for the largest n <= max_units whose text has at most `length` tokens by `count`
     (texts grow with n)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from kvzap_trt.eval.haystack import fit, haystack_units, insert_at_depths, text_lines
+from kvzap_trt.eval.haystack import fit_context, haystack_units, insert_at_depths, text_lines
 from kvzap_trt.eval.words import ADJECTIVES, NOUNS
 
 INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -19,8 +19,8 @@ def needle(key: str, value: str) -> str:
 
 
 def generate(rng: random.Random, length: int, count: Callable[[str], int], haystack: str,
-             keys: int = 1, values: int = 1) -> tuple[str, str, list[str], dict]:
-    """-> (context, answer prefix, answers, meta); `keys` needle keys (the first is asked for),
+             keys: int = 1, values: int = 1) -> tuple[str, str, str, list[str], dict]:
+    """-> (context, question, answer prefix, answers, meta); `keys` needle keys (the first is asked for),
     `values` values for the asked key."""
     names = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], keys)
     numbers = [str(x) for x in rng.sample(range(1_000_000, 10_000_000), keys - 1 + values)]
@@ -38,6 +38,6 @@ def generate(rng: random.Random, length: int, count: Callable[[str], int], hayst
 
     def build(n: int) -> str:
         units = insert_at_depths(haystack_units(haystack, start, n), needles, depths)
-        return f"{INTRO}\n{' '.join(units) if haystack == 'noise' else chr(10).join(units)}\n{question}"
+        return f"{INTRO}\n{' '.join(units) if haystack == 'noise' else chr(10).join(units)}"
 
-    return fit(build, count, length), prefix, numbers[:values], {"needles": needles, "depths": depths}
+    return fit_context(build, question, count, length), question, prefix, numbers[:values], {"needles": needles, "depths": depths}

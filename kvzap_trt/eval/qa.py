@@ -8,12 +8,12 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from kvzap_trt.eval.haystack import fit, haystack_units, insert_at_depths, text_lines
+from kvzap_trt.eval.haystack import fit_context, haystack_units, insert_at_depths, text_lines
 from kvzap_trt.eval.words import FIRST_NAMES, LAST_NAMES, OCCUPATIONS, TOWNS
 
 
 def generate(rng: random.Random, length: int, count: Callable[[str], int], people: int = 4
-             ) -> tuple[str, str, list[str], dict]:
+             ) -> tuple[str, str, str, list[str], dict]:
     names = rng.sample([f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES], people)
     towns = rng.sample(TOWNS, people)
     bios = [f"{n} was born in {rng.randrange(1890, 1990)} in the town of {t}, and worked for many years "
@@ -25,6 +25,6 @@ def generate(rng: random.Random, length: int, count: Callable[[str], int], peopl
 
     def build(n: int) -> str:
         doc = "\n".join(insert_at_depths(haystack_units("text", start, n), bios, depths))
-        return f"{intro}\n\nThe following is the document.\n\n{doc}\n\n{intro}\n\n{question}"
+        return f"{intro}\n\nThe following is the document.\n\n{doc}\n\n{intro}\n"
 
-    return fit(build, count, length), "Answer:", [towns[0]], {"needles": bios, "depths": depths}
+    return fit_context(build, question, count, length), question, "Answer:", [towns[0]], {"needles": bios, "depths": depths}

@@ -91,7 +91,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         series: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
         for r in runs:
             if r["task"] == task:
-                name = r["method"] if r["method"] != "kvzap" else f"kvzap {r['surrogate']}"
+                name = f"kvzap {r['surrogate']}" if r["method"] == "kvzap" else \
+                    f"{r['method']} ~{r['matched_to'].split()[1]}" if r["matched_to"] else r["method"]
                 series[(name, r["length"])].append((r["compression"], r["accuracy"]))
         names = sorted({n for n, _ in series})
         for (name, length), pts in sorted(series.items()):

@@ -38,27 +38,30 @@ class Method:
 
 
 class Prompter:
-    """A runtime's tokenizer: prompt ids of a sample (chat template around the context when the
-    tokenizer has one, then the answer prefix) and the text of output ids."""
+    """A runtime's tokenizer: a sample's prompt as (context ids, question ids) and the text of
+    output ids. With a chat template the user turn holds context and question and the assistant
+    turn starts with the answer prefix; the ids split where the question starts."""
 
     def __init__(self, rt: Runtime):
         self.tok = rt.tokenizer
         self.chat = self.tok is not None and getattr(self.tok, "chat_template", None) is not None
 
-    def ids(self, s: Sample) -> list[int]:
-        head = (list(self.tok.apply_chat_template([{"role": "user", "content": s.context}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
-                if self.chat else self.tok.encode(s.context + "\n", add_special_tokens=False))
-        return head + self.tok.encode(s.answer_prefix, add_special_tokens=False)
+    def ids(self, s: Sample) -> tuple[list[int], list[int]]:
+        whole = s.user_turn + "\n" + s.answer_prefix
+        if self.chat:
+            whole = self.tok.apply_chat_template([{"role": "user", "content": s.user_turn}], tokenize=False,
+                                                 add_generation_prompt=True) + s.answer_prefix
+        cut = whole.index(s.question, whole.index(s.context) + len(s.context))
+        return [self.tok.encode(part, add_special_tokens=False) for part in (whole[:cut], whole[cut:])]
 
     def overhead(self) -> int:
-        """Tokens a prompt holds besides its context: the template and about an answer prefix."""
-        probe = Sample("", 0, 0, "", "The special magic number for ancient-anchor mentioned in the provided text is",
+        """Tokens a prompt holds besides its context and question: the template, an answer prefix."""
+        probe = Sample("", 0, 0, "x", "y", "The special magic number for ancient-anchor mentioned in the provided text is",
                        ["x"], 0)
-        return len(self.ids(probe))
+        return sum(map(len, self.ids(probe))) - 2
 
     def count(self) -> Callable[[str], int]:
-        """Prompt tokens for a context: its own tokens plus the overhead."""
+        """Prompt tokens for a context and question: their own tokens plus the overhead."""
         extra = self.overhead()
         return lambda text: len(self.tok.encode(text, add_special_tokens=False)) + extra
 
@@ -66,12 +69,16 @@ class Prompter:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def run_method(rt: Runtime, method: Method, samples: list[Sample], ids: Callable[[Sample], list[int]],
-               text: Callable[[list[int]], str], batch: int = 8, desc: str = "") -> list[dict]:
+def run_method(rt: Runtime, method: Method, samples: list[Sample],
+               ids: Callable[[Sample], tuple[list[int], list[int]]], text: Callable[[list[int]], str],
+               batch: int = 8, desc: str = "") -> list[dict]:
     """One record per sample: output, score, prompt tokens and the `kv` report (compression, bytes).
 
     Samples go through the engine `batch` at a time (one continuous batch each), greedy, with
-    eviction in decoding too (kvpress decoding=True).
+    eviction in decoding too (kvpress decoding=True). Each request's prompt is its context alone;
+    its question ids are then fed one per step as forced "sampled" tokens (over the cache as the
+    context's prefill left it, evicting as decoding does), and only the tokens after them are the
+    answer (at most the sample's max_new_tokens). Stop tokens end a request only after its question.
     """
     cfg = dataclasses.replace(rt.cfg, threshold=method.threshold, window=method.window, compress_decoding=True,
                               temperature=0.0)
@@ -80,22 +87,42 @@ def run_method(rt: Runtime, method: Method, samples: list[Sample], ids: Callable
     with tqdm(total=len(samples), desc=desc or method.key(), unit="sample", leave=False) as bar:
         for i in range(0, len(samples), batch):
             chunk = samples[i:i + batch]
-            by_new: dict[int, list[int]] = {}
-            for j, s in enumerate(chunk):
-                by_new.setdefault(s.max_new_tokens, []).append(j)
-            out: list[Any] = [None] * len(chunk)
-            for max_new, idx in by_new.items():
-                engine, reqs = runtime.start([ids(chunk[j]) for j in idx], runtime.sampling(max_new_tokens=max_new))
-                while engine.has_work():
-                    bar.update(len(engine.step()))
-                for j, r in zip(idx, reqs):
-                    out[j] = runtime.result(r)
-            for s, res in zip(chunk, out):
-                output = text(res.token_ids)
-                records.append({"index": s.index, "prompt_tokens": res.prompt_tokens, "output": output,
+            prompts = [ids(s) for s in chunk]
+            base = runtime.sampling(max_new_tokens=max(len(q) + s.max_new_tokens for s, (_, q) in zip(chunk, prompts)))
+            engine, reqs = runtime.start([c for c, _ in prompts], base)
+            forced = {}
+            for r, s, (_, q) in zip(reqs, chunk, prompts):
+                r.sampling = dataclasses.replace(base, max_new_tokens=len(q) + s.max_new_tokens)
+                forced[r.request_id] = (q, r.sampling, dataclasses.replace(r.sampling, stop_token_ids=()))
+            engine._sample = _forcing(engine._sample, forced)
+            while engine.has_work():
+                bar.update(len(engine.step()))
+            for s, r, (context, question) in zip(chunk, reqs, prompts):
+                answer = r.output_ids[len(question):]
+                output = text(answer)
+                records.append({"index": s.index, "prompt_tokens": len(context) + len(question), "output": output,
                                 "answers": s.answers, "score": score(output, s.answers),
-                                "finish_reason": res.finish_reason, "kv": res.kv})
+                                "finish_reason": r.finish_reason, "kv": r.kv})
     return records
+
+
+def _forcing(sample: Callable, forced: dict[int, tuple[list[int], Any, Any]]) -> Callable:
+    """Wrap an engine's sampler: a request's next token is its question's next id while any are
+    left (with a sampling that has no stop tokens, so a template's end-of-turn id does not end it),
+    then the model's own choice under its real sampling (the engine checks stops after this)."""
+
+    def wrapped(batch: list, logits):
+        tokens = sample(batch, logits)
+        for k, r in enumerate(batch):
+            question, real, no_stop = forced[r.request_id]
+            n = len(r.output_ids)  # output ids so far: this token is number n
+            if n < len(question):
+                tokens[k], r.sampling = question[n], no_stop
+            else:
+                r.sampling = real
+        return tokens
+
+    return wrapped
 
 
 def summarise(records: list[dict]) -> dict:

@@ -9,17 +9,28 @@ from typing import Any
 
 @dataclass
 class Sample:
-    """context: the user turn (document + question); answer_prefix: what the assistant turn starts
-    with (the model continues it); answers: every string a correct output contains."""
+    """context: the document (instructions and haystack); question: asked after it, in the same
+    user turn; answer_prefix: what the assistant turn starts with (the model continues it);
+    answers: every string a correct output contains.
+
+    The runner prefills the context alone (KVzap evicts in prefill) and feeds the question and the
+    answer prefix afterwards over the compressed cache, as kvpress's question-agnostic
+    evaluation does: a question inside the prefilled prompt would be read by prefill attention
+    over the whole, uncompressed context, and every method would look lossless."""
 
     task: str
     length: int  # target prompt length in tokens
     index: int
     context: str
+    question: str
     answer_prefix: str
     answers: list[str]
     max_new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def user_turn(self) -> str:
+        return f"{self.context}\n{self.question}"
 
 
 def score(output: str, answers: list[str]) -> float:

@@ -35,14 +35,14 @@ def task_names(spec: list[str] | None) -> list[str]:
 
 
 def make_samples(task: str, length: int, n: int, seed: int, count: Callable[[str], int]) -> list[Sample]:
-    """n samples of `task` whose context has at most `length` tokens by `count`."""
+    """n samples of `task` whose context and question have at most `length` tokens by `count`."""
     (gen, kwargs, max_new), = [TASKS[t] for t in task_names([task])]
     if length < 1 or n < 1:
         raise KvzapError(f"length and sample count must be >= 1, got {length} and {n}")
     out = []
     for i in range(n):
         rng = random.Random(f"{task}:{length}:{seed}:{i}")
-        context, prefix, answers, meta = gen(rng, length, count, **kwargs)
-        out.append(Sample(task, length, i, context, prefix, answers, max_new, meta))
+        context, question, prefix, answers, meta = gen(rng, length, count, **kwargs)
+        out.append(Sample(task, length, i, context, question, prefix, answers, max_new, meta))
     return out
 

@@ -7,11 +7,11 @@ import random
 import string
 from typing import Callable
 
-from kvzap_trt.eval.haystack import fit, haystack_units, insert_at_depths
+from kvzap_trt.eval.haystack import fit_context, haystack_units, insert_at_depths
 
 
 def generate(rng: random.Random, length: int, count: Callable[[str], int], hops: int = 4
-             ) -> tuple[str, str, list[str], dict]:
+             ) -> tuple[str, str, str, list[str], dict]:
     names: list[str] = []
     while len(names) < hops + 1:
         v = "".join(rng.choices(string.ascii_uppercase, k=5))
@@ -24,7 +24,7 @@ def generate(rng: random.Random, length: int, count: Callable[[str], int], hops:
     intro = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 
     def build(n: int) -> str:
-        return f"{intro}\n\n{' '.join(insert_at_depths(haystack_units('noise', 0, n), chain, depths))}\n{question}"
+        return f"{intro}\n\n{' '.join(insert_at_depths(haystack_units('noise', 0, n), chain, depths))}"
 
     prefix = f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are assigned the value {value}, they are:"
-    return fit(build, count, length), prefix, names, {"chain": chain, "depths": depths}
+    return fit_context(build, question, count, length), question, prefix, names, {"chain": chain, "depths": depths}
