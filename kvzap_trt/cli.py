@@ -522,6 +522,9 @@ def build_parser() -> Parser:
     from kvzap_trt.eval.command import add_parser as add_eval  # flags and run: kvzap_trt/eval/command.py
 
     add_eval(sub)
+    from kvzap_trt.kvcoe.command import add_parser as add_embed  # flags and run: kvzap_trt/kvcoe/command.py
+
+    add_embed(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.executors import Executor, StepInputs
 from kvzap_trt.executors.torch_executor import TorchExecutor
+from kvzap_trt.kvcoe.embedding import KVEmbedding
 from kvzap_trt.models.transformer import Transformer
 from kvzap_trt.runtime.sampler import SamplingParams, sample
 from kvzap_trt.surrogate import Surrogate
@@ -44,6 +45,9 @@ class Request:
     kv: dict[str, Any] | None = None  # cache statistics after the request's last forward pass
     preemptions: int = 0  # times the request was restarted to free blocks for others
     error: str | None = None  # set with finish_reason "error"
+    embed: bool = False  # record the KV embedding (kvzap_trt/kvcoe) whatever the engine's setting
+    prefill_embedding: torch.Tensor | None = None  # [E] host: the KV embedding right after prefill
+    embedding: torch.Tensor | None = None  # [E] host: the KV embedding when it finished
     generator: torch.Generator = field(default_factory=torch.Generator)
 
 
@@ -65,10 +69,15 @@ class Engine:
         max_seq_len: int,
         record_positions: bool = False,
         executor: Executor | None = None,
+        record_embedding: bool | KVEmbedding = False,
     ):
         self.model, self.cache, self.policy = model, cache, policy
         self.max_seq_len = max_seq_len
         self.record_positions = record_positions
+        # KV embedding of every request (True: the default KVEmbedding), or only of those submitted
+        # with embed=True (False); computed after prefill and at finish, one device read each.
+        self.record_embedding = bool(record_embedding)
+        self.embedder = record_embedding if isinstance(record_embedding, KVEmbedding) else KVEmbedding()
         self.executor = executor or TorchExecutor(model, policy.surrogate, policy.threshold, cache.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -85,10 +94,11 @@ class Engine:
         self.executor.ops = value
 
     # -- requests ---------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Request:
-        """Queue a request; errors that no amount of waiting would cure are raised here."""
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, embed: bool = False) -> Request:
+        """Queue a request; errors that no amount of waiting would cure are raised here.
+        embed: record its KV embedding (`prefill_embedding`, `embedding`)."""
         self.validate_prompt(prompt_ids)
-        req = Request(list(prompt_ids), sampling, next(self._ids))
+        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed)
         req.generator.manual_seed(sampling.seed)
         self.waiting.append(req)
         return req
@@ -189,6 +199,9 @@ class Engine:
         feeds = [[r.output_ids[-1]] for r in self.running] + [r.prompt_ids for r in prefills]
         is_decode = [True] * len(self.running) + [False] * len(prefills)
         logits = self._forward(batch, feeds, is_decode)
+        for r in prefills:
+            if r.embed or self.record_embedding:
+                r.prefill_embedding = to_host(self.embedder(self.cache, r.slot))
         self.running = batch
         done = []
         for r, token in zip(batch, self._sample(batch, logits)):
@@ -223,6 +236,10 @@ class Engine:
         """Record the request's cache statistics and return its slot and blocks."""
         r.finish_reason = reason or r.finish_reason
         r.kv = self.cache.stats(r.slot, positions=self.record_positions)
+        if r.embed or self.record_embedding:
+            # Nothing fed since prefill (the last sampled token is never fed): the same cache.
+            same = r.prefill_embedding is not None and self.cache.ctx_len[r.slot] == len(r.prompt_ids)
+            r.embedding = r.prefill_embedding if same else to_host(self.embedder(self.cache, r.slot))
         r.finished = True
         self.cache.release(r.slot)
         self.running.remove(r)

@@ -14,6 +14,7 @@ from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.config import RunConfig
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.executors import EXECUTORS, Executor
+from kvzap_trt.kvcoe.embedding import KVEmbedding
 from kvzap_trt.models.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_model_dir
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
 from kvzap_trt.runtime.sampler import SamplingParams
@@ -143,7 +144,7 @@ class Runtime:
         return PagedKVCache(spec, self.cfg.device)
 
     def start(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-              positions: bool = False) -> tuple[Engine, list[Request]]:
+              positions: bool = False, embedding: bool | KVEmbedding = False) -> tuple[Engine, list[Request]]:
         """An engine holding `prompts`, not yet stepped, in a pool that holds them all uncompressed.
 
         `generate` runs it to the end; a caller that times steps (scripts/bench_cpu.py: time to
@@ -161,7 +162,7 @@ class Runtime:
         cache = self.make_cache(max(lens), len(prompts), num_blocks)
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
         engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions,
-                        executor=self.executor())
+                        executor=self.executor(), record_embedding=embedding)
         return engine, [engine.submit(p, sampling) for p in prompts]
 
     def result(self, r: Request) -> GenerationResult:
@@ -173,3 +174,17 @@ class Runtime:
         engine, reqs = self.start(prompts, sampling, positions)
         engine.run()
         return [self.result(r) for r in reqs]
+
+    def embed(self, prompts: list[list[int]], embedding: KVEmbedding | None = None,
+              batch: int = 16) -> list[Request]:
+        """KV embeddings of `prompts` (prefill only, no token generated), `batch` prompts per
+        continuous batch; the requests in input order, each with `embedding` ([E] host) and `kv`."""
+        if batch < 1:
+            raise KvzapError(f"batch must be >= 1, got {batch}")
+        out: list[Request] = []
+        for i in range(0, len(prompts), batch):
+            engine, reqs = self.start(prompts[i:i + batch], self.sampling(max_new_tokens=0),
+                                      embedding=embedding or True)
+            engine.run()
+            out += reqs
+        return out

@@ -1,0 +1,14 @@
+"""KV-CoE: the (KVzap-compressed) KV cache reused as a representation (issue 17; Xing et al.,
+ICLR 2026, arXiv 2601.20326). No second forward pass: the embedding is read from the pages the
+engine already holds, after prefill and when a request finishes (`Engine(record_embedding=...)`
+or `Engine.submit(..., embed=True)`).
+
+embedding.py  the KV embedding of one sequence slot (kept pages + window, per-head ragged)
+
+command.py    `kvzap-trt embed` (--prompt | --prompt-file | --jsonl)
+
+"""
+
+from kvzap_trt.kvcoe.embedding import KVEmbedding, head_means
+
+__all__ = ["KVEmbedding", "head_means"]

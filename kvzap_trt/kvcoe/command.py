@@ -1,0 +1,93 @@
+"""`kvzap-trt embed`: KV embeddings of texts, read from the engine's cache after prefill; cli.py only
+registers it.
+
+Output: one JSON object per line, in input order:
+  {"index": i, "embedding": [...], "prompt_tokens": n, "kv_compression_ratio": r}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.kvcoe.embedding import HEAD_AGGS, KVEmbedding
+
+
+def add_parser(sub: Any) -> None:
+    from kvzap_trt.cli import add_config_flags
+
+    p = sub.add_parser(
+        "embed",
+        help="KV-cache embeddings of texts (KV-CoE): the kept K/V of the last layers, mean-pooled",
+        description="Prefill each text through the engine (KVzap eviction as configured; --threshold -inf "
+        "keeps everything) and read its embedding from the cache: per kv head the mean of the held K and V "
+        "(kept pages + window), averaged over heads and the last --layers layers, L2-normalised "
+        "(arXiv 2601.20326). Prints one JSON object per text, in input order.",
+    )
+    add_config_flags(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text")
+    src.add_argument("--prompt-file", type=Path, help="file whose whole content is the text")
+    src.add_argument("--jsonl", type=Path, help='file of lines {"text": ...} (blank lines skipped)')
+    p.add_argument("--layers", type=int, default=4, help="last layers to use, 0: all (default: 4, as the paper)")
+    p.add_argument("--head-agg", choices=HEAD_AGGS, default="mean",
+                   help="mean (default, the paper's: 2 * head_dim values) or flatten (kv_heads * 2 * head_dim)")
+    p.add_argument("--batch", type=int, default=16, help="texts per continuous batch (default: 16)")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON lines here (default: stdout)")
+    p.set_defaults(func=run)
+
+
+def read_jsonl(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KvzapError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KvzapError(f"{path}:{n}: not JSON: {e}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise KvzapError(f'{path}:{n}: each line must be an object with a non-empty string "text"')
+        texts.append(obj["text"])
+    if not texts:
+        raise KvzapError(f"{path} holds no texts")
+    return texts
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvzap_trt.cli import config_from_args, read_text
+    from kvzap_trt.runtime.generate import Runtime
+
+    if args.batch < 1:
+        raise KvzapError(f"--batch must be >= 1, got {args.batch}")
+    embedding = KVEmbedding(last_layers=args.layers, head_agg=args.head_agg)
+    if args.jsonl is not None:
+        texts = read_jsonl(args.jsonl)
+    else:
+        texts = [args.prompt if args.prompt is not None else read_text(args.prompt_file)]
+        if not texts[0].strip():
+            raise KvzapError("the prompt is empty")
+    rt = Runtime.from_config(config_from_args(args))
+    ids = [rt.encode(t) for t in texts]
+    for i, t in enumerate(ids):
+        if not t:
+            raise KvzapError(f"text {i} has no tokens")
+    reqs = rt.embed(ids, embedding, args.batch)
+    lines = [json.dumps({"index": i, "embedding": r.embedding.tolist(), "prompt_tokens": len(r.prompt_ids),
+                         "kv_compression_ratio": r.kv["compression_ratio"]}) for i, r in enumerate(reqs)]
+    text = "\n".join(lines) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        from kvzap_trt.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text)
+    return 0
