@@ -11,6 +11,10 @@ dense should be about 1/(1 - compression) (the bound: within 10%).
 Prints a table, writes bench/results/serve-<date>.json (with the resolved config) and a PNG.
 
     .venv/bin/python scripts/bench_serve.py [--requests 80] [--prompt-tokens 384] [--thresholds 0.0 0.2]
+
+With --openai, the same comparison through the OpenAI-compatible HTTP front, driven by NVIDIA's
+AIPerf at several concurrencies (scripts/bench_serve_openai.py: throughput, time to first
+token, inter-token latency, peak running sequences; --help there).
 """
 
 from __future__ import annotations
@@ -60,7 +64,14 @@ def run_config(rt: Runtime, prompts: list[list[int]], num_blocks: int, max_seqs:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--openai" in argv:
+        import bench_serve_openai  # scripts/ is on sys.path when a script runs
+
+        return bench_serve_openai.main(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--openai", action="store_true",
+                    help="through the OpenAI front with AIPerf instead (scripts/bench_serve_openai.py --help)")
     ap.add_argument("--requests", type=int, default=80)
     ap.add_argument("--prompt-tokens", type=int, default=384)
     ap.add_argument("--new-tokens", type=int, default=8)
