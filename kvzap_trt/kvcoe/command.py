@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "embed",
         help="KV-cache embeddings of texts (KV-CoE): the kept K/V of the last layers, mean-pooled",
-        description="Prefill each text through the engine (KVzap eviction as configured; --threshold -inf "
+        description="Prefill each text through the engine (KVzap eviction as configured; --threshold -1e9 "
         "keeps everything) and read its embedding from the cache: per kv head the mean of the held K and V "
         "(kept pages + window), averaged over heads and the last --layers layers, L2-normalised "
         "(arXiv 2601.20326). Prints one JSON object per text, in input order.",

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP front on an EngineLoop: /v1/models, /v1/chat/completions, /v1/completions.
+"""OpenAI-compatible HTTP front on an EngineLoop: /v1/models, /v1/chat/completions, /v1/completions,
+/v1/embeddings (KV embeddings, kvzap_trt/kvcoe).
 
 It runs in the process that owns the engine, so every door (Triton's /generate, /infer,
 /generate_stream, and this one) feeds the same EngineLoop, scheduler and KV pool. Under
@@ -20,6 +21,7 @@ What is served (FastAPI, uvicorn, sse-starlette):
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import socket
@@ -79,6 +81,16 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(BaseModel):
+    """/v1/embeddings: one text, a list of texts, or token ids (one list or a list of lists)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
 
 
 UNSUPPORTED = {  # field: value that means "not used"
@@ -237,6 +249,45 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         params = params_of(req, req.max_tokens, prompt)
         ids = prepared(params, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
         return await _answer(request, params, ids, "text", _include_usage(req))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        """KV embeddings (kvzap_trt/kvcoe) read from the engine's cache after each input's prefill,
+        under the served eviction policy; `usage` adds the mean kv_compression_ratio."""
+        check_model(req)
+        inputs = req.input if isinstance(req.input, list) and req.input and not isinstance(req.input[0], int) \
+            else [req.input]
+        if not inputs or any(not x or (isinstance(x, str) and not x.strip()) for x in inputs):
+            raise OpenAIError(400, "input must be a non-empty string, token list or list of them", "input")
+        dim = loop.engine.embedder.dim(loop.engine.cache.spec.num_kv_heads, loop.engine.cache.spec.head_dim)
+        if req.dimensions not in (None, dim):
+            raise OpenAIError(400, f"dimensions: this model's KV embedding has {dim}", "dimensions")
+        pendings, tokens = [], 0
+        for x in inputs:
+            params = GenerationParams(prompt=x if isinstance(x, str) else "", max_tokens=0)
+            ids = prepared(params, None if isinstance(x, str) else list(x), 0, 0)
+            pending = _Pending()
+            job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, embed=True)
+            loop.submit(job)
+            pendings.append((pending, job))
+            tokens += len(ids)
+        data, ratios = [], []
+        try:
+            for i, (pending, job) in enumerate(pendings):
+                ev = await pending.queue.get()
+                if ev.error is not None:
+                    raise _engine_error(ev.error)
+                e = job.request.embedding
+                vec = base64.b64encode(e.numpy().astype("<f4").tobytes()).decode() \
+                    if req.encoding_format == "base64" else e.tolist()
+                data.append({"object": "embedding", "index": i, "embedding": vec})
+                ratios.append(ev.compression_ratio)
+        finally:
+            for pending, _ in pendings:
+                pending.cancelled.set()  # a request still running (an error above) is dropped
+        return {"object": "list", "data": data, "model": model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                          "kv_compression_ratio": sum(ratios) / len(ratios)}}
 
     async def _answer(request: Request, params: GenerationParams, ids: list[int], kind: str, include_usage: bool):
         pending = _Pending()
