@@ -24,6 +24,7 @@ from kvzap_trt.eval.runner import Method, run_method, summarise
 from kvzap_trt.eval.sample import score
 from kvzap_trt.eval.suite import evaluate
 from kvzap_trt.eval.tasks import TASKS, make_samples
+from kvzap_trt.eval.tasks import depth as needle_depth
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.surrogate import random_surrogate
 
@@ -72,6 +73,9 @@ def test_noise_needle_sits_at_its_depth():
         (needle,) = s.meta["needles"]
         depth = body.index(needle) / (len(body) - len(needle))
         assert depth == pytest.approx(s.meta["depths"][0], abs=len(NOISE) / len(body) + 1e-9)
+        assert s.meta["depths"][0] == needle_depth(s.index)
+    first = sorted(needle_depth(i) for i in range(6))  # any first few samples cover the context
+    assert max(b - a for a, b in zip([0.0] + first, first + [1.0])) < 0.3
 
 
 def test_variable_tracking_answer_is_every_variable_holding_the_value():

@@ -89,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
     surrogates = {Path(s).name if Path(s).expanduser().is_dir() else s: load_surrogate(s, rt.loaded.config, name)
                   for s in specs}
     prompter = Prompter(rt)
-    runs = evaluate(rt, prompter.ids, prompter.text, prompter.count(), tasks, args.lengths, args.samples, args.seed,
-                    surrogates, args.thresholds, args.min_full_accuracy, args.batch)
     meta = {
         "model": name,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -100,8 +98,16 @@ def run(args: argparse.Namespace) -> int:
         "surrogates": specs, "thresholds": args.thresholds, "tasks": tasks, "lengths": args.lengths,
         "samples": args.samples, "seed": args.seed, "window": cfg.window,
         "min_full_accuracy": args.min_full_accuracy, "decoding": "compressed (kvpress decoding=True)",
+        "question": "fed after the context's prefill, over the compressed cache",
     }
-    out = write_report({"meta": meta, "config": cfg.to_dict(), "runs": runs}, args.out or Path("build/eval") / name)
+    out = args.out or Path("build/eval") / name
+
+    def write(runs: list[dict], complete: bool) -> None:  # partial reports while it runs, then the whole
+        write_report({"meta": {**meta, "complete": complete}, "config": cfg.to_dict(), "runs": runs}, out)
+
+    runs = evaluate(rt, prompter.ids, prompter.text, prompter.count(), tasks, args.lengths, args.samples, args.seed,
+                    surrogates, args.thresholds, args.min_full_accuracy, args.batch, lambda r: write(r, False))
+    write(runs, True)
     for s in kvzap_summary(runs):
         print(f"{s['config']}: compression {s['compression']:.1%}, accuracy {s['accuracy']:.1f} "
               f"(full {s['full']:.1f}, window {s['window']:.1f}, random {s['random']:.1f}) over {s['groups']} groups")

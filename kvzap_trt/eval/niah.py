@@ -19,14 +19,16 @@ def needle(key: str, value: str) -> str:
 
 
 def generate(rng: random.Random, length: int, count: Callable[[str], int], haystack: str,
-             keys: int = 1, values: int = 1) -> tuple[str, str, str, list[str], dict]:
+             keys: int = 1, values: int = 1, depth: float | None = None) -> tuple[str, str, str, list[str], dict]:
     """-> (context, question, answer prefix, answers, meta); `keys` needle keys (the first is asked for),
-    `values` values for the asked key."""
+    `values` values for the asked key; the first needle at `depth` (random if None), the others random."""
     names = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], keys)
     numbers = [str(x) for x in rng.sample(range(1_000_000, 10_000_000), keys - 1 + values)]
     pairs = [(names[0], v) for v in numbers[:values]] + list(zip(names[1:], numbers[values:]))
     needles = [needle(k, v) for k, v in pairs]
     depths = [rng.random() for _ in needles]
+    if depth is not None:
+        depths[0] = depth
     start = rng.randrange(len(text_lines()))
     query = names[0]
     if values == 1:

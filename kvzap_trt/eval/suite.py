@@ -18,8 +18,9 @@ from kvzap_trt.runtime.generate import Runtime
 def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[list[int]], str],
              count: Callable[[str], int], tasks: list[str], lengths: list[int], samples: int, seed: int,
              surrogates: dict[str, Any], thresholds: list[float], min_full_accuracy: float = 0.0,
-             batch: int = 8) -> list[dict[str, Any]]:
-    """One entry per (method, task, length): the method's settings, summary and per-sample records."""
+             batch: int = 8, on_group: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:
+    """One entry per (method, task, length): the method's settings, summary and per-sample records.
+    on_group(runs so far) is called after each (task, length) group (a partial report)."""
     runs: list[dict[str, Any]] = []
     window = rt.cfg.window
 
@@ -39,6 +40,8 @@ def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[li
             recs = run_method(rt, full, group, ids, text, batch, f"{task} {length} full")
             record(full, task, length, recs)
             if summarise(recs)["accuracy"] < min_full_accuracy:
+                if on_group:
+                    on_group(runs)
                 continue
             for label, surrogate in surrogates.items():
                 for tau in thresholds:
@@ -51,4 +54,6 @@ def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[li
                                         matched_to=kvzap.key())):
                         record(base, task, length, run_method(rt, base, group, ids, text, batch,
                                                               f"{task} {length} {base.name}"))
+            if on_group:
+                on_group(runs)
     return runs

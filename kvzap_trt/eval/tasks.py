@@ -13,7 +13,7 @@ from kvzap_trt.errors import KvzapError
 from kvzap_trt.eval import cwe, niah, qa, vt
 from kvzap_trt.eval.sample import Sample
 
-# name: (generator, keyword arguments, max new tokens)
+# name: (generator, keyword arguments, max new tokens); generators taking `depth` get depth(index)
 TASKS: dict[str, tuple[Callable, dict, int]] = {
     "niah_single_noise": (niah.generate, dict(haystack="noise"), 16),
     "niah_single_text": (niah.generate, dict(haystack="text"), 16),
@@ -34,6 +34,12 @@ def task_names(spec: list[str] | None) -> list[str]:
     return names
 
 
+def depth(index: int) -> float:
+    """Where sample `index` hides what it asks for: a golden-ratio sequence in (0, 1), so that any
+    first n samples spread evenly over the context (6 random depths fell all past 0.55 once)."""
+    return (0.5 + index * 0.6180339887498949) % 1.0
+
+
 def make_samples(task: str, length: int, n: int, seed: int, count: Callable[[str], int]) -> list[Sample]:
     """n samples of `task` whose context and question have at most `length` tokens by `count`."""
     (gen, kwargs, max_new), = [TASKS[t] for t in task_names([task])]
@@ -42,6 +48,8 @@ def make_samples(task: str, length: int, n: int, seed: int, count: Callable[[str
     out = []
     for i in range(n):
         rng = random.Random(f"{task}:{length}:{seed}:{i}")
+        if gen in (niah.generate, qa.generate):
+            kwargs = {**kwargs, "depth": depth(i)}
         context, question, prefix, answers, meta = gen(rng, length, count, **kwargs)
         out.append(Sample(task, length, i, context, question, prefix, answers, max_new, meta))
     return out
