@@ -4,9 +4,9 @@ engine already holds, after prefill and when a request finishes (`Engine(record_
 or `Engine.submit(..., embed=True)`).
 
 embedding.py  the KV embedding of one sequence slot (kept pages + window, per-head ragged)
-
+baseline.py   the baseline: mean-pooled final hidden states of the same model (one dense forward)
 command.py    `kvzap-trt embed` (--prompt | --prompt-file | --jsonl)
-
+evaluate.py   clustering and title retrieval on standard-library docs: KV (eviction off, at tau) vs baseline
 """
 
 from kvzap_trt.kvcoe.embedding import KVEmbedding, head_means
