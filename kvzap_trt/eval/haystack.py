@@ -23,18 +23,24 @@ DOC_MODULES = ("argparse", "collections", "json", "logging", "re", "textwrap", "
 
 
 @functools.lru_cache(maxsize=1)
-def text_lines() -> tuple[str, ...]:
-    """Non-empty lines of the standard library's module and public-object docstrings, in a fixed order."""
-    lines = []
+def stdlib_docs() -> tuple[str, ...]:
+    """The docstrings of DOC_MODULES, each module's then its public classes' and functions' in
+    name order: real prose and code, offline (scripts/bench_text.py joins them too)."""
+    docs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in DOC_MODULES:
             mod = importlib.import_module(name)
-            docs = [inspect.getdoc(mod)] + [inspect.getdoc(getattr(mod, a)) for a in sorted(vars(mod))
-                                            if not a.startswith("_") and (inspect.isclass(getattr(mod, a))
-                                                                          or inspect.isfunction(getattr(mod, a)))]
-            lines += [ln.strip() for d in docs if d for ln in d.splitlines() if len(ln.strip()) > 20]
-    return tuple(lines)
+            docs += [inspect.getdoc(mod)] + [inspect.getdoc(getattr(mod, a)) for a in sorted(vars(mod))
+                                             if not a.startswith("_") and (inspect.isclass(getattr(mod, a))
+                                                                           or inspect.isfunction(getattr(mod, a)))]
+    return tuple(d for d in docs if d)
+
+
+@functools.lru_cache(maxsize=1)
+def text_lines() -> tuple[str, ...]:
+    """Non-empty lines of the standard library's module and public-object docstrings, in a fixed order."""
+    return tuple(ln.strip() for d in stdlib_docs() for ln in d.splitlines() if len(ln.strip()) > 20)
 
 
 def haystack_units(kind: str, start: int, n: int) -> list[str]:
