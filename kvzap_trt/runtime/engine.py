@@ -8,9 +8,9 @@ block when its last one is full and a token leaves its window), so what KVzap ev
 for more sequences; when the running set outgrows the pool, the youngest are restarted later.
 Per layer the forward (an executor: `kvzap_trt/executors/`) scores the new tokens with the
 surrogate and attends over kept pages + window + new tokens; eviction follows the layer's
-attention (kvpress order). Device data is
-read on the host only through `device_reads.to_host`, a fixed few times per step and never per
-layer or per sequence (tests/test_device_reads.py counts them).
+attention (kvpress order). Device data is read on the host only through `device_reads.to_host`,
+a fixed few times per step and never per layer or per sequence (tests/test_device_reads.py
+counts them).
 """
 
 from __future__ import annotations
