@@ -17,10 +17,9 @@ from kvzap_trt.executors.trt_executor import (
     cache_state,
     check_bindings,
     check_cache,
-    check_policy,
     step_feeds,
 )
-from kvzap_trt.export import load_exported
+from kvzap_trt.export import check_policy, load_exported
 from kvzap_trt.export.plugins import CACHE_TENSORS
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.trt.profiles import (

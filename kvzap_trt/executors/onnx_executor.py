@@ -19,8 +19,8 @@ from kvzap_trt.cache.paged_cache import PagedKVCache
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.executors.ort_ops import ORT_DOMAIN, import_ort, register
-from kvzap_trt.export import load_exported
-from kvzap_trt.export.plugins import CACHE_TENSORS, DOMAIN
+from kvzap_trt.export import check_cache_shape, check_policy, load_exported
+from kvzap_trt.export.plugins import DOMAIN, cache_tensors
 from kvzap_trt.ops.cuda_kernels import raise_kernel_error
 from kvzap_trt.surrogate import Surrogate
 
@@ -41,7 +41,7 @@ class OnnxExecutor:
         if self.meta["dtype"] != "float32":
             raise KvzapError(f"{path} is a {self.meta['dtype']} graph; the ONNX executor runs float32 ones "
                              "(its plugin bindings are float32): run with --dtype float32")
-        self._check_policy(path, window, threshold, surrogate)
+        check_policy(self.meta, path, window, threshold, surrogate)
         # The plugin nodes move to onnxruntime-extensions' domain, where the Python ops live.
         for node in m.graph.node:
             if node.domain == DOMAIN:
@@ -62,42 +62,17 @@ class OnnxExecutor:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.path = path
 
-    def _check_policy(self, path: Path, window: int, threshold: float, surrogate: Surrogate | None) -> None:
-        meta, mismatches = self.meta, []
-        if meta["window"] != window:
-            mismatches.append(f"window {meta['window']} (engine: {window})")
-        if np.float32(meta["threshold"]) != np.float32(threshold):  # the plugin field is float32
-            mismatches.append(f"threshold {meta['threshold']} (engine: {threshold})")
-        exported = meta["surrogate"]
-        if (exported is None) != (surrogate is None) or (
-                surrogate is not None and (exported["kind"], exported["source"]) != (surrogate.kind, surrogate.source)):
-            mine = None if surrogate is None else f"{surrogate.kind} {surrogate.source}"
-            theirs = None if exported is None else f"{exported['kind']} {exported['source']}"
-            mismatches.append(f"surrogate {theirs} (engine: {mine})")
-        if mismatches:
-            raise KvzapError(f"{path} was exported with {', '.join(mismatches)}: export it again with these settings")
-
     def _check_cache(self, cache: PagedKVCache) -> None:
-        spec, m = cache.spec, self.meta["model"]
+        spec = cache.spec
         if cache.device.type != "cpu":
             raise KvzapError(f"the ONNX executor runs on CPU; the cache is on {cache.device}")
         if spec.dtype != torch.float32:
             raise KvzapError(f"the ONNX executor runs float32; the cache is {str(spec.dtype).removeprefix('torch.')}")
-        if (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.window) != (
-                m["num_layers"], m["num_kv_heads"], m["head_dim"], self.meta["window"]):
-            raise KvzapError(f"the cache (layers, kv heads, head dim, window) = {(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.window)} "
-                             f"does not fit the graph's {(m['num_layers'], m['num_kv_heads'], m['head_dim'], self.meta['window'])}")
-
-    @staticmethod
-    def cache_tensors(cache: PagedKVCache) -> dict[str, torch.Tensor]:
-        """The cache's tensors under the graph's input names (the error flag is the executor's)."""
-        t = {n: getattr(cache, n) for n in CACHE_TENSORS[:7]}
-        t.update(free_stack=cache.allocator.free_stack, num_free=cache.allocator.num_free_t)
-        return t
+        check_cache_shape(self.meta, spec, "graph")
 
     def forward(self, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
         self._check_cache(cache)
-        state = self.cache_tensors(cache)
+        state = cache_tensors(cache)
         feeds = {
             "tokens": step.tokens, "positions": step.positions, "never_evict": step.never_evict,
             "logits_at": step.logits_at.long(), "cu_seqlens": step.cu_seqlens, "seq_slots": step.seq_slots,

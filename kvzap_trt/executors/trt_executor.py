@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +29,8 @@ import torch
 from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.executors import StepInputs
-from kvzap_trt.export.plugins import CACHE_TENSORS
+from kvzap_trt.export import check_cache_shape, check_policy
+from kvzap_trt.export.plugins import CACHE_TENSORS, cache_tensors
 from kvzap_trt.ops.cuda_kernels import raise_kernel_error
 from kvzap_trt.trt import ENGINE_FILE, ENGINE_META, default_plugin_lib, import_tensorrt, load_plugin_library
 from kvzap_trt.trt.profiles import select_profile
@@ -58,9 +58,7 @@ def step_feeds(step: StepInputs, device: torch.device | str) -> dict[str, torch.
 
 def cache_state(cache: "PagedKVCache", error: torch.Tensor) -> dict[str, torch.Tensor]:
     """The cache's tensors under the graph's input names, the error flag included."""
-    from kvzap_trt.executors.onnx_executor import OnnxExecutor
-
-    return {**OnnxExecutor.cache_tensors(cache), "error": error}
+    return {**cache_tensors(cache), "error": error}
 
 
 def binding_plan(input_names: list[str], output_names: list[str], tensors: dict[str, torch.Tensor],
@@ -112,19 +110,7 @@ def check_cache(meta: dict, spec: "CacheSpec", device: torch.device) -> None:
     dtype = str(spec.dtype).removeprefix("torch.")
     if dtype != meta["dtype"]:
         raise KvzapError(f"the engine is {meta['dtype']}, the cache {dtype}: pass --dtype {meta['dtype']}")
-    m = meta["model"]
-    mine = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.window)
-    theirs = (m["num_layers"], m["num_kv_heads"], m["head_dim"], meta["window"])
-    if mine != theirs:
-        raise KvzapError(f"the cache (layers, kv heads, head dim, window) = {mine} does not fit the engine's {theirs}")
-
-
-def check_policy(meta: dict, path: Path, window: int, threshold: float, surrogate: "Surrogate | None") -> None:
-    """The ONNX executor's check of the window, threshold and surrogate baked into the graph
-    (OnnxExecutor._check_policy reads only `meta`): the engine carries the export's metadata."""
-    from kvzap_trt.executors.onnx_executor import OnnxExecutor
-
-    OnnxExecutor._check_policy(SimpleNamespace(meta=meta), path, window, threshold, surrogate)
+    check_cache_shape(meta, spec, "engine")
 
 
 def read_engine_meta(engine: Path) -> tuple[Path, dict]:

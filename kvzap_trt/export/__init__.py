@@ -30,6 +30,7 @@ from kvzap_trt.atomic import atomic_dir
 from kvzap_trt.errors import KvzapError
 
 if TYPE_CHECKING:
+    from kvzap_trt.cache.paged_cache import CacheSpec
     from kvzap_trt.models.transformer import Transformer
     from kvzap_trt.surrogate import Surrogate
 
@@ -113,3 +114,33 @@ def load_exported(path: Path) -> tuple[Any, dict[str, Any]]:
 def read_metadata(path: Path) -> dict[str, Any]:
     """The export metadata stored in a model file (not its weights)."""
     return load_exported(path)[1]
+
+
+def check_policy(meta: dict[str, Any], path: Path, window: int, threshold: float, surrogate: "Surrogate | None") -> None:
+    """KvzapError unless the window, threshold and surrogate an export baked into its plugin
+    fields (`meta`, from load_exported or an engine's copy of it) are the engine's."""
+    import numpy as np
+
+    mismatches = []
+    if meta["window"] != window:
+        mismatches.append(f"window {meta['window']} (engine: {window})")
+    if np.float32(meta["threshold"]) != np.float32(threshold):  # the plugin field is float32
+        mismatches.append(f"threshold {meta['threshold']} (engine: {threshold})")
+    exported = meta["surrogate"]
+    if (exported is None) != (surrogate is None) or (
+            surrogate is not None and (exported["kind"], exported["source"]) != (surrogate.kind, surrogate.source)):
+        mine = None if surrogate is None else f"{surrogate.kind} {surrogate.source}"
+        theirs = None if exported is None else f"{exported['kind']} {exported['source']}"
+        mismatches.append(f"surrogate {theirs} (engine: {mine})")
+    if mismatches:
+        raise KvzapError(f"{path} was exported with {', '.join(mismatches)}: export it again with these settings")
+
+
+def check_cache_shape(meta: dict[str, Any], spec: "CacheSpec", what: str) -> None:
+    """KvzapError unless the cache's layers, kv heads, head dim and window are the export's
+    (`what` names the graph or engine in the message)."""
+    m = meta["model"]
+    mine = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.window)
+    theirs = (m["num_layers"], m["num_kv_heads"], m["head_dim"], meta["window"])
+    if mine != theirs:
+        raise KvzapError(f"the cache (layers, kv heads, head dim, window) = {mine} does not fit the {what}'s {theirs}")

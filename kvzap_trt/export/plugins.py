@@ -55,3 +55,11 @@ PLUGINS = {p.name: p for p in (ATTENTION, EVICT)}
 CACHE_TENSORS = ("k_pool", "v_pool", "pos_pool", "score_pool", "block_table", "kept_len", "ring_table",
                  "free_stack", "num_free", "error")
 BATCH_TENSORS = ("cu_seqlens", "seq_slots", "ctx_lens")
+
+
+def cache_tensors(cache) -> dict:
+    """A PagedKVCache's tensors under their graph input names (all of CACHE_TENSORS but `error`,
+    the flag each executor owns)."""
+    t = {n: getattr(cache, n) for n in CACHE_TENSORS[:7]}
+    t.update(free_stack=cache.allocator.free_stack, num_free=cache.allocator.num_free_t)
+    return t
