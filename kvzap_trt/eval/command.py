@@ -21,7 +21,7 @@ def _list(kind: type, flag: str):
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of {kind.__name__}, got {text!r}") from None
     return parse
 
 
