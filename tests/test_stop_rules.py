@@ -84,3 +84,22 @@ STOP_WORD_CASES = [
 @pytest.mark.parametrize("text,words,want,hit", STOP_WORD_CASES)
 def test_stop_words_cut_at_the_first_hit_of_any(text, words, want, hit):
     assert cut_at_stop_word(text, words) == (want, hit)
+
+
+def test_forced_ids_are_fed_first_and_their_stop_tokens_do_not_end(runtime, greedy):
+    """Request.forced_ids (teacher forcing, as `kvzap-trt eval` asks its question): the first
+    outputs are the forced ids even where the model would say otherwise, a stop id among them
+    does not end the request, and after them generation is the model's own, which equals a run
+    with prompt + forced ids as the prompt when nothing is evicted (window 64 > every length)."""
+    ids, i = greedy
+    stop = ids[i]
+    forced = unused(ids, 2) + [stop]  # tokens the greedy run never makes, then a stop id
+    cfg = RunConfig(model=str(runtime.cfg.model), surrogate=None, window=64, max_new_tokens=12, block_size=8).validate()
+    rt = Runtime(cfg, runtime.loaded, None)
+    engine, (r,) = rt.start([PROMPT], rt.sampling(stop_token_ids=(stop,)))
+    r.forced_ids = forced
+    engine.run()
+    assert r.output_ids[:3] == forced and len(r.output_ids) > 3
+    whole = rt.generate([PROMPT + forced], rt.sampling(stop_token_ids=(stop,), max_new_tokens=12 - 3))[0]
+    assert r.output_ids[3:] == whole.token_ids
+    assert r.finish_reason == whole.finish_reason

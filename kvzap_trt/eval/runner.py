@@ -90,11 +90,9 @@ def run_method(rt: Runtime, method: Method, samples: list[Sample],
             prompts = [ids(s) for s in chunk]
             base = runtime.sampling(max_new_tokens=max(len(q) + s.max_new_tokens for s, (_, q) in zip(chunk, prompts)))
             engine, reqs = runtime.start([c for c, _ in prompts], base)
-            forced = {}
             for r, s, (_, q) in zip(reqs, chunk, prompts):
                 r.sampling = dataclasses.replace(base, max_new_tokens=len(q) + s.max_new_tokens)
-                forced[r.request_id] = (q, r.sampling, dataclasses.replace(r.sampling, stop_token_ids=()))
-            engine._sample = _forcing(engine._sample, forced)
+                r.forced_ids = q  # the question, fed over the compressed context (Request.forced_ids)
             while engine.has_work():
                 bar.update(len(engine.step()))
             for s, r, (context, question) in zip(chunk, reqs, prompts):
@@ -104,25 +102,6 @@ def run_method(rt: Runtime, method: Method, samples: list[Sample],
                                 "answers": s.answers, "score": score(output, s.answers),
                                 "finish_reason": r.finish_reason, "kv": r.kv})
     return records
-
-
-def _forcing(sample: Callable, forced: dict[int, tuple[list[int], Any, Any]]) -> Callable:
-    """Wrap an engine's sampler: a request's next token is its question's next id while any are
-    left (with a sampling that has no stop tokens, so a template's end-of-turn id does not end it),
-    then the model's own choice under its real sampling (the engine checks stops after this)."""
-
-    def wrapped(batch: list, logits):
-        tokens = sample(batch, logits)
-        for k, r in enumerate(batch):
-            question, real, no_stop = forced[r.request_id]
-            n = len(r.output_ids)  # output ids so far: this token is number n
-            if n < len(question):
-                tokens[k], r.sampling = question[n], no_stop
-            else:
-                r.sampling = real
-        return tokens
-
-    return wrapped
 
 
 def summarise(records: list[dict]) -> dict:

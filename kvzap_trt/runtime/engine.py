@@ -45,6 +45,10 @@ class Request:
     kv: dict[str, Any] | None = None  # cache statistics after the request's last forward pass
     preemptions: int = 0  # times the request was restarted to free blocks for others
     error: str | None = None  # set with finish_reason "error"
+    # Teacher forcing: the first outputs are these ids, fed one per step over the compressed cache
+    # as if sampled (a question asked after its context was prefilled); stop tokens among them do
+    # not end the request. They count toward max_new_tokens.
+    forced_ids: list[int] = field(default_factory=list)
     embed: bool = False  # record the KV embedding (kvzap_trt/kvcoe) whatever the engine's setting
     prefill_embedding: torch.Tensor | None = None  # [E] host: the KV embedding right after prefill
     embedding: torch.Tensor | None = None  # [E] host: the KV embedding when it finished
@@ -205,10 +209,13 @@ class Engine:
         self.running = batch
         done = []
         for r, token in zip(batch, self._sample(batch, logits)):
+            forcing = len(r.output_ids) < len(r.forced_ids)
+            if forcing:
+                token = r.forced_ids[len(r.output_ids)]
             if r.sampling.max_new_tokens > 0:
                 r.output_ids.append(token)
             total = len(r.prompt_ids) + len(r.output_ids)
-            if r.output_ids and r.output_ids[-1] in r.sampling.stop_token_ids:
+            if not forcing and r.output_ids and r.output_ids[-1] in r.sampling.stop_token_ids:
                 r.finish_reason = "stop"  # also on the last allowed token, as vLLM and OpenAI report it
             elif r.sampling.max_new_tokens == len(r.output_ids) or total >= self.max_seq_len:
                 r.finish_reason = "length"
