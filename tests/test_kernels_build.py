@@ -32,7 +32,7 @@ def test_kernels_build_for_sm80_and_sm90a_without_spills(cmake_build):
     build, log = cmake_build
     archs = re.findall(r"Compiling entry function '(\w+)' for '(sm_\w+)'", log)
     kernels = {name for name, _ in archs}
-    for name in ("evict_fused_kernel", "evict_plan_kernel", "evict_copy_kernel", "evict_commit_kernel",
+    for name in ("evict_decode_kernel", "evict_fused_kernel", "evict_plan_kernel", "evict_copy_kernel", "evict_commit_kernel",
                  "attention_kernel", "attention_mma_kernel", "merge_kernel"):
         assert any(name in k for k in kernels), name
     for kernel in kernels:
