@@ -287,3 +287,13 @@ def test_openai_choices_carry_kv_coe_score_when_asked(served):
     assert all("kv_coe_score" not in (ch.choices[0].model_extra or {}) for ch in chunks if ch.choices and ch is not last)
     resp = httpx.post(f"{server.url}/chat/completions", json={"model": MODEL, "messages": msgs, "kv_coe": "yes"}, timeout=60)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "kv_coe", resp.text
+
+
+def test_within_level_auroc_compares_only_questions_of_one_level():
+    from kvzap_trt.kvcoe.selfeval import summarise
+
+    rows = [{"s": s, "right": y} for s, y in ((0.0, False), (1.0, True), (10.0, False), (11.0, True), (5.0, None))]
+    rows[-1]["s"], rows[-1]["right"] = None, True  # undefined: left out, counted
+    a = summarise(rows, [1, 1, 2, 2, 2], "s", n_boot=50, seed=0)
+    assert a["within_level_auroc"] == 1.0 and a["auroc"] == 0.75  # across levels: 1 < 10 is one misordered pair
+    assert (a["right"], a["wrong"], a["undefined"]) == (2, 2, 1)

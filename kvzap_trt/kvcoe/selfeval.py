@@ -140,13 +140,23 @@ def run(rt: Runtime, qs: list[dict], ids: list[list[int]], max_new: int, batch: 
     return out
 
 
-def summarise(rows: list[dict], key: str, n_boot: int, seed: int) -> dict:
-    kept = [r for r in rows if r[key] is not None]
-    s = torch.tensor([r[key] for r in kept], dtype=torch.float64)
-    y = torch.tensor([r["right"] for r in kept])
+def summarise(rows: list[dict], records: list[int], key: str, n_boot: int, seed: int) -> dict:
+    """AUROC of `key` over `rows` (samples where it is defined), its bootstrap interval, the counts,
+    and the within-level AUROC: per record count, weighted by its right x wrong pairs (what the
+    score tells apart among questions of equal difficulty and about equal length)."""
+    kept = [(r, n) for r, n in zip(rows, records) if r[key] is not None]
+    s = torch.tensor([r[key] for r, _ in kept], dtype=torch.float64)
+    y = torch.tensor([r["right"] for r, _ in kept])
+    lvl = torch.tensor([n for _, n in kept])
     lo, hi = bootstrap_ci(s, y, n_boot, seed)
+    num = pairs = 0
+    for n in lvl.unique().tolist():
+        m = lvl == n
+        p = int(y[m].sum()) * int((~y[m]).sum())
+        if p:
+            num, pairs = num + auroc(s[m], y[m]) * p, pairs + p
     return {"auroc": auroc(s, y), "ci95": [lo, hi], "right": int(y.sum()), "wrong": int((~y).sum()),
-            "undefined": len(rows) - len(kept)}
+            "undefined": len(rows) - len(kept), "within_level_auroc": num / pairs if pairs else None}
 
 
 def plot(curves: dict[str, tuple[list[float], list[float], float]], path: Path, title: str) -> None:
@@ -159,7 +169,7 @@ def plot(curves: dict[str, tuple[list[float], list[float], float]], path: Path, 
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, (fpr, tpr, a) in curves.items():
-        ax.step(fpr, tpr, where="post", label=f"{name} (AUROC {a:.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {a:.3f})")  # straight segments: the area the AUROC is
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate (wrong answers scored as right)", ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right")
@@ -180,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/kvcoe"))
+    ap.add_argument("--resummarise", action="store_true",
+                    help="recompute the summary, table and PNG from OUT/selfeval.json's samples; run no model")
     args = ap.parse_args(argv)
+    if args.resummarise:
+        report = json.loads((args.out / "selfeval.json").read_text())
+        report["resummarised"] = f"{datetime.date.today().isoformat()}: --resummarise --bootstrap {args.bootstrap} --seed {args.seed}"
+        write_report(report, args.out, args.bootstrap, args.seed)
+        return 0
     try:
         levels = [int(x) for x in args.records.split(",")]
     except ValueError:
@@ -204,43 +221,53 @@ def main(argv: list[str] | None = None) -> int:
         timing[name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {sum(r['right'] for r in results[name])}/{len(qs)} right, {timing[name]} s", file=sys.stderr)
 
-    summary, curves = {}, {}
-    for name, rows in results.items():
-        keys = [f"kv_{k}" for k in FEATURES] + ([f"hidden_{k}" for k in FEATURES] if "hidden_coe_c" in rows[0] else [])
-        keys.append("minus_prompt_tokens")
-        summary[name] = {"accuracy": sum(r["right"] for r in rows) / len(rows),
-                         "kv_evicted_mean": sum(r["kv_evicted"] for r in rows) / len(rows),
-                         "seconds": timing[name], "auroc": {k: summarise(rows, k, args.bootstrap, args.seed) for k in keys}}
-        for k, label in (("kv_coe_c", f"KV-CoE-C, {name}"), ("hidden_coe_c", "hidden-state CoE-C, eviction off")):
-            if k in keys:
-                kept = [r for r in rows if r[k] is not None]
-                fpr, tpr = roc_curve(torch.tensor([r[k] for r in kept]), torch.tensor([r["right"] for r in kept]))
-                curves[label] = (fpr, tpr, summary[name]["auroc"][k]["auroc"])
     report = {
         "date": datetime.date.today().isoformat(),
         "command": "python -m kvzap_trt.kvcoe.selfeval " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "config": {**cfg.to_dict(), **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
         "score": "kv_coe_c (kv_coe_score); higher: more likely right",
-        "summary": summary,
+        "seconds": timing,
         "samples": [{**q, "prompt_tokens": len(p), "runs": {name: rows[i] for name, rows in results.items()}}
                     for i, (q, p) in enumerate(zip(qs, ids))],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "selfeval.json", json.dumps(report, indent=1) + "\n")
-    plot(curves, args.out / "selfeval_roc.png", f"{args.model}: recall task, {len(qs)} questions")
-    md = table(summary)
-    atomic_write_text(args.out / "selfeval_table.md", md + "\n")
-    print(md)
+    write_report(report, args.out, args.bootstrap, args.seed)
     return 0
 
 
+def write_report(report: dict, out: Path, n_boot: int, seed: int) -> None:
+    """Summary (AUROC per run and score), selfeval.json, selfeval_table.md and selfeval_roc.png in `out`,
+    from report["samples"]."""
+    samples, summary, curves = report["samples"], {}, {}
+    records = [q["records"] for q in samples]
+    for name in samples[0]["runs"]:
+        rows = [q["runs"][name] for q in samples]
+        keys = [f"kv_{k}" for k in FEATURES] + ([f"hidden_{k}" for k in FEATURES] if "hidden_coe_c" in rows[0] else [])
+        keys.append("minus_prompt_tokens")
+        summary[name] = {"accuracy": sum(r["right"] for r in rows) / len(rows),
+                         "kv_evicted_mean": sum(r["kv_evicted"] for r in rows) / len(rows),
+                         "auroc": {k: summarise(rows, records, k, n_boot, seed) for k in keys}}
+        for k, label in (("kv_coe_c", f"KV-CoE-C, {name}"), ("hidden_coe_c", "hidden-state CoE-C, eviction off")):
+            if k in keys:
+                kept = [r for r in rows if r[k] is not None]
+                fpr, tpr = roc_curve(torch.tensor([r[k] for r in kept]), torch.tensor([r["right"] for r in kept]))
+                curves[label] = (fpr, tpr, summary[name]["auroc"][k]["auroc"])
+    report = {**{k: v for k, v in report.items() if k != "samples"}, "summary": summary, "samples": samples}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "selfeval.json", json.dumps(report, indent=1) + "\n")
+    plot(curves, out / "selfeval_roc.png", f"{report['config']['model']}: recall task, {len(samples)} questions")
+    md = table(summary)
+    atomic_write_text(out / "selfeval_table.md", md + "\n")
+    print(md)
+
+
 def table(summary: dict) -> str:
-    rows = ["| run | accuracy (right/wrong) | KV evicted | score | AUROC | 95% bootstrap CI |", "|---|---|---|---|---|---|"]
+    rows = ["| run | accuracy (right/wrong) | KV evicted | score | AUROC | 95% bootstrap CI | within-level AUROC |",
+            "|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         for k, a in s["auroc"].items():
             rows.append(f"| {name} | {s['accuracy']:.3f} ({a['right']}/{a['wrong']}) | {s['kv_evicted_mean']:.1%} | {k} "
-                        f"| {a['auroc']:.3f} | {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f} |")
+                        f"| {a['auroc']:.3f} | {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f} | {a['within_level_auroc']:.3f} |")
     return "\n".join(rows)
 
 
