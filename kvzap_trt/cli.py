@@ -69,6 +69,8 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
     p.add_argument("--positions", action="store_true", help="with --json: list the kept positions per layer and head")
+    p.add_argument("--kv-coe", action="store_true",
+                   help="with --json: add kv_coe_score (KV-CoE self-evaluation, higher: more likely right) and kv_coe")
     p.add_argument("--executor", choices=["torch", "onnx", "tensorrt"], default="torch",
                    help="torch (default): the PyTorch forward; onnx: the exported graph on ONNX Runtime (CPU, float32); "
                    "tensorrt: an engine of `kvzap-trt build --engine tensorrt` (CUDA; needs --engine-file)")
@@ -255,6 +257,8 @@ def run_generate(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else None
     if text is not None and not text.strip():
         raise KvzapError("the prompt is empty")
+    if args.kv_coe and not args.json:
+        raise KvzapError("--kv-coe needs --json (the score is a field of the JSON object)")
     if args.onnx is not None and args.executor != "onnx":
         raise KvzapError("--onnx needs --executor onnx")
     if (args.engine_file is not None or args.plugin_lib is not None) and args.executor != "tensorrt":
@@ -265,7 +269,7 @@ def run_generate(args: argparse.Namespace) -> int:
                              plugin_lib=args.plugin_lib)
     if text is not None:
         prompt_ids = rt.encode(text, chat=args.chat)
-    result = rt.generate([prompt_ids], positions=args.positions)[0]
+    result = rt.generate([prompt_ids], positions=args.positions, kv_coe=args.kv_coe)[0]
     if args.json:
         out = {
             "token_ids": result.token_ids,
@@ -276,6 +280,10 @@ def run_generate(args: argparse.Namespace) -> int:
             "config": cfg.to_dict(),
             "executor": args.executor,
         }
+        if args.kv_coe:
+            from kvzap_trt.kvcoe.coe import SCORE
+
+            out["kv_coe_score"], out["kv_coe"] = result.kv_coe[SCORE], result.kv_coe
         print(json.dumps(out))
     else:
         print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))

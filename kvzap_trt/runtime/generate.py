@@ -28,6 +28,7 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str
     kv: dict[str, Any]
+    kv_coe: dict[str, float | None] | None = None  # KV-CoE features when asked (kvzap_trt/kvcoe/coe.py)
 
 
 class Runtime:
@@ -144,7 +145,8 @@ class Runtime:
         return PagedKVCache(spec, self.cfg.device)
 
     def start(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-              positions: bool = False, embedding: bool | KVEmbedding = False) -> tuple[Engine, list[Request]]:
+              positions: bool = False, embedding: bool | KVEmbedding = False,
+              kv_coe: bool = False) -> tuple[Engine, list[Request]]:
         """An engine holding `prompts`, not yet stepped, in a pool that holds them all uncompressed.
 
         `generate` runs it to the end; a caller that times steps (scripts/bench_cpu.py: time to
@@ -162,16 +164,18 @@ class Runtime:
         cache = self.make_cache(max(lens), len(prompts), num_blocks)
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
         engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions,
-                        executor=self.executor(), record_embedding=embedding)
+                        executor=self.executor(), record_embedding=embedding, record_kv_coe=kv_coe)
         return engine, [engine.submit(p, sampling) for p in prompts]
 
     def result(self, r: Request) -> GenerationResult:
-        return GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv)
+        return GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv,
+                                r.kv_coe_features)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-                 positions: bool = False) -> list[GenerationResult]:
-        """Generate for all prompts in one continuous batch; the pool holds them all uncompressed."""
-        engine, reqs = self.start(prompts, sampling, positions)
+                 positions: bool = False, kv_coe: bool = False) -> list[GenerationResult]:
+        """Generate for all prompts in one continuous batch; the pool holds them all uncompressed.
+        kv_coe: score each answer with KV-CoE (`GenerationResult.kv_coe`)."""
+        engine, reqs = self.start(prompts, sampling, positions, kv_coe=kv_coe)
         engine.run()
         return [self.result(r) for r in reqs]
 
