@@ -125,7 +125,8 @@ def report(lib: Path, arch: str = "sm_90a") -> dict[str, dict]:
             dtype, D, groups = m.group(1).lstrip("0123456789"), int(m.group(2)), MMA_GROUPS
             elem = ELEM_BYTES[dtype]
             loop, op, kernel = hot_loop(code, "HMMA"), "HMMA", f"attention_mma_kernel<{DTYPE_NAMES[dtype]}, {D}>"
-            hmma_per_tile = 3 * (D // 16)  # QK^T: 2 n-tiles x D/16 k-steps; PV: D/16 m-tiles
+            # QK^T: 2 n-tiles x D/16 k-steps; PV: D/16 m-tiles, twice in bf16 (P split in two parts)
+            hmma_per_tile = (4 if dtype == "__nv_bfloat16" else 3) * (D // 16)
             keys_per_trip = count(loop, "HMMA") // hmma_per_tile * TILE_KEYS
         else:
             continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "kernel_static_report.py"
-# Instructions per KiB: 277.0 (CUDA cores), 251.8 with the window in the pool, 40.3 on tensor cores
+# Instructions per KiB: 277.0 (CUDA cores), 251.8 with the window in the pool, 42.1 on tensor cores
 BUDGET = {"attention.bf16_d128_g4": 45.0}
 UNROLL = 4  # kUnroll in plugins/src/paged_attention.cu (the fp32 kernel)
 TILE_KEYS, TILES_PER_TRIP = 16, 2  # kTileKeys; the tensor-core loop's two register buffers
@@ -44,8 +44,10 @@ def test_every_attention_instance_is_reported_with_its_hot_loop(static_report):
             assert (k["math_op"], k["math_instructions"]) == ("FFMA", 2 * UNROLL * int(group[1:]) * 4), key
             assert k["kib_per_trip"] == 4.0, key
         else:
-            # per tile: S = Q K^T, 2 n-tiles x D/16 k-steps; O^T += V^T P^T, D/16 m-tiles
-            assert (k["math_op"], k["math_instructions"]) == ("HMMA", TILES_PER_TRIP * 3 * D // 16), key
+            # per tile: S = Q K^T, 2 n-tiles x D/16 k-steps; O^T += V^T P^T, D/16 m-tiles (bf16: twice,
+            # P split into a rounded part and the rounded rest)
+            pv = 2 if dtype == "bf16" else 1
+            assert (k["math_op"], k["math_instructions"]) == ("HMMA", TILES_PER_TRIP * (2 + pv) * D // 16), key
             assert k["kib_per_trip"] == TILES_PER_TRIP * TILE_KEYS * D * 2 * 2 / 1024, key
 
 

@@ -8,15 +8,19 @@
 // Grid (row, kv head, split): one thread block serves the whole query group of its kv head, so
 // each key is read once per row for all G query heads. A split covers `split_size` keys; the ids
 // of its kept pages, then of its window pages, are staged in shared memory first, so a cached key
-// of either kind is pool row staged id * bs + offset. Inside, a warp reads TY keys at a time,
-// TX = D/VEC lanes per key, each lane 16 bytes; UNROLL keys per lane are loaded before the first
-// use. The online softmax runs in the log2 domain. Partial results of several splits are merged
-// by a log-sum-exp kernel; with one split the block writes the output itself.
+// of either kind is pool row staged id * bs + offset. Two kernels: bf16 / fp16 on tensor cores
+// (attention_mma_kernel, below: 16-key tiles per warp), fp32 on CUDA cores (attention_kernel: a
+// warp reads TY keys at a time, TX = D/VEC lanes per key, each lane 16 bytes; UNROLL keys per lane
+// are loaded before the first use). The online softmax runs in the log2 domain. Partial results
+// of several splits are merged by a log-sum-exp kernel; with one split the block writes the
+// output itself.
 //
 // Decode (T_b = 1) is the fast path the design targets. Prefill rows reuse it row by row, which
 // re-reads the cache once per row: correct for chunked prefill, not tuned for it.
 
 #include <float.h>
+
+#include <type_traits>
 
 #include "cache_index.cuh"
 #include "common.cuh"
@@ -32,11 +36,12 @@ constexpr int kUnroll = 4;
 constexpr int kMaxSplit = 4096;  // keys per split at most: bounds the staged page ids (16 KB at page size 1)
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Resident blocks per SM pinned by __launch_bounds__ for the kernel of query groups up to GMAX on
-// an sm_XY device (sm = XY): up to G = 4, 4 on Hopper (at most 128 registers) and 3 before it
-// (sm_80's code needs ~155 registers; forced into 128 it spills); 2 for G = 5..8, whose q and
-// accumulators need ~230. The split heuristic assumes exactly these (kvzapAttentionBlocksPerSm);
-// tests/test_kernels_build.py checks that no instance spills.
+// Resident blocks per SM pinned by __launch_bounds__. The fp32 kernel for query groups up to GMAX
+// on an sm_XY device (sm = XY): up to G = 4, 4 on Hopper and 3 before it; 2 for G = 5..8. The
+// tensor-core kernel: 2 (two register buffers of a 16-key tile: ~235 registers at D = 128; D = 64
+// needs ~140 and would fit 3, the bound keeps one figure). The split heuristic assumes exactly
+// these (kvzapAttentionBlocksPerSm); tests/test_kernels_build.py checks that every instance fits
+// them and that none spills.
 __host__ __device__ constexpr int blocks_per_sm(int gmax, int sm) { return gmax <= 4 ? (sm >= 90 ? 4 : 3) : 2; }
 constexpr int kMmaBlocksPerSm = 2;
 #ifdef __CUDA_ARCH__
@@ -283,8 +288,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
 //   PV:   row 16 mm + 8 hi + g  <->  dim g*D/8 + 2 mm + hi
 //         (lane (g, t) holds V[keys 2t, 2t+1, 2t+8, 2t+9][g*D/8, (g+1)*D/8))
 // The next tile's loads are issued before the current tile's math (two register buffers).
-// Softmax in the log2 domain in fp32; P is rounded to the input type for PV, and the running sum
-// adds the rounded values, so the output is a convex combination of V rows as the reference's is.
+// Softmax in the log2 domain in fp32. PV takes P in the input type: fp16 rounds it once (2^-11);
+// bf16 splits it into a rounded part and the rounded remainder, two mma, so P keeps ~16 bits
+// (one bf16 rounding, 2^-9 relative, put rows with few keys and |o| >= 2 past the tests' one
+// output rounding; found by emulating the kernel against the reference).
 
 // One tile's K and V as one lane holds them. valid: bit 2j + e set when key 8j + 2t + e (the
 // lane's V key 2j + e, and its logit s[j][e]) is a key of the split; the other keys of the tile
@@ -342,10 +349,20 @@ __device__ __forceinline__ void attend_tile(const TileRegs<D>& r, const uint32_t
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));  // head g's max over the tile
     const float m_new = fmaxf(m, tile_max);
     const float corr = exp2f(m - m_new);
-    float2 p_lo, p_hi;
-    const uint32_t b0 = pack_pair(exp2f(x[0] - m_new), exp2f(x[1] - m_new), p_lo, T());  // P^T[2t, 2t+1][g]
-    const uint32_t b1 = pack_pair(exp2f(x[2] - m_new), exp2f(x[3] - m_new), p_hi, T());  // P^T[2t+8, 2t+9][g]
-    l = l * corr + (p_lo.x + p_lo.y) + (p_hi.x + p_hi.y);
+    float pr[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) pr[e] = exp2f(x[e] - m_new);
+    float2 r01, r23;
+    const uint32_t b0 = pack_pair(pr[0], pr[1], r01, T());  // P^T[2t, 2t+1][g]
+    const uint32_t b1 = pack_pair(pr[2], pr[3], r23, T());  // P^T[2t+8, 2t+9][g]
+    constexpr bool kSplitP = std::is_same<T, __nv_bfloat16>::value;
+    uint32_t rest0 = 0, rest1 = 0;  // bf16: what the rounding of P left out, rounded
+    if constexpr (kSplitP) {
+        float2 unused;
+        rest0 = pack_pair(pr[0] - r01.x, pr[1] - r01.y, unused, T());
+        rest1 = pack_pair(pr[2] - r23.x, pr[3] - r23.y, unused, T());
+    }
+    l = l * corr + (pr[0] + pr[1]) + (pr[2] + pr[3]);
     m = m_new;
     // The accumulator's columns are heads 2t and 2t + 1: their corrections live in lanes 8t, 8t + 4.
     const float corr0 = __shfl_sync(0xffffffffu, corr, 8 * t), corr1 = __shfl_sync(0xffffffffu, corr, 8 * t + 4);
@@ -356,6 +373,7 @@ __device__ __forceinline__ void attend_tile(const TileRegs<D>& r, const uint32_t
         const uint32_t a[4] = {pair_of_halves(v0, v1, 0), pair_of_halves(v0, v1, 1),   // V^T[dim 2mm, 2mm+1][2t, 2t+1]
                                pair_of_halves(v2, v3, 0), pair_of_halves(v2, v3, 1)};  // V^T[same][2t+8, 2t+9]
         mma_16816(acc[mm], a, b0, b1, T());
+        if constexpr (kSplitP) mma_16816(acc[mm], a, rest0, rest1, T());
     }
 }
 
@@ -550,7 +568,7 @@ extern "C" int kvzapAttentionSplitSize(int dtype, int num_rows, int num_q_heads,
                                        int num_sms, int sm) {
     // About one full wave of blocks: (row, kv head) pairs x splits ~ SMs x resident blocks, so
     // that every SM streams keys and no second, nearly empty wave follows. Splits of 256 to
-    // kMaxSplit keys, in multiples of 64 (a whole number of warp steps).
+    // kMaxSplit keys, in multiples of 64 (a whole number of steps of either kernel's warps).
     const int pairs = max(1, num_rows * num_kv_heads);
     const int resident = kvzapAttentionBlocksPerSm(dtype, num_kv_heads > 0 ? num_q_heads / num_kv_heads : 1, sm);
     const int want_splits = max(1, num_sms * resident / pairs);
