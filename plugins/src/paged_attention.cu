@@ -96,6 +96,43 @@ __device__ __forceinline__ void write_block_output(const kvzapAttentionParams& p
     }
 }
 
+// The keys of this block's (row, kv head, split), and the split's page ids staged in s_pages:
+// kept pages', then window pages' (staged_slot's order). With `empty` the split is past the row's
+// keys: its empty partial is written and the block returns. Reads made here are the block's
+// first; the caller's __syncthreads makes s_pages visible.
+struct BlockKeys {
+    int start, t, kept, r;  // the row's first packed row of its sequence, its offset t; kept and window keys
+    SplitKeys keys;
+    SplitRing ring;
+    bool empty;
+};
+template <int D>
+__device__ __forceinline__ BlockKeys block_keys(const kvzapAttentionParams& p, int split_size, int* s_pages) {
+    const int n = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+    const int H = p.num_kv_heads, W = p.window, bs = p.block_size;
+    BlockKeys k;
+    const int b = row_sequence(p.cu_seqlens, p.batch, n), s = p.seq_slots[b], c = p.ctx_lens[b];
+    k.start = p.cu_seqlens[b], k.t = n - k.start;
+    k.kept = p.kept_len[(int64_t)s * H + h], k.r = ring_keys(c, W);
+    const int n_keys = row_keys(k.kept, c, W, k.t);
+    if (split == 0 && threadIdx.x == 0 && n_keys > gridDim.z * split_size)
+        atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);  // max_keys was below this row's keys
+    k.keys = split_keys(split, split_size, n_keys, k.kept, bs);
+    k.ring = split_ring(k.keys, k.kept, k.r, bs);
+    k.empty = k.keys.begin >= k.keys.end;
+    if (k.empty) {
+        write_empty_partial<D>(p, n, h, split);
+        return k;
+    }
+    const int32_t* table = p.block_table + ((int64_t)s * H + h) * p.max_blocks_per_head;
+    const int32_t* ring_table = p.ring_table + ((int64_t)s * H + h) * p.ring_pages;
+    const int n_kept_pages = k.keys.page_hi - k.keys.page_lo;
+    for (int i = threadIdx.x; i < n_kept_pages; i += kThreads) s_pages[i] = table[k.keys.page_lo + i];
+    for (int i = threadIdx.x; i < k.ring.ring_hi - k.ring.ring_lo; i += kThreads)
+        s_pages[n_kept_pages + i] = ring_table[k.ring.ring_lo + i];
+    return k;
+}
+
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
     attention_kernel(const kvzapAttentionParams p, const int split_size) {
@@ -111,31 +148,14 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
 
     const int n = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tx = lane % TX, ty = lane / TX;
-    const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, W = p.window, bs = p.block_size;
+    const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, bs = p.block_size;
 
-    const int b = row_sequence(p.cu_seqlens, p.batch, n), start = p.cu_seqlens[b], t = n - start;
-    const int s = p.seq_slots[b], c = p.ctx_lens[b];
-    const int kept = p.kept_len[(int64_t)s * H + h], r = ring_keys(c, W);
-    const int n_keys = row_keys(kept, c, W, t);
-    const int num_splits = gridDim.z;
-    if (split == 0 && threadIdx.x == 0 && n_keys > num_splits * split_size)
-        atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);  // max_keys was below this row's keys
-    const SplitKeys keys = split_keys(split, split_size, n_keys, kept, bs);
-    const SplitRing ring = split_ring(keys, kept, r, bs);
+    const BlockKeys bk = block_keys<D>(p, split_size, s_pages);
+    if (bk.empty) return;
+    const int start = bk.start, kept = bk.kept, r = bk.r;
+    const SplitKeys keys = bk.keys;
+    const SplitRing ring = bk.ring;
     const int k_begin = keys.begin, k_end = keys.end;
-
-    if (k_begin >= k_end) {  // this split is past the row's keys: an empty partial
-        write_empty_partial<D>(p, n, h, split);
-        return;
-    }
-
-    // Stage this split's page ids: kept pages', then window pages' (staged_slot's order).
-    const int32_t* table = p.block_table + ((int64_t)s * H + h) * p.max_blocks_per_head;
-    const int32_t* ring_table = p.ring_table + ((int64_t)s * H + h) * p.ring_pages;
-    const int n_kept_pages = keys.page_hi - keys.page_lo;
-    for (int i = threadIdx.x; i < n_kept_pages; i += kThreads) s_pages[i] = table[keys.page_lo + i];
-    for (int i = threadIdx.x; i < ring.ring_hi - ring.ring_lo; i += kThreads)
-        s_pages[n_kept_pages + i] = ring_table[ring.ring_lo + i];
 
     // Queries of the group, pre-scaled into the log2 domain.
     float q[GMAX][VEC];
@@ -388,26 +408,12 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocksPerSm) attention_mma_kerne
 
     const int n = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
-    const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, W = p.window, bs = p.block_size;
+    const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, bs = p.block_size;
 
-    const int b = row_sequence(p.cu_seqlens, p.batch, n), start = p.cu_seqlens[b], t = n - start;
-    const int s = p.seq_slots[b], c = p.ctx_lens[b];
-    const int kept = p.kept_len[(int64_t)s * H + h], r = ring_keys(c, W);
-    const int n_keys = row_keys(kept, c, W, t);
-    if (split == 0 && threadIdx.x == 0 && n_keys > gridDim.z * split_size)
-        atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);  // max_keys was below this row's keys
-    const SplitKeys keys = split_keys(split, split_size, n_keys, kept, bs);
-    const SplitRing ring = split_ring(keys, kept, r, bs);
-    if (keys.begin >= keys.end) {
-        write_empty_partial<D>(p, n, h, split);
-        return;
-    }
-    const int32_t* table = p.block_table + ((int64_t)s * H + h) * p.max_blocks_per_head;
-    const int32_t* ring_table = p.ring_table + ((int64_t)s * H + h) * p.ring_pages;
-    const int n_kept_pages = keys.page_hi - keys.page_lo;
-    for (int i = threadIdx.x; i < n_kept_pages; i += kThreads) s_pages[i] = table[keys.page_lo + i];
-    for (int i = threadIdx.x; i < ring.ring_hi - ring.ring_lo; i += kThreads)
-        s_pages[n_kept_pages + i] = ring_table[ring.ring_lo + i];
+    const BlockKeys bk = block_keys<D>(p, split_size, s_pages);
+    if (bk.empty) return;
+    const SplitKeys keys = bk.keys;
+    const SplitRing ring = bk.ring;
 
     // Q of query head g, the lane's dims [tq*D/4, (tq+1)*D/4), as A fragments (zeros past the group).
     uint32_t qa[D / 16][4];
@@ -423,10 +429,10 @@ __global__ void __launch_bounds__(kThreads, kMmaBlocksPerSm) attention_mma_kerne
 
     const T* k_pool = static_cast<const T*>(p.k_pool);
     const T* v_pool = static_cast<const T*>(p.v_pool);
-    const int64_t fresh0 = ((int64_t)start * H + h) * D;
+    const int64_t fresh0 = ((int64_t)bk.start * H + h) * D;
     const T* new_k = static_cast<const T*>(p.k_new) + fresh0;
     const T* new_v = static_cast<const T*>(p.v_new) + fresh0;
-    const SplitTiles tiles = split_tiles(keys, kept, r, t);
+    const SplitTiles tiles = split_tiles(keys, bk.kept, bk.r, bk.t);
     const int n_tiles = tiles.kept_tiles + tiles.ring_tiles + tiles.fresh_tiles;
     // Tile i (warp-uniform) into regs: each lane locates key lane % 16 once (a key outside the
     // split is replaced by the nearest one inside), load_tile shares the rows.
