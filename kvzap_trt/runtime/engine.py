@@ -28,6 +28,7 @@ from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.executors import Executor, StepInputs
 from kvzap_trt.executors.torch_executor import TorchExecutor
 from kvzap_trt.kvcoe.embedding import KVEmbedding
+from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.models.transformer import Transformer
 from kvzap_trt.runtime.sampler import SamplingParams, sample
 from kvzap_trt.surrogate import Surrogate
@@ -52,6 +53,10 @@ class Request:
     embed: bool = False  # record the KV embedding (kvzap_trt/kvcoe) whatever the engine's setting
     prefill_embedding: torch.Tensor | None = None  # [E] host: the KV embedding right after prefill
     embedding: torch.Tensor | None = None  # [E] host: the KV embedding when it finished
+    # The `reasoning` option (kvzap_trt/kvcoe/reasoning.py), applied right after prefill; None: off.
+    reasoning: Reasoning | None = None
+    reasoning_choice: str | None = None  # "fast" | "slow" once decided
+    reasoning_p_slow: float | None = None  # the probe's P(slow), with reasoning "auto"
     generator: torch.Generator = field(default_factory=torch.Generator)
 
 
@@ -98,11 +103,13 @@ class Engine:
         self.executor.ops = value
 
     # -- requests ---------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams, embed: bool = False) -> Request:
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, embed: bool = False,
+               reasoning: Reasoning | None = None) -> Request:
         """Queue a request; errors that no amount of waiting would cure are raised here.
-        embed: record its KV embedding (`prefill_embedding`, `embedding`)."""
+        embed: record its KV embedding (`prefill_embedding`, `embedding`).
+        reasoning: fast/slow (or the probe's choice), applied after its prefill (`Runtime.reasoning`)."""
         self.validate_prompt(prompt_ids)
-        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed)
+        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed, reasoning=reasoning)
         req.generator.manual_seed(sampling.seed)
         self.waiting.append(req)
         return req
@@ -206,6 +213,8 @@ class Engine:
         for r in prefills:
             if r.embed or self.record_embedding:
                 r.prefill_embedding = to_host(self.embedder(self.cache, r.slot))
+            if r.reasoning is not None:  # before its first token: forced ids and budget may change
+                r.reasoning.decide(r, self.cache)
         self.running = batch
         done = []
         for r, token in zip(batch, self._sample(batch, logits)):

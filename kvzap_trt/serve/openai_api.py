@@ -14,6 +14,9 @@ What is served (FastAPI, uvicorn, sse-starlette):
   fresh random seed), `stop` (a string or up to 4), `n` = 1 only, `stream_options.include_usage`.
 - `usage`: prompt, completion and total tokens, plus `kv_compression_ratio` (evicted / all KV
   pairs of the request, kvpress's figure) and `kv_bytes` (KV bytes it held at its end).
+- `reasoning` (an extra body field, kvzap-trt's): "auto" | "fast" | "slow" (kvzap_trt/kvcoe/reasoning.py;
+  "auto" needs the server's --probe); the answer then carries `reasoning`: {"requested", "used",
+  "p_slow"} (streams: on the last chunk).
 - Errors: OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, 400 for bad input
   (malformed JSON and wrongly typed fields included), 404 for an unknown model.
 """
@@ -36,6 +39,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
 
@@ -67,6 +72,7 @@ class _Sampling(BaseModel):
     n: int | None = 1
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+    reasoning: Literal["auto", "fast", "slow"] | None = None  # kvzap-trt's fast/slow switch
 
 
 class ChatMessage(BaseModel):
@@ -202,6 +208,12 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             seed=req.seed if req.seed is not None else secrets.randbits(63),
             stop_words=_stop_words(req.stop), stream=bool(req.stream))
 
+    def reasoning_of(req: _Sampling) -> Reasoning | None:
+        try:
+            return loop.runtime.reasoning(req.reasoning)
+        except KvzapError as e:
+            raise OpenAIError(400, str(e), "reasoning") from None
+
     def prepared(params: GenerationParams, ids: list[int] | None, max_tokens: int | None,
                  default_max: int | None) -> list[int]:
         try:
@@ -219,6 +231,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         if req.max_completion_tokens and req.max_tokens and req.max_completion_tokens != req.max_tokens:
             raise OpenAIError(400, "max_tokens and max_completion_tokens disagree; give one", "max_tokens")
         params = params_of(req, max_tokens, "")
+        plan = reasoning_of(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                     for m in req.messages]
         try:
@@ -228,7 +241,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages
             raise OpenAIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
         ids = prepared(params, ids, max_tokens, None)
-        return await _answer(request, params, ids, "chat", _include_usage(req))
+        return await _answer(request, params, ids, "chat", _include_usage(req), plan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -247,8 +260,9 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         if ids is None and not prompt.strip():
             raise OpenAIError(400, "prompt is empty", "prompt")
         params = params_of(req, req.max_tokens, prompt)
+        plan = reasoning_of(req)
         ids = prepared(params, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        return await _answer(request, params, ids, "text", _include_usage(req))
+        return await _answer(request, params, ids, "text", _include_usage(req), plan)
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request):
@@ -289,13 +303,14 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
                           "kv_compression_ratio": sum(ratios) / len(ratios)}}
 
-    async def _answer(request: Request, params: GenerationParams, ids: list[int], kind: str, include_usage: bool):
+    async def _answer(request: Request, params: GenerationParams, ids: list[int], kind: str, include_usage: bool,
+                      plan: Reasoning | None = None):
         pending = _Pending()
-        loop.submit(Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set))
+        loop.submit(Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, reasoning=plan))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": model_id}
         if params.stream:
-            return EventSourceResponse(_stream(pending, head, kind, len(ids), include_usage),
+            return EventSourceResponse(_stream(pending, head, kind, len(ids), include_usage, plan),
                                        ping=15, send_timeout=30)
         try:
             while True:
@@ -318,18 +333,24 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         else:
             choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
             obj = "text_completion"
-        return {**head, "object": obj, "choices": [choice], "usage": _usage(len(ids), ev)}
+        return {**head, "object": obj, "choices": [choice], "usage": _usage(len(ids), ev), **_reasoning(plan, ev)}
 
-    async def _stream(pending: _Pending, head: dict, kind: str, prompt_tokens: int, include_usage: bool):
+    def _reasoning(plan: Reasoning | None, ev: Event) -> dict[str, Any]:
+        if plan is None:
+            return {}
+        return {"reasoning": {"requested": plan.mode, "used": ev.reasoning, "p_slow": ev.reasoning_p_slow}}
+
+    async def _stream(pending: _Pending, head: dict, kind: str, prompt_tokens: int, include_usage: bool,
+                      plan: Reasoning | None = None):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, first: bool = False, **extra: Any) -> str:
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return json.dumps({**head, "object": obj, "choices": [choice]})
+            return json.dumps({**head, "object": obj, "choices": [choice], **extra})
 
         try:
             if kind == "chat":
@@ -344,7 +365,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 if ev.text:
                     yield {"data": chunk(ev.text, None)}
                 if ev.final:
-                    yield {"data": chunk(None, ev.finish_reason)}
+                    yield {"data": chunk(None, ev.finish_reason, **_reasoning(plan, ev))}
                     if include_usage:
                         yield {"data": json.dumps({**head, "object": obj, "choices": [],
                                                    "usage": _usage(prompt_tokens, ev)})}
