@@ -175,6 +175,10 @@ def test_a_probe_for_another_model_is_refused(probe_file, tmp_path, capsys):
                  "--probe", str(probe_file)]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and err.count("\n") == 1
+    from kvzap_trt.serve.server import check_loadable
+
+    with pytest.raises(KvzapError, match="cannot serve .* does not fit"):  # `kvzap-trt serve --probe` says so at start
+        check_loadable(resolve_config(str(other), probe=str(probe_file)))
     with pytest.raises(KvzapError, match="not a kvzap-trt probe"):
         Probe.load(other / "model.safetensors")
     with pytest.raises(KvzapError, match="cannot read probe"):
