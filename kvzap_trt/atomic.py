@@ -26,13 +26,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(final: Path, text: str) -> None:
-    """Write `text` to `final` through a temporary file beside it and a rename."""
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    """Write `data` to `final` through a temporary file beside it and a rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `final` through a temporary file beside it and a rename."""
+    atomic_write_bytes(final, text.encode())

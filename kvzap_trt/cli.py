@@ -40,7 +40,8 @@ CONFIG_FLAGS = ("surrogate", "threshold", "window", "compress_decoding", "block_
 
 def add_reasoning_flags(p: argparse.ArgumentParser) -> None:
     """Fast/slow reasoning (kvzap_trt/kvcoe/reasoning.py): what requests with `reasoning` use."""
-    p.add_argument("--probe", type=lambda f: str(Path(f).resolve()), default=None, help="difficulty probe for reasoning auto (from `kvzap-trt probe train`)")
+    p.add_argument("--probe", type=lambda f: str(Path(f).resolve()), default=None,
+                   help="difficulty probe for reasoning auto (from `kvzap-trt probe train`)")
     p.add_argument("--fast-max-new-tokens", type=int, default=None,
                    help="generation budget of reasoning fast (default: the request's own)")
 
@@ -81,6 +82,8 @@ def add_generate(sub: Any) -> None:
                    "asked; auto: the --probe picks after prefill (default: off)")
     add_reasoning_flags(p)
     p.add_argument("--positions", action="store_true", help="with --json: list the kept positions per layer and head")
+    p.add_argument("--kv-coe", action="store_true",
+                   help="with --json: add kv_coe_score (KV-CoE self-evaluation, higher: more likely right) and kv_coe")
     p.add_argument("--executor", choices=["torch", "onnx", "tensorrt"], default="torch",
                    help="torch (default): the PyTorch forward; onnx: the exported graph on ONNX Runtime (CPU, float32); "
                    "tensorrt: an engine of `kvzap-trt build --engine tensorrt` (CUDA; needs --engine-file)")
@@ -268,6 +271,8 @@ def run_generate(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else None
     if text is not None and not text.strip():
         raise KvzapError("the prompt is empty")
+    if args.kv_coe and not args.json:
+        raise KvzapError("--kv-coe needs --json (the score is a field of the JSON object)")
     if args.onnx is not None and args.executor != "onnx":
         raise KvzapError("--onnx needs --executor onnx")
     if (args.engine_file is not None or args.plugin_lib is not None) and args.executor != "tensorrt":
@@ -278,7 +283,7 @@ def run_generate(args: argparse.Namespace) -> int:
                              plugin_lib=args.plugin_lib)
     if text is not None:
         prompt_ids = rt.encode(text, chat=args.chat)
-    result = rt.generate([prompt_ids], positions=args.positions, reasoning=args.reasoning)[0]
+    result = rt.generate([prompt_ids], positions=args.positions, kv_coe=args.kv_coe, reasoning=args.reasoning)[0]
     if args.json:
         out = {
             "token_ids": result.token_ids,
@@ -289,6 +294,10 @@ def run_generate(args: argparse.Namespace) -> int:
             "config": cfg.to_dict(),
             "executor": args.executor,
         }
+        if args.kv_coe:
+            from kvzap_trt.kvcoe.coe import SCORE
+
+            out["kv_coe_score"], out["kv_coe"] = result.kv_coe[SCORE], result.kv_coe
         if args.reasoning is not None:
             out["reasoning"] = {"requested": args.reasoning, "used": result.reasoning, "p_slow": result.reasoning_p_slow}
         print(json.dumps(out))

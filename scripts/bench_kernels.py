@@ -6,10 +6,12 @@ Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, wind
     counting q + kept K/V bytes (FlashInfer's convention), and the dense baseline on the full,
     uncompressed cache (FlashInfer's paged decode if its wheel runs here, else PyTorch SDPA);
   - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers;
-  - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer.
+  - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer;
+  - page size: decode attention at the largest batch and context with 32- and 64-token pages
+    (--page-sizes) beside the 16-token pages of the rest (scattered 4 KiB pages against longer runs).
 Prints a table, writes bench/results/kernels-<device>-<date>.json and a PNG.
 
-    .venv/bin/python scripts/bench_kernels.py [--batches 1 8 32] [--contexts 4096 16384 32768]
+    .venv/bin/python scripts/bench_kernels.py [--batches 1 8 32] [--contexts 4096 16384 32768] [--page-sizes 16 32 64]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.ops import cuda_kernels
 
-HQ, H, D, W, BS, LAYERS = 32, 8, 128, 128, 16, 36
+HQ, H, D, W, BS, LAYERS = 32, 8, 128, 128, 16, 36  # BS: the page size of every case but the page-size sweep
 R = -(-W // BS)  # window pages per head
 DTYPE = torch.bfloat16
 
@@ -64,14 +66,14 @@ def ints(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device="cuda")
 
 
-def attention_cache(batch: int, context: int, kept_fraction: float):
+def attention_cache(batch: int, context: int, kept_fraction: float, block_size: int = BS):
     """One layer: each kv head of each sequence keeps kept_fraction of the tokens outside the
     window, and holds a full window; pages in random pool order."""
     kept = round(kept_fraction * (context - W))
-    blocks_per_head = -(-kept // BS)
-    spec = CacheSpec(1, H, D, W, BS, batch * H * (blocks_per_head + R), batch, context + 1, DTYPE)
+    blocks_per_head, ring = -(-kept // block_size), -(-W // block_size)
+    spec = CacheSpec(1, H, D, W, block_size, batch * H * (blocks_per_head + ring), batch, context + 1, DTYPE)
     cache = PagedKVCache(spec, "cuda")
-    ids = torch.randperm(spec.num_blocks, device="cuda", dtype=torch.int32).view(batch, H, blocks_per_head + R)
+    ids = torch.randperm(spec.num_blocks, device="cuda", dtype=torch.int32).view(batch, H, blocks_per_head + ring)
     cache.block_table[0, :, :, :blocks_per_head] = ids[..., :blocks_per_head]
     cache.ring_table[0] = ids[..., blocks_per_head:]
     cache.kept_len[0] = kept
@@ -80,15 +82,15 @@ def attention_cache(batch: int, context: int, kept_fraction: float):
     return cache, kept
 
 
-def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense_fn) -> dict:
-    cache, kept = attention_cache(batch, context, kept_fraction)
+def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense_fn, block_size: int = BS) -> dict:
+    cache, kept = attention_cache(batch, context, kept_fraction, block_size)
     lc = cache.layer(0)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
     k_new, v_new = (torch.randn(batch, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
     cu, slots, ctx = ints(list(range(batch + 1))), ints(list(range(batch))), ints([context] * batch)
     out, stream = torch.empty_like(q), torch.cuda.current_stream().cuda_stream
     max_keys = context + 1
-    split, workspace = cuda_kernels.attention_plan(batch, HQ, H, D, max_keys, q.device)
+    split, workspace = cuda_kernels.attention_plan(DTYPE, batch, HQ, H, D, max_keys, q.device)
     error = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def run():
@@ -102,7 +104,7 @@ def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense
     moved = batch * (HQ * D + 2 * H * keys * D) * 2
     dense_t = dense_fn(batch, context)
     return {"kernel": "varlenPagedAttention", "batch": batch, "kv_len": context, "kept_fraction": kept_fraction,
-            "time_us": t, "GBps": moved / t / 1e3, "dense_time_us": dense_t, "speedup_vs_dense": dense_t / t}
+            "block_size": block_size, "time_us": t, "GBps": moved / t / 1e3, "dense_time_us": dense_t, "speedup_vs_dense": dense_t / t}
 
 
 def dense_baseline():
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--kept", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    ap.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64],
+                    help="page sizes compared at the largest batch and context (the rest use 16)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -208,15 +212,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = []
     grid = [(b, c, f) for b in args.batches for c in args.contexts for f in args.kept]
-    for b, c, f in tqdm(grid, desc="decode attention", file=sys.stderr):
-        cases.append(bench_decode_attention(b, c, f, dense_fn))
+    grid += [(max(args.batches), max(args.contexts), f, bs) for bs in args.page_sizes if bs != BS for f in args.kept]
+    for b, c, f, *bs in tqdm(grid, desc="decode attention", file=sys.stderr):
+        cases.append(bench_decode_attention(b, c, f, dense_fn, *bs))
     cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True), bench_prefill_evict(32768)]
 
     print(f"{device}: copy {copy:.0f} GB/s; dense baseline: {baseline}")
-    print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}{'speedup':>9}")
+    print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'page':>5}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}{'speedup':>9}")
     for r in cases:
         gbps = r.get("GBps")
-        print(f"{r['kernel']:<22}{r['batch']:>6}{r['kv_len']:>8}{r['kept_fraction']:>6.2f}{r['time_us']:>10.1f}"
+        print(f"{r['kernel']:<22}{r['batch']:>6}{r['kv_len']:>8}{r['kept_fraction']:>6.2f}{r.get('block_size', BS):>5}"
+              f"{r['time_us']:>10.1f}"
               + (f"{gbps:>8.0f}{100 * gbps / copy:>6.0f}%{r['dense_time_us']:>10.1f}{r['speedup_vs_dense']:>8.2f}x"
                  if gbps else f"{'':>8}{'':>7}" + "".join(f"  {k}={v:.4g}" for k, v in r.items()
                                                           if k in ("time_us_per_layer", "fraction_of_prefill_attention"))))
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
               "cases": cases}
     path = args.out / f"kernels-{slug}-{date}.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    plot([r for r in cases if "GBps" in r], copy, path.with_suffix(".png"), device)
+    plot([r for r in cases if "GBps" in r and r["block_size"] == BS], copy, path.with_suffix(".png"), device)
     print(f"wrote {path}")
     return 0
 

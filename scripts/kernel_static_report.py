@@ -33,7 +33,12 @@ from kvzap_trt.atomic import atomic_write_text
 SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "src" / "paged_attention.cu"
 ELEM_BYTES = {"__nv_bfloat16": 2, "__half": 2, "f": 4}
 DTYPE_NAMES = {"__nv_bfloat16": "bf16", "__half": "fp16", "f": "fp32"}
+# attention_kernel<T, D, GMAX> (fp32, CUDA cores) and attention_mma_kernel<T, D> (bf16/fp16, tensor
+# cores, every group up to 8 heads)
 INSTANCE = re.compile(r"attention_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)ELi(\d+)E")
+MMA_INSTANCE = re.compile(r"attention_mma_kernelI(13__nv_bfloat16|6__half)Li(\d+)E")
+MMA_GROUPS = (1, 2, 4, 8)  # rows reported for an mma instance: the group sizes of the CUDA-core kernel's instances
+TILE_KEYS = 16  # kTileKeys of cache_index.cuh
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -83,11 +88,17 @@ def sass_functions(lib: Path, arch: str) -> tuple[dict[str, list[tuple[int, str]
     return functions, resources
 
 
-def hot_loop(code: list[tuple[int, str]]) -> list[str]:
-    """Instructions of the backward-branch loop (`[@P] BRA <earlier address>`) with the most FFMA.
-    Its body is taken as the address range from the target to the branch, inner code included."""
+def count(body: list[str], op: str) -> int:
+    """Instructions of opcode `op` (FFMA, HMMA), predicated or not."""
+    return sum(bool(re.match(rf"(@!?U?P\w+\s+)?{op}\b", t)) for t in body)
+
+
+def hot_loop(code: list[tuple[int, str]], op: str = "FFMA") -> list[str]:
+    """Instructions of the backward-branch loop (`[@P] BRA <earlier address>`) with the most `op`
+    (FFMA for the CUDA-core kernel, HMMA for the tensor-core one). Its body is taken as the address
+    range from the target to the branch, inner code included."""
     def ffma(body: list[str]) -> int:
-        return sum(bool(re.match(r"(@!?U?P\w+\s+)?FFMA", t)) for t in body)
+        return count(body, op)
 
     best: list[str] = []
     for address, text in code:
@@ -105,26 +116,35 @@ def report(lib: Path, arch: str = "sm_90a") -> dict[str, dict]:
     functions, resources = sass_functions(lib, arch)
     kunroll, out = unroll(), {}
     for name, code in functions.items():
-        m = INSTANCE.search(name)
-        if not m:
+        if m := INSTANCE.search(name):
+            dtype, D, groups = m.group(1).lstrip("0123456789"), int(m.group(2)), (int(m.group(3)),)
+            elem = ELEM_BYTES[dtype]
+            keys_per_trip = (32 // (D // (16 // elem))) * kunroll  # TY keys per warp step x kUnroll
+            loop, op, kernel = hot_loop(code), "FFMA", f"attention_kernel<{DTYPE_NAMES[dtype]}, {D}, {groups[0]}>"
+        elif m := MMA_INSTANCE.search(name):
+            dtype, D, groups = m.group(1).lstrip("0123456789"), int(m.group(2)), MMA_GROUPS
+            elem = ELEM_BYTES[dtype]
+            loop, op, kernel = hot_loop(code, "HMMA"), "HMMA", f"attention_mma_kernel<{DTYPE_NAMES[dtype]}, {D}>"
+            # QK^T: 2 n-tiles x D/16 k-steps; PV: D/16 m-tiles, twice in bf16 (P split in two parts)
+            hmma_per_tile = (4 if dtype == "__nv_bfloat16" else 3) * (D // 16)
+            keys_per_trip = count(loop, "HMMA") // hmma_per_tile * TILE_KEYS
+        else:
             continue
-        dtype, D, G = m.group(1).lstrip("0123456789"), int(m.group(2)), int(m.group(3))
-        elem = ELEM_BYTES[dtype]
-        vec = 16 // elem
-        keys_per_trip = (32 // (D // vec)) * kunroll  # TY keys per warp step x kUnroll
         kib = keys_per_trip * D * elem * 2 / 1024  # K and V
-        loop = hot_loop(code)
         res = resources.get(name, {})
         regs = res.get("REG", 0)
-        out[f"attention.{DTYPE_NAMES[dtype]}_d{D}_g{G}"] = {
-            "hot_loop_instructions": len(loop),
-            "ffma": sum(bool(re.match(r"(@!?U?P\w+\s+)?FFMA", t)) for t in loop),
-            "kib_per_trip": kib,
-            "instructions_per_kib": round(len(loop) / kib, 1),
-            "registers": regs,
-            "stack_bytes": res.get("STACK", 0),
-            "resident_blocks_per_sm": 65536 // (max(regs, 1) * 128),
-        }
+        for G in groups:
+            out[f"attention.{DTYPE_NAMES[dtype]}_d{D}_g{G}"] = {
+                "kernel": kernel,
+                "hot_loop_instructions": len(loop),
+                "math_op": op,
+                "math_instructions": count(loop, op),
+                "kib_per_trip": kib,
+                "instructions_per_kib": round(len(loop) / kib, 1),
+                "registers": regs,
+                "stack_bytes": res.get("STACK", 0),
+                "resident_blocks_per_sm": 65536 // (max(regs, 1) * 128),
+            }
     return dict(sorted(out.items()))
 
 
@@ -137,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = report(args.lib, args.arch)
     if not rows:
         raise SystemExit(f"no attention_kernel instance for {args.arch} in {args.lib}")
-    print(f"{'instance':<28}{'loop instr':>11}{'FFMA':>6}{'KiB/trip':>9}{'instr/KiB':>10}{'regs':>6}{'stack':>6}{'blocks/SM':>10}")
+    print(f"{'instance':<28}{'loop instr':>11}{'math':>11}{'KiB/trip':>9}{'instr/KiB':>10}{'regs':>6}{'stack':>6}{'blocks/SM':>10}")
     for key, r in rows.items():
-        print(f"{key:<28}{r['hot_loop_instructions']:>11}{r['ffma']:>6}{r['kib_per_trip']:>9.1f}"
+        math = f"{r['math_instructions']} {r['math_op']}"
+        print(f"{key:<28}{r['hot_loop_instructions']:>11}{math:>11}{r['kib_per_trip']:>9.1f}"
               f"{r['instructions_per_kib']:>10}{r['registers']:>6}{r['stack_bytes']:>6}{r['resident_blocks_per_sm']:>10}")
     date = datetime.date.today().isoformat()
     result = {"benchmark": "kernel_static", "date": date, "arch": args.arch, "command": " ".join(sys.argv),

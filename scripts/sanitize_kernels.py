@@ -3,9 +3,9 @@
 scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, initcheck, synccheck).
 
   - kvzapEvict, fused path (evict_fused_kernel): a batch of a 300-token and a 17-token prefill,
-    then a decode step; chunked path (evict_plan/copy/commit_kernel): a 4200-token prefill
+    then a decode step (evict_decode_kernel, a warp per head); chunked path (evict_plan/copy/commit_kernel): a 4200-token prefill
     (>= 4096 new tokens in a sequence);
-  - kvzapVarlenPagedAttention (attention_kernel, merge_kernel): decode rows over ragged kept pages
+  - kvzapVarlenPagedAttention (attention_mma_kernel in bf16, attention_kernel in fp32, merge_kernel): decode rows over ragged kept pages
     and a full window with a forced split of 40 keys (splits start mid-page, many of them, merged),
     and a chunked-prefill row set (tokens added to a cached sequence), in bf16 and fp32.
 The kernels run through kvzap_trt.ops.dispatch.CUDA on the device; the reference runs on CPU

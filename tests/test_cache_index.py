@@ -47,6 +47,7 @@ def index(cmake_build):
         num_splits = staticmethod(lib.kvzapIndexNumSplits)
         leaver_chunk = staticmethod(outs(lib.kvzapIndexLeaverChunk, 2))
         staged_key = staticmethod(outs(lib.kvzapIndexStagedKey, 6))
+        split_tile = staticmethod(outs(lib.kvzapIndexSplitTile, 5))
 
         @staticmethod
         def row_sequence(cu: list[int], row: int) -> int:
@@ -206,6 +207,35 @@ def test_staged_page_ids_locate_every_cached_key_of_a_split(index):
                     continue
                 assert source == (KEY_PAGE if j < kept else KEY_RING)
                 assert staged[column] * bs + offset == want[j], (bs, split_size, W, c, kept, split, j)
+
+
+def test_tiles_of_a_split_cover_its_keys_once_in_order(index):
+    """The tensor-core path reads a split in tiles of 16 keys of one source each (kept, window, new
+    tokens; aligned in the source's own index, keys outside the split masked). Over all tiles, the
+    unmasked keys mapped back to the row's key order are exactly the split's keys, each once, in
+    order; a tile never mixes sources and always holds at least one key of the split."""
+    rng = random.Random(8)
+    for _ in range(600):
+        split_size = rng.choice([40, 64, 100, 256, 4096])
+        kept, r, t = rng.choice([0, 1, 15, 16, 17, rng.randrange(0, 3000)]), rng.choice([0, 5, 16, 128]), rng.randrange(0, 40)
+        n_keys = kept + r + t + 1
+        from_of = {KEY_PAGE: 0, KEY_RING: kept, KEY_NEW: kept + r}
+        count_of = {KEY_PAGE: kept, KEY_RING: r, KEY_NEW: t + 1}
+        covered = []
+        for split in range(index.num_splits(n_keys, split_size)):
+            begin, end = index.split_keys(split, split_size, n_keys, kept, 16)[:2]
+            tiles = index.split_tile(0, split, split_size, n_keys, kept, r, t)[4]
+            seen = []
+            for i in range(tiles):
+                source, first, lo, hi, n_tiles = index.split_tile(i, split, split_size, n_keys, kept, r, t)
+                assert n_tiles == tiles and first % 16 == 0, (split_size, kept, r, t, split, i)
+                assert 0 <= lo < hi <= count_of[source]
+                keys = [from_of[source] + x for x in range(first, first + 16) if lo <= x < hi]
+                assert keys, (split_size, kept, r, t, split, i)
+                seen += keys
+            assert seen == list(range(begin, end)), (split_size, kept, r, t, split)
+            covered += seen
+        assert covered == list(range(n_keys))
 
 
 def test_key_bound_covers_every_row_and_follows_the_kept_lengths(index):

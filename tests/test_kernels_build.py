@@ -7,6 +7,7 @@ int-only planning ops run. Their numerics are tested on a GPU beside the referen
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -24,14 +25,15 @@ from tests.plugin_build import nvcc
 PLUGINS = cuda_kernels.PLUGINS
 LAUNCHERS = {"kvzapEvict", "kvzapVarlenPagedAttention", "kvzapAttentionSplitSize", "kvzapAttentionWorkspaceBytes",
              "kvzapAttentionBlocksPerSm"}
+FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2  # kvzapDtype in plugins/include/kvzap_kernels.h
 
 
 def test_kernels_build_for_sm80_and_sm90a_without_spills(cmake_build):
     build, log = cmake_build
     archs = re.findall(r"Compiling entry function '(\w+)' for '(sm_\w+)'", log)
     kernels = {name for name, _ in archs}
-    for name in ("evict_fused_kernel", "evict_plan_kernel", "evict_copy_kernel", "evict_commit_kernel",
-                 "attention_kernel", "merge_kernel"):
+    for name in ("evict_decode_kernel", "evict_fused_kernel", "evict_plan_kernel", "evict_copy_kernel", "evict_commit_kernel",
+                 "attention_kernel", "attention_mma_kernel", "merge_kernel"):
         assert any(name in k for k in kernels), name
     for kernel in kernels:
         assert {a for n, a in archs if n == kernel} == {"sm_80", "sm_90a"}, kernel
@@ -41,20 +43,26 @@ def test_kernels_build_for_sm80_and_sm90a_without_spills(cmake_build):
 
 
 def test_attention_occupancy_is_pinned_as_the_split_heuristic_assumes(cmake_build):
-    """Every attention_kernel<T, D, G> instance fits the resident blocks per SM that
-    kvzapAttentionBlocksPerSm reports (and the split heuristic uses) on its architecture."""
+    """Every attention kernel instance (attention_kernel<float, D, G>, attention_mma_kernel<T, D>)
+    fits the resident blocks per SM that kvzapAttentionBlocksPerSm reports (and the split
+    heuristic uses) on its architecture."""
     import ctypes
 
     build, log = cmake_build
     lib = ctypes.CDLL(str(build / "libkvzap_kernels.so"))
-    entries = re.findall(r"Compiling entry function '(\w*attention_kernel\w*)' for 'sm_(\d+)a?'\n"
+    entries = re.findall(r"Compiling entry function '(\w*attention_(?:mma_)?kernel\w*)' for 'sm_(\d+)a?'\n"
                          r"(?:.*\n)*?ptxas info\s+: Used (\d+) registers", log)
-    assert len(entries) == 2 * 3 * 2 * 4, len(entries)  # archs x dtypes x head dims x groups
+    # archs x (fp32: head dims x groups + bf16/fp16: head dims)
+    assert len(entries) == 2 * (2 * 4 + 2 * 2), len(entries)
     for name, arch, regs in entries:
-        group = int(re.search(r"Li(\d+)ELi(\d+)E", name).group(2))
-        blocks = lib.kvzapAttentionBlocksPerSm(group, int(arch))
+        if "mma_kernel" in name:
+            dtype, group = (BFLOAT16 if "bfloat16" in name else FLOAT16), 8  # one instance serves every group
+        else:
+            dtype, group = FLOAT32, int(re.search(r"Li(\d+)ELi(\d+)E", name).group(2))
+        blocks = lib.kvzapAttentionBlocksPerSm(dtype, group, int(arch))
         assert int(regs) * 128 * blocks <= 65536, (name, arch, regs, blocks)
-    assert (lib.kvzapAttentionBlocksPerSm(4, 90), lib.kvzapAttentionBlocksPerSm(8, 90)) == (4, 2)
+    assert (lib.kvzapAttentionBlocksPerSm(FLOAT32, 4, 90), lib.kvzapAttentionBlocksPerSm(FLOAT32, 8, 90)) == (4, 2)
+    assert lib.kvzapAttentionBlocksPerSm(BFLOAT16, 4, 90) == lib.kvzapAttentionBlocksPerSm(FLOAT16, 1, 80) == 2
 
 
 def test_kernels_library_exports_the_c_abi(cmake_build):
@@ -100,8 +108,9 @@ def test_torch_ops_library_loads_and_plans_attention_without_a_gpu(cmake_build):
     lib = ctypes.CDLL(str(build / "libkvzap_kernels.so"))
     lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
     for rows, hq, h, keys in [(1, 32, 8, 32769), (8, 32, 8, 16385), (64, 9, 3, 4097), (3, 6, 6, 100)]:
-        split = ops.attention_split(rows, hq, h, keys, 132, 90)
-        assert split == lib.kvzapAttentionSplitSize(rows, hq, h, keys, 132, 90)
+        for dtype, code in [(torch.float32, FLOAT32), (torch.bfloat16, BFLOAT16)]:
+            split = ops.attention_split(dtype, rows, hq, h, keys, 132, 90)
+            assert split == lib.kvzapAttentionSplitSize(code, rows, hq, h, keys, 132, 90)
         assert ops.attention_workspace_floats(rows, hq, 128, keys, split) * 4 == \
             lib.kvzapAttentionWorkspaceBytes(rows, hq, 128, keys, split)
     with pytest.raises(RuntimeError, match="split_size must be > 0"):
@@ -163,9 +172,10 @@ def test_split_heuristic_fills_one_wave(cmake_build):
     lib = ctypes.CDLL(str(cmake_build[0] / "libkvzap_kernels.so"))
     lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
     sms = 132  # H100 SXM
-    for group, resident in [(4, 4), (8, 2)]:  # Qwen3-8B's G = 4 (4 blocks per SM), G = 8 (2)
+    # fp32 (CUDA cores): Qwen3-8B's G = 4 (4 blocks per SM), G = 8 (2); bf16 (tensor cores): 2
+    for dtype, group, resident in [(FLOAT32, 4, 4), (FLOAT32, 8, 2), (BFLOAT16, 4, 2)]:
         for rows, max_keys in [(1, 32769), (8, 16385), (32, 32769), (64, 4097), (8, 100), (300, 2000)]:
-            split = lib.kvzapAttentionSplitSize(rows, 8 * group, 8, max_keys, sms, 90)
+            split = lib.kvzapAttentionSplitSize(dtype, rows, 8 * group, 8, max_keys, sms, 90)
             splits = -(-max_keys // split)
             assert 256 <= split <= 4096 and split % 64 == 0
             # One wave unless even one split per pair, or the largest split, is more.
@@ -173,8 +183,11 @@ def test_split_heuristic_fills_one_wave(cmake_build):
             ws = lib.kvzapAttentionWorkspaceBytes(rows, 32, 128, max_keys, split)
             assert ws == (0 if splits == 1 else 4 * rows * 32 * splits * 129)
     # Long single sequences are cut into many splits; short ones into none.
-    assert -(-32769 // lib.kvzapAttentionSplitSize(1, 32, 8, 32769, sms, 90)) >= 32
-    assert lib.kvzapAttentionSplitSize(8, 32, 8, 100, sms, 90) >= 100
-    # Fewer resident blocks (G = 8, or sm_80 at G = 4) -> fewer, longer splits for the same wave.
-    assert lib.kvzapAttentionSplitSize(8, 64, 8, 16385, sms, 90) > lib.kvzapAttentionSplitSize(8, 32, 8, 16385, sms, 90)
-    assert lib.kvzapAttentionSplitSize(8, 32, 8, 16385, 108, 80) > lib.kvzapAttentionSplitSize(8, 32, 8, 16385, 108, 90)
+    assert -(-32769 // lib.kvzapAttentionSplitSize(BFLOAT16, 1, 32, 8, 32769, sms, 90)) >= 32
+    assert lib.kvzapAttentionSplitSize(BFLOAT16, 8, 32, 8, 100, sms, 90) >= 100
+    # Fewer resident blocks (G = 8, or sm_80 at G = 4, or the tensor-core kernel) -> fewer, longer
+    # splits for the same wave.
+    split = functools.partial(lib.kvzapAttentionSplitSize, FLOAT32)
+    assert split(8, 64, 8, 16385, sms, 90) > split(8, 32, 8, 16385, sms, 90)
+    assert split(8, 32, 8, 16385, 108, 80) > split(8, 32, 8, 16385, 108, 90)
+    assert lib.kvzapAttentionSplitSize(BFLOAT16, 8, 32, 8, 16385, sms, 90) > split(8, 32, 8, 16385, sms, 90)

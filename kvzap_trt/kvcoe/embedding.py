@@ -35,8 +35,9 @@ from kvzap_trt.errors import KvzapError
 HEAD_AGGS = ("mean", "flatten")
 
 
-def head_means(cache: PagedKVCache, slot: int, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (layer, kv head) means of the K and V the cache holds for `slot` (kept pages + window).
+def head_means(cache: PagedKVCache, slot: int, layers: list[int], since: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (layer, kv head) means of the K and V the cache holds for `slot` (kept pages + window),
+    over the held tokens at positions >= `since` (0: all; kvcoe/coe.py takes the answer's).
 
     Returns means [Ls, H, 2, D] float32 (index 0: K, 1: V; zeros for a head holding nothing) and
     counts [Ls, H] int64 (tokens each head holds), both on the cache's device.
@@ -52,16 +53,25 @@ def head_means(cache: PagedKVCache, slot: int, layers: list[int]) -> tuple[torch
     cols = -(-max(0, ctx - W) // bs)
     if cols:
         blocks = cache.block_table[li, slot, :, :cols].clamp(min=0).long()  # [Ls, H, cols] (-1 read as 0, masked)
-        held = (torch.arange(cols * bs, device=cache.device) < kept[..., None]).float()[..., None]  # [Ls, H, cols*bs, 1]
+        held = torch.arange(cols * bs, device=cache.device) < kept[..., None]  # [Ls, H, cols*bs]
+        if since > 0:  # kept entries carry their position in pos_pool
+            held &= cache.pos_pool[blocks].flatten(2, 3) >= since
+            kept = held.sum(2)
+        held = held.float()[..., None]  # [Ls, H, cols*bs, 1]
         for i, pool in enumerate((cache.k_pool, cache.v_pool)):
             pages = pool[blocks].flatten(2, 3).float()  # [Ls, H, cols*bs, D]
             sums[:, :, i] += (pages * held).sum(2)
-    # Window: slots [0, min(ctx, W)) of each head's window pages, all valid.
+    # Window: slots [0, min(ctx, W)) of each head's window pages, all valid; slot j holds the one
+    # position p of the last min(ctx, W) with p % W == j (known on the host).
     in_window = min(ctx, W)
     if in_window:
         ring = cache.ring_table[li, slot, :, : -(-in_window // bs)].long()  # [Ls, H, R']
+        rows: slice | torch.Tensor = slice(0, in_window)
+        if since > 0:
+            pick = sorted(p % W for p in range(max(since, ctx - in_window), ctx))
+            rows, in_window = torch.tensor(pick, dtype=torch.long, device=cache.device), len(pick)
         for i, pool in enumerate((cache.k_pool, cache.v_pool)):
-            sums[:, :, i] += pool[ring].flatten(2, 3)[:, :, :in_window].float().sum(2)
+            sums[:, :, i] += pool[ring].flatten(2, 3)[:, :, rows].float().sum(2)
     counts = kept + in_window
     return sums / counts.clamp(min=1)[..., None, None].float(), counts
 

@@ -27,6 +27,7 @@ from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.executors import Executor, StepInputs
 from kvzap_trt.executors.torch_executor import TorchExecutor
+from kvzap_trt.kvcoe.coe import SCORE, check_layers, kv_coe
 from kvzap_trt.kvcoe.embedding import KVEmbedding
 from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.models.transformer import Transformer
@@ -53,6 +54,9 @@ class Request:
     embed: bool = False  # record the KV embedding (kvzap_trt/kvcoe) whatever the engine's setting
     prefill_embedding: torch.Tensor | None = None  # [E] host: the KV embedding right after prefill
     embedding: torch.Tensor | None = None  # [E] host: the KV embedding when it finished
+    kv_coe: bool = False  # score the answer with KV-CoE (kvzap_trt/kvcoe/coe.py) whatever the engine's setting
+    kv_coe_score: float | None = None  # its CoE-C when it finished (None: not asked, or undefined)
+    kv_coe_features: dict[str, float | None] | None = None  # mag, ang, coe_r, coe_c
     # The `reasoning` option (kvzap_trt/kvcoe/reasoning.py), applied right after prefill; None: off.
     reasoning: Reasoning | None = None
     reasoning_choice: str | None = None  # "fast" | "slow" once decided
@@ -79,6 +83,7 @@ class Engine:
         record_positions: bool = False,
         executor: Executor | None = None,
         record_embedding: bool | KVEmbedding = False,
+        record_kv_coe: bool = False,
     ):
         self.model, self.cache, self.policy = model, cache, policy
         self.max_seq_len = max_seq_len
@@ -87,6 +92,9 @@ class Engine:
         # with embed=True (False); computed after prefill and at finish, one device read each.
         self.record_embedding = bool(record_embedding)
         self.embedder = record_embedding if isinstance(record_embedding, KVEmbedding) else KVEmbedding()
+        self.record_kv_coe = record_kv_coe  # KV-CoE score of every request at finish (else only kv_coe=True ones)
+        if record_kv_coe:
+            check_layers(cache.spec.num_layers)
         self.executor = executor or TorchExecutor(model, policy.surrogate, policy.threshold, cache.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -104,12 +112,14 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, embed: bool = False,
-               reasoning: Reasoning | None = None) -> Request:
+               kv_coe: bool = False, reasoning: Reasoning | None = None) -> Request:
         """Queue a request; errors that no amount of waiting would cure are raised here.
-        embed: record its KV embedding (`prefill_embedding`, `embedding`).
+        embed: record its KV embedding (`prefill_embedding`, `embedding`); kv_coe: its KV-CoE score.
         reasoning: fast/slow (or the probe's choice), applied after its prefill (`Runtime.reasoning`)."""
         self.validate_prompt(prompt_ids)
-        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed, reasoning=reasoning)
+        if kv_coe:
+            check_layers(self.cache.spec.num_layers)
+        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed, kv_coe=kv_coe, reasoning=reasoning)
         req.generator.manual_seed(sampling.seed)
         self.waiting.append(req)
         return req
@@ -256,6 +266,9 @@ class Engine:
             # Nothing fed since prefill (the last sampled token is never fed): the same cache.
             same = r.prefill_embedding is not None and self.cache.ctx_len[r.slot] == len(r.prompt_ids)
             r.embedding = r.prefill_embedding if same else to_host(self.embedder(self.cache, r.slot))
+        if r.kv_coe or self.record_kv_coe:
+            r.kv_coe_features = kv_coe(self.cache, r.slot, len(r.prompt_ids))  # one device read
+            r.kv_coe_score = r.kv_coe_features[SCORE]
         r.finished = True
         self.cache.release(r.slot)
         self.running.remove(r)

@@ -29,6 +29,7 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str
     kv: dict[str, Any]
+    kv_coe: dict[str, float | None] | None = None  # KV-CoE features when asked (kvzap_trt/kvcoe/coe.py)
     reasoning: str | None = None  # "fast" | "slow" when the request asked for a reasoning mode
     reasoning_p_slow: float | None = None  # the probe's P(slow), with reasoning "auto"
 
@@ -158,7 +159,7 @@ class Runtime:
 
     def start(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
               positions: bool = False, embedding: bool | KVEmbedding = False,
-              reasoning: str | None = None) -> tuple[Engine, list[Request]]:
+              kv_coe: bool = False, reasoning: str | None = None) -> tuple[Engine, list[Request]]:
         """An engine holding `prompts`, not yet stepped, in a pool that holds them all uncompressed.
 
         `generate` runs it to the end; a caller that times steps (scripts/bench_cpu.py: time to
@@ -176,19 +177,20 @@ class Runtime:
         cache = self.make_cache(max(lens), len(prompts), num_blocks)
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
         engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions,
-                        executor=self.executor(), record_embedding=embedding)
+                        executor=self.executor(), record_embedding=embedding, record_kv_coe=kv_coe)
         plan = self.reasoning(reasoning)
         return engine, [engine.submit(p, sampling, reasoning=plan) for p in prompts]
 
     def result(self, r: Request) -> GenerationResult:
         return GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv,
-                                r.reasoning_choice, r.reasoning_p_slow)
+                                r.kv_coe_features, r.reasoning_choice, r.reasoning_p_slow)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-                 positions: bool = False, reasoning: str | None = None) -> list[GenerationResult]:
+                 positions: bool = False, kv_coe: bool = False, reasoning: str | None = None) -> list[GenerationResult]:
         """Generate for all prompts in one continuous batch; the pool holds them all uncompressed.
+        kv_coe: score each answer with KV-CoE (`GenerationResult.kv_coe`).
         reasoning: "auto" | "fast" | "slow" per request (`Runtime.reasoning`); the choice is in the result."""
-        engine, reqs = self.start(prompts, sampling, positions, reasoning=reasoning)
+        engine, reqs = self.start(prompts, sampling, positions, kv_coe=kv_coe, reasoning=reasoning)
         engine.run()
         return [self.result(r) for r in reqs]
 

@@ -43,6 +43,7 @@ class Job:
     emit: Callable[[Event], None]
     is_cancelled: Callable[[], bool] = lambda: False
     embed: bool = False  # record the KV embedding: request.embedding once done (kvzap_trt/kvcoe)
+    kv_coe: bool = False  # score the answer: request.kv_coe_score once done (kvzap_trt/kvcoe/coe.py)
     reasoning: Reasoning | None = None  # fast/slow reasoning (`Runtime.reasoning`), None: off
     request: Request | None = None
     sent: str = ""  # text already emitted in stream mode
@@ -155,7 +156,8 @@ class EngineLoop:
             sampling = self.runtime.sampling(max_new_tokens=p.max_tokens, temperature=p.temperature,
                                              top_p=p.top_p, top_k=p.top_k, seed=p.seed)
             try:
-                job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, reasoning=job.reasoning)
+                job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, kv_coe=job.kv_coe,
+                                                 reasoning=job.reasoning)
                 self.jobs.append(job)
             except KvzapError as e:
                 self._emit(job, Event("", True, error=str(e)))

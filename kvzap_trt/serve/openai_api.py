@@ -19,6 +19,10 @@ What is served (FastAPI, uvicorn, sse-starlette):
   "p_slow"} (streams: on the last chunk).
 - Errors: OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, 400 for bad input
   (malformed JSON and wrongly typed fields included), 404 for an unknown model.
+- `"kv_coe": true` (an extra body field; `extra_body` in the openai client) on chat/completions:
+  each choice carries `kv_coe_score`, the answer's KV-CoE self-evaluation (kvzap_trt/kvcoe/coe.py;
+  higher: more likely right; null where undefined), in the last chunk's choice when streaming.
+  Clients ignore the unknown field; the official Python client exposes it as `choice.kv_coe_score`.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse
 
 from kvzap_trt.errors import KvzapError
@@ -72,6 +76,7 @@ class _Sampling(BaseModel):
     n: int | None = 1
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+    kv_coe: StrictBool | None = False  # kvzap-trt's: return each choice's kv_coe_score
     reasoning: Literal["auto", "fast", "slow"] | None = None  # kvzap-trt's fast/slow switch
 
 
@@ -241,7 +246,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages
             raise OpenAIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
         ids = prepared(params, ids, max_tokens, None)
-        return await _answer(request, params, ids, "chat", _include_usage(req), plan)
+        return await _answer(request, params, ids, "chat", _include_usage(req), bool(req.kv_coe), plan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -262,7 +267,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         params = params_of(req, req.max_tokens, prompt)
         plan = reasoning_of(req)
         ids = prepared(params, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        return await _answer(request, params, ids, "text", _include_usage(req), plan)
+        return await _answer(request, params, ids, "text", _include_usage(req), bool(req.kv_coe), plan)
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request):
@@ -304,13 +309,14 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                           "kv_compression_ratio": sum(ratios) / len(ratios)}}
 
     async def _answer(request: Request, params: GenerationParams, ids: list[int], kind: str, include_usage: bool,
-                      plan: Reasoning | None = None):
+                      kv_coe: bool = False, plan: Reasoning | None = None):
         pending = _Pending()
-        loop.submit(Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, reasoning=plan))
+        job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, kv_coe=kv_coe, reasoning=plan)
+        loop.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": model_id}
         if params.stream:
-            return EventSourceResponse(_stream(pending, head, kind, len(ids), include_usage, plan),
+            return EventSourceResponse(_stream(pending, head, kind, len(ids), include_usage, job),
                                        ping=15, send_timeout=30)
         try:
             while True:
@@ -333,6 +339,8 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         else:
             choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
             obj = "text_completion"
+        if kv_coe:
+            choice["kv_coe_score"] = job.request.kv_coe_score
         return {**head, "object": obj, "choices": [choice], "usage": _usage(len(ids), ev), **_reasoning(plan, ev)}
 
     def _reasoning(plan: Reasoning | None, ev: Event) -> dict[str, Any]:
@@ -340,8 +348,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             return {}
         return {"reasoning": {"requested": plan.mode, "used": ev.reasoning, "p_slow": ev.reasoning_p_slow}}
 
-    async def _stream(pending: _Pending, head: dict, kind: str, prompt_tokens: int, include_usage: bool,
-                      plan: Reasoning | None = None):
+    async def _stream(pending: _Pending, head: dict, kind: str, prompt_tokens: int, include_usage: bool, job: Job):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False, **extra: Any) -> str:
@@ -350,6 +357,8 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if finish is not None and job.kv_coe:
+                choice["kv_coe_score"] = job.request.kv_coe_score
             return json.dumps({**head, "object": obj, "choices": [choice], **extra})
 
         try:
@@ -365,7 +374,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 if ev.text:
                     yield {"data": chunk(ev.text, None)}
                 if ev.final:
-                    yield {"data": chunk(None, ev.finish_reason, **_reasoning(plan, ev))}
+                    yield {"data": chunk(None, ev.finish_reason, **_reasoning(job.reasoning, ev))}
                     if include_usage:
                         yield {"data": json.dumps({**head, "object": obj, "choices": [],
                                                    "usage": _usage(prompt_tokens, ev)})}

@@ -113,12 +113,14 @@ typedef struct {
 
 // Keys per thread block along each row's keys: about one full wave of blocks for this launch on
 // num_sms SMs of compute capability sm (major * 10 + minor), given the resident blocks per SM that
-// the kernel for this query group pins.
-int kvzapAttentionSplitSize(int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms, int sm);
+// the kernel for this dtype (kvzapDtype) and query group pins.
+int kvzapAttentionSplitSize(int dtype, int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms,
+                            int sm);
 
-// Thread blocks of the attention kernel resident per SM for query groups of `group_size` heads on
-// an sm device: its __launch_bounds__ minimum, which the split heuristic assumes.
-int kvzapAttentionBlocksPerSm(int group_size, int sm);
+// Thread blocks of the attention kernel resident per SM for `dtype` (kvzapDtype: float32 runs the
+// CUDA-core kernel, float16 / bfloat16 the tensor-core one) and query groups of `group_size` heads
+// on an sm device: its __launch_bounds__ minimum, which the split heuristic assumes.
+int kvzapAttentionBlocksPerSm(int dtype, int group_size, int sm);
 
 // Bytes of float workspace for the split-K partial results (0: one split, no workspace).
 size_t kvzapAttentionWorkspaceBytes(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size);
@@ -146,6 +148,11 @@ int kvzapIndexNumSplits(int max_keys, int split_size);
 // [ring_lo, ring_hi)); ring_lo / ring_hi and the staged-ids bound come back too.
 void kvzapIndexStagedKey(int j, int split, int split_size, int n_keys, int kept, int ring, int block_size,
                          int* source, int* column, int* offset, int* ring_lo, int* ring_hi, int* max_staged);
+// Tile i of a split in the tensor-core attention path (16 keys, kept then window then new tokens,
+// aligned in the source's index): its source, first source index, the source's range [lo, hi) in
+// the split (key first + c is read when lo <= first + c < hi), and the split's number of tiles.
+void kvzapIndexSplitTile(int i, int split, int split_size, int n_keys, int kept, int ring, int t, int* source,
+                         int* first, int* lo, int* hi, int* num_tiles);
 void kvzapIndexLeaverChunk(int chunk, int chunk_size, int lo, int hi, int* from, int* to);
 int kvzapIndexRowSequence(const int32_t* cu_seqlens, int batch, int row);
 

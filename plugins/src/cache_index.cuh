@@ -94,6 +94,48 @@ KVZAP_HD PageSlot staged_slot(const KeyRef& key, const SplitKeys& keys, const Sp
 }
 KVZAP_HD int max_staged_pages(int split_size, int bs) { return split_size / bs + 3; }
 
+// The tensor-core attention path walks a split's keys in tiles of kTileKeys keys, one source at a
+// time (kept pages, then window, then new tokens) so that no per-key branch picks the source.
+// Tiles are aligned in the source's own index; a tile's keys outside the split are masked.
+constexpr int kTileKeys = 16;
+
+// Split keys [begin, end) of one source whose keys are the row's [from, from + count): source
+// indices [lo, hi) (empty: lo >= hi).
+struct SourceRange {
+    int lo, hi;
+};
+KVZAP_HD SourceRange source_range(const SplitKeys& keys, int from, int count) {
+    return SourceRange{imax(keys.begin, from) - from, imin(keys.end, from + count) - from};
+}
+KVZAP_HD int range_tiles(const SourceRange& s) { return s.lo < s.hi ? (s.hi - 1) / kTileKeys - s.lo / kTileKeys + 1 : 0; }
+
+// The split's tiles, kept first, then window, then new tokens (row t among its sequence's new
+// tokens). Tile i: its source (KeySource), the source index of its first key (a multiple of
+// kTileKeys), and the source's range within the split; key first + c is valid for lo <= first + c < hi.
+struct SplitTiles {
+    SourceRange kept, ring, fresh;
+    int kept_tiles, ring_tiles, fresh_tiles;
+};
+KVZAP_HD SplitTiles split_tiles(const SplitKeys& keys, int kept, int r, int t) {
+    SplitTiles s;
+    s.kept = source_range(keys, 0, kept);
+    s.ring = source_range(keys, kept, r);
+    s.fresh = source_range(keys, kept + r, t + 1);
+    s.kept_tiles = range_tiles(s.kept), s.ring_tiles = range_tiles(s.ring), s.fresh_tiles = range_tiles(s.fresh);
+    return s;
+}
+struct TileRef {
+    int source, first;
+    SourceRange range;
+};
+KVZAP_HD TileRef tile_ref(const SplitTiles& s, int i) {
+    if (i < s.kept_tiles) return TileRef{kKeyPage, (s.kept.lo / kTileKeys + i) * kTileKeys, s.kept};
+    i -= s.kept_tiles;
+    if (i < s.ring_tiles) return TileRef{kKeyRing, (s.ring.lo / kTileKeys + i) * kTileKeys, s.ring};
+    i -= s.ring_tiles;
+    return TileRef{kKeyNew, (s.fresh.lo / kTileKeys + i) * kTileKeys, s.fresh};
+}
+
 // Splits a launch needs so that every row's keys are covered.
 KVZAP_HD int num_splits(int max_keys, int split_size) { return imax(1, (max_keys + split_size - 1) / split_size); }
 

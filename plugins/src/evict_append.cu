@@ -16,10 +16,11 @@
 //          stay in the window go into their window slots with their positions and scores.
 // Nothing is ever moved: kept pages are append-only.
 //
-// Two launch shapes, same decisions:
-//   fused    one thread block per (kv head, sequence, layer) does all three. Decode (T = 1: at
-//            most one leaver per head) and short chunks; a leading layer dimension makes a
-//            decode step one launch.
+// Three launch shapes, same decisions:
+//   decode   (max_new_tokens == 1) one warp per (kv head, sequence, layer), at most one leaver,
+//            its independent loads issued up front; a leading layer dimension makes a decode
+//            step one launch.
+//   fused    one thread block per (kv head, sequence, layer) does all three: short chunks.
 //   chunked  long prefills (max T >= kChunkedFrom): one head's leavers are spread over blocks of
 //            kChunk each. A plan kernel takes the blocks; a copy kernel per (chunk, head) finds
 //            its first page slot by counting the kept scores before its chunk (4 bytes a token
@@ -242,6 +243,108 @@ __global__ void __launch_bounds__(kThreads) evict_fused_kernel(const kvzapEvictP
     write_window(p, v);  // copy_kept ends with a barrier
 }
 
+// Decode: every sequence brings at most one token (max_new_tokens == 1), so a head has at most
+// one leaver, needs at most one kept page and one window page, and copies at most one row. A warp
+// per (layer, sequence, kv head), kThreads / 32 heads per block: the loads that do not depend on
+// each other (kept_len, the leaver's window page id, its score, the kept page the row would go
+// to) are issued before any decision, lane 0 pops the free stack, and the row is copied one
+// 16-byte vector per lane. Same decisions, pops and writes as evict_fused_kernel.
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kDecodeVecs = 2;  // 16-byte vectors of a row per lane: head_dim up to 64 x VEC (the launcher checks)
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) evict_decode_kernel(const kvzapEvictParams p) {
+    constexpr int VEC = Vec16<T>::VEC;
+    const int lane = threadIdx.x & 31, H = p.num_kv_heads;
+    const int64_t head = (int64_t)blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);  // warp-uniform
+    if (head >= (int64_t)p.num_layers * p.batch * H) return;
+    const Head<T> v(p, (int)(head % H), (int)(head / H % p.batch), (int)(head / ((int64_t)H * p.batch)));
+    if (v.T_new <= 0) return;
+    if (v.T_new > 1) {  // the host said decode: a longer chunk would be missed
+        if (lane == 0) atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);
+        return;
+    }
+    // Everything read before anything is written (the new token's window slot is the leaver's).
+    const int old_len = p.kept_len[v.index];
+    const bool leaves = v.hi > v.lo;  // position lo leaves: from the window (c >= W > 0) or the new token (W = 0)
+    const float score = leaves ? v.score(v.lo) : 0.f;
+    const bool keep = leaves && score >= p.threshold;
+    const PageSlot dst = page_slot(old_len, v.bs);  // where a kept row goes
+    const int kept_need = keep && dst.offset == 0;  // a new kept page
+    const int ring_need = v.ring_hi() - v.ring_lo();  // 0 or 1: the window reaches a new page
+    const int32_t old_page = keep && !kept_need && dst.column < v.M ? v.table[dst.column] : -1;
+    uint4 k_row[kDecodeVecs], v_row[kDecodeVecs];  // the leaver's row, vectors lane, lane + 32
+    if (keep) {
+        const T* k_src = v.row(v.lo, static_cast<const T*>(p.k_pool), v.k_new);
+        const T* v_src = v.row(v.lo, static_cast<const T*>(p.v_pool), v.v_new);
+#pragma unroll
+        for (int i = 0; i < kDecodeVecs; ++i) {
+            const int e = (lane + 32 * i) * VEC;
+            if (e < v.D) {
+                k_row[i] = *reinterpret_cast<const uint4*>(k_src + e);
+                v_row[i] = *reinterpret_cast<const uint4*>(v_src + e);
+            }
+        }
+    }
+    __syncwarp();  // every read of the leaver (its window slot is the new token's) before any write
+
+    int top = 0, ok = 1;
+    if (lane == 0) {
+        if (keep && dst.column >= v.M) {
+            atomicOr(p.error, KVZAP_ERR_BLOCK_TABLE_FULL);
+            ok = 0;
+        } else if (kept_need + ring_need > 0) {
+            top = pop_free(p.num_free, kept_need + ring_need);
+            if (top < 0) {  // not enough: report, touch nothing
+                atomicOr(p.error, KVZAP_ERR_POOL_EXHAUSTED);
+                ok = 0;
+            }
+        }
+    }
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (!ok) return;
+    top = __shfl_sync(0xffffffffu, top, 0);
+    const int32_t kept_page = kept_need ? p.free_stack[top] : old_page;
+    const int32_t ring_page = ring_need ? p.free_stack[top + kept_need] : -1;
+    if (lane == 0) {
+        if (kept_need) v.table[dst.column] = kept_page;
+        if (ring_need) v.ring[v.ring_lo()] = ring_page;
+        p.kept_len[v.index] = old_len + keep;
+    }
+    T* k_pool = static_cast<T*>(p.k_pool);
+    T* v_pool = static_cast<T*>(p.v_pool);
+    if (keep) {
+        const int64_t slot = (int64_t)kept_page * v.bs + dst.offset;
+#pragma unroll
+        for (int i = 0; i < kDecodeVecs; ++i) {
+            const int e = (lane + 32 * i) * VEC;
+            if (e < v.D) {
+                *reinterpret_cast<uint4*>(k_pool + slot * v.D + e) = k_row[i];
+                *reinterpret_cast<uint4*>(v_pool + slot * v.D + e) = v_row[i];
+            }
+        }
+        if (lane == 0) {
+            p.pos_pool[slot] = v.lo;
+            p.score_pool[slot] = score;
+        }
+    }
+    if (v.W > 0) {  // the new token (position c) takes window slot c % W
+        const PageSlot at = ring_page_slot(v.c, v.W, v.bs);
+        const int32_t page = ring_need && at.column == v.ring_lo() ? ring_page : v.ring[at.column];
+        const int64_t slot = (int64_t)page * v.bs + at.offset;
+        for (int e = lane * VEC; e < v.D; e += 32 * VEC) {
+            *reinterpret_cast<uint4*>(k_pool + slot * v.D + e) =
+                *reinterpret_cast<const uint4*>(v.k_new + (int64_t)v.start * v.H * v.D + e);
+            *reinterpret_cast<uint4*>(v_pool + slot * v.D + e) =
+                *reinterpret_cast<const uint4*>(v.v_new + (int64_t)v.start * v.H * v.D + e);
+        }
+        if (lane == 0) {
+            p.pos_pool[slot] = v.c;
+            p.score_pool[slot] = v.scores[(int64_t)v.start * v.H];
+        }
+    }
+}
+
 // (kThreads, 1): with the default occupancy target ptxas spilled 4 bytes here.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) evict_plan_kernel(const kvzapEvictParams p) {
@@ -294,6 +397,11 @@ template <typename T>
 cudaError_t launch(const kvzapEvictParams& p, cudaStream_t stream) {
     if (p.head_dim % Vec16<T>::VEC) return cudaErrorInvalidValue;
     const dim3 grid(p.num_kv_heads, p.batch, p.num_layers);
+    if (p.max_new_tokens == 1 && p.head_dim <= kDecodeVecs * 32 * Vec16<T>::VEC) {  // decode
+        const int64_t heads = (int64_t)p.num_layers * p.batch * p.num_kv_heads;
+        evict_decode_kernel<T><<<(unsigned)((heads + kWarpsPerBlock - 1) / kWarpsPerBlock), kThreads, 0, stream>>>(p);
+        return cudaGetLastError();
+    }
     if (p.max_new_tokens < kChunkedFrom) {
         evict_fused_kernel<T><<<grid, kThreads, 0, stream>>>(p);
         return cudaGetLastError();

@@ -63,3 +63,14 @@ extern "C" void kvzapIndexStagedKey(int j, int split, int split_size, int n_keys
         *column = at.column, *offset = at.offset;
     }
 }
+
+// Tile i of a split (the tensor-core path's order): source, first source index, the source's
+// valid range [lo, hi), and the split's tile count.
+extern "C" void kvzapIndexSplitTile(int i, int split, int split_size, int n_keys, int kept, int ring, int t,
+                                    int* source, int* first, int* lo, int* hi, int* num_tiles) {
+    const SplitKeys keys = split_keys(split, split_size, n_keys, kept, 1);
+    const SplitTiles tiles = split_tiles(keys, kept, ring, t);
+    const TileRef tile = tile_ref(tiles, i);
+    *source = tile.source, *first = tile.first, *lo = tile.range.lo, *hi = tile.range.hi;
+    *num_tiles = tiles.kept_tiles + tiles.ring_tiles + tiles.fresh_tiles;
+}

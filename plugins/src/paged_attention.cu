@@ -8,18 +8,23 @@
 // Grid (row, kv head, split): one thread block serves the whole query group of its kv head, so
 // each key is read once per row for all G query heads. A split covers `split_size` keys; the ids
 // of its kept pages, then of its window pages, are staged in shared memory first, so a cached key
-// of either kind is pool row staged id * bs + offset. Inside, a warp reads TY keys at a time,
-// TX = D/VEC lanes per key, each lane 16 bytes; UNROLL keys per lane are loaded before the first
-// use. The online softmax runs in the log2 domain. Partial results of several splits are merged
-// by a log-sum-exp kernel; with one split the block writes the output itself.
+// of either kind is pool row staged id * bs + offset. Two kernels: bf16 / fp16 on tensor cores
+// (attention_mma_kernel, below: 16-key tiles per warp), fp32 on CUDA cores (attention_kernel: a
+// warp reads TY keys at a time, TX = D/VEC lanes per key, each lane 16 bytes; UNROLL keys per lane
+// are loaded before the first use). The online softmax runs in the log2 domain. Partial results
+// of several splits are merged by a log-sum-exp kernel; with one split the block writes the
+// output itself.
 //
 // Decode (T_b = 1) is the fast path the design targets. Prefill rows reuse it row by row, which
 // re-reads the cache once per row: correct for chunked prefill, not tuned for it.
 
 #include <float.h>
 
+#include <type_traits>
+
 #include "cache_index.cuh"
 #include "common.cuh"
+#include "mma_fragments.cuh"
 #include "kvzap_kernels.h"
 
 namespace kvzap {
@@ -31,17 +36,65 @@ constexpr int kUnroll = 4;
 constexpr int kMaxSplit = 4096;  // keys per split at most: bounds the staged page ids (16 KB at page size 1)
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Resident blocks per SM pinned by __launch_bounds__ for the kernel of query groups up to GMAX on
-// an sm_XY device (sm = XY): up to G = 4, 4 on Hopper (at most 128 registers) and 3 before it
-// (sm_80's code needs ~155 registers; forced into 128 it spills); 2 for G = 5..8, whose q and
-// accumulators need ~230. The split heuristic assumes exactly these (kvzapAttentionBlocksPerSm);
-// tests/test_kernels_build.py checks that no instance spills.
+// Resident blocks per SM pinned by __launch_bounds__. The fp32 kernel for query groups up to GMAX
+// on an sm_XY device (sm = XY): up to G = 4, 4 on Hopper and 3 before it; 2 for G = 5..8. The
+// tensor-core kernel: 2 (two register buffers of a 16-key tile: ~235 registers at D = 128; D = 64
+// needs ~140 and would fit 3, the bound keeps one figure). The split heuristic assumes exactly
+// these (kvzapAttentionBlocksPerSm); tests/test_kernels_build.py checks that every instance fits
+// them and that none spills.
 __host__ __device__ constexpr int blocks_per_sm(int gmax, int sm) { return gmax <= 4 ? (sm >= 90 ? 4 : 3) : 2; }
+constexpr int kMmaBlocksPerSm = 2;
 #ifdef __CUDA_ARCH__
 #define KVZAP_SM (__CUDA_ARCH__ / 10)
 #else
 #define KVZAP_SM 90  // the host pass parses the attribute but does not use it
 #endif
+
+// A split past its row's keys: an empty partial (nothing to write with a single split).
+template <int D>
+__device__ __forceinline__ void write_empty_partial(const kvzapAttentionParams& p, int n, int h, int split) {
+    const int Hq = p.num_q_heads, G = Hq / p.num_kv_heads, num_splits = gridDim.z;
+    if (num_splits == 1) return;
+    float* ws_o = p.workspace;
+    float* ws_lse = p.workspace + (int64_t)p.num_rows * Hq * num_splits * D;
+    for (int i = threadIdx.x; i < G * D; i += kThreads) {
+        const int64_t qh = (int64_t)n * Hq + h * G + i / D;
+        ws_o[(qh * num_splits + split) * D + i % D] = 0.f;
+        if (i % D == 0) ws_lse[qh * num_splits + split] = -FLT_MAX;
+    }
+}
+
+// The block's warps merged: s_acc[w][g][d], s_m[w][g], s_l[w][g] are warp w's unnormalised output,
+// running max (log2 domain) and sum for query head g of the group (a warp that saw no key holds
+// -FLT_MAX, 0, 0). Writes the output itself (one split) or the split's partial and log-sum-exp.
+template <typename T, int D, int GMAX>
+__device__ __forceinline__ void write_block_output(const kvzapAttentionParams& p, int n, int h, int split,
+                                                   const float (&s_m)[kWarps][GMAX], const float (&s_l)[kWarps][GMAX],
+                                                   const float (&s_acc)[kWarps][GMAX][D]) {
+    const int Hq = p.num_q_heads, G = Hq / p.num_kv_heads, num_splits = gridDim.z;
+    float* ws_o = p.workspace;
+    float* ws_lse = p.workspace + (int64_t)p.num_rows * Hq * num_splits * D;
+    for (int i = threadIdx.x; i < G * D; i += kThreads) {
+        const int g = i / D, d = i % D;
+        float m_all = -FLT_MAX;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w][g]);
+        float l_all = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float a = exp2f(s_m[w][g] - m_all);
+            l_all += s_l[w][g] * a;
+            o += s_acc[w][g][d] * a;
+        }
+        const int64_t qh = (int64_t)n * Hq + h * G + g;
+        if (num_splits == 1) {
+            static_cast<T*>(p.out)[qh * D + d] = from_float(o / l_all, T());
+        } else {
+            ws_o[(qh * num_splits + split) * D + d] = o / l_all;
+            if (d == 0) ws_lse[qh * num_splits + split] = m_all + log2f(l_all);
+        }
+    }
+}
 
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
@@ -71,16 +124,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
     const SplitRing ring = split_ring(keys, kept, r, bs);
     const int k_begin = keys.begin, k_end = keys.end;
 
-    float* ws_o = p.workspace;
-    float* ws_lse = p.workspace + (int64_t)p.num_rows * Hq * num_splits * D;
     if (k_begin >= k_end) {  // this split is past the row's keys: an empty partial
-        if (num_splits > 1) {
-            for (int i = threadIdx.x; i < G * D; i += kThreads) {
-                const int64_t qh = (int64_t)n * Hq + h * G + i / D;
-                ws_o[(qh * num_splits + split) * D + i % D] = 0.f;
-                if (i % D == 0) ws_lse[qh * num_splits + split] = -FLT_MAX;
-            }
-        }
+        write_empty_partial<D>(p, n, h, split);
         return;
     }
 
@@ -223,27 +268,221 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(GMAX, KVZAP_SM))
     }
     __syncthreads();
 
-    const int num_splits_ = num_splits;
-    for (int i = threadIdx.x; i < G * D; i += kThreads) {
-        const int g = i / D, d = i % D;
-        float m_all = -FLT_MAX;
+    write_block_output<T, D, GMAX>(p, n, h, split, s_m, s_l, s_acc);
+}
+
+// ---- Half-precision path: tensor cores (bf16 / fp16, any group size up to 8) -------------------
+//
+// One warp takes one tile of kTileKeys = 16 keys at a time (tiles of the split, kept pages then
+// window then new tokens, dealt round-robin to the warps; cache_index.cuh's split_tiles). Two
+// m16n8k16 products per tile, lane = 4 g + t:
+//   S   [16 x 8 keys] = Q K^T   rows: the group's query heads (row g = head g; rows 8..15 zero),
+//                               2 n-tiles of 8 keys, D/16 k-steps;
+//   O^T [16 dims x 8] += V^T P^T  rows: 16 head dims per m-tile (D/16 m-tiles), columns: query
+//                               heads, one k-step of the tile's 16 keys.
+// S's accumulator (lane: head g, keys 2t, 2t+1 of each n-tile) is exactly P^T's B fragment
+// (keys 2t, 2t+1 / 2t+8, 2t+9, head g): no shuffle between the products. The head dim is permuted
+// inside each product so that every lane loads 16-byte vectors of one key row:
+//   QK^T: k-index 16 kk + 8 half + 2t + e  <->  dim t*D/4 + 4 kk + 2 half + e
+//         (lane (g, t) holds K[keys g, g+8][t*D/4, (t+1)*D/4) and Q[head g][the same dims])
+//   PV:   row 16 mm + 8 hi + g  <->  dim g*D/8 + 2 mm + hi
+//         (lane (g, t) holds V[keys 2t, 2t+1, 2t+8, 2t+9][g*D/8, (g+1)*D/8))
+// The next tile's loads are issued before the current tile's math (two register buffers).
+// Softmax in the log2 domain in fp32. PV takes P in the input type: fp16 rounds it once (2^-11);
+// bf16 splits it into a rounded part and the rounded remainder, two mma, so P keeps ~16 bits
+// (one bf16 rounding, 2^-9 relative, put rows with few keys and |o| >= 2 past the tests' one
+// output rounding; found by emulating the kernel against the reference).
+
+// One tile's K and V as one lane holds them. valid: bit 2j + e set when key 8j + 2t + e (the
+// lane's V key 2j + e, and its logit s[j][e]) is a key of the split; the other keys of the tile
+// are read from a key of the split (finite values: their logits are masked and their P is 0).
+template <int D>
+struct TileRegs {
+    uint4 k[2][D / 32];  // keys g, g + 8: dims [t*D/4, (t+1)*D/4)
+    uint4 v[4][D / 64];  // keys 2t, 2t+1, 2t+8, 2t+9: dims [g*D/8, (g+1)*D/8)
+    int valid;
+};
+
+// row: the pool (or new-token) row this lane reads for key lane % 16 of the tile; the element
+// offset of a row is row * D from kbase / vbase.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(TileRegs<D>& r, const T* kbase, const T* vbase, int row, int valid, int g,
+                                          int t) {
+    constexpr int VEC = Vec16<T>::VEC;
+    const int rk[2] = {__shfl_sync(0xffffffffu, row, g), __shfl_sync(0xffffffffu, row, g + 8)};
+    const int rv[4] = {__shfl_sync(0xffffffffu, row, 2 * t), __shfl_sync(0xffffffffu, row, 2 * t + 1),
+                       __shfl_sync(0xffffffffu, row, 2 * t + 8), __shfl_sync(0xffffffffu, row, 2 * t + 9)};
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w][g]);
-        float l_all = 0.f, o = 0.f;
+    for (int j = 0; j < 2; ++j) {
+        const T* src = kbase + (int64_t)rk[j] * D + t * (D / 4);
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            const float a = exp2f(s_m[w][g] - m_all);
-            l_all += s_l[w][g] * a;
-            o += s_acc[w][g][d] * a;
-        }
-        const int64_t qh = (int64_t)n * Hq + h * G + g;
-        if (num_splits_ == 1) {
-            static_cast<T*>(p.out)[qh * D + d] = from_float(o / l_all, T());
+        for (int i = 0; i < D / 32; ++i) r.k[j][i] = load_stream(src + i * VEC);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const T* src = vbase + (int64_t)rv[e] * D + g * (D / 8);
+#pragma unroll
+        for (int i = 0; i < D / 64; ++i) r.v[e][i] = load_stream(src + i * VEC);
+    }
+    r.valid = valid;
+}
+
+// The online softmax and O += P V over one tile. qa[kk]: the lane's A fragment of Q for k-step kk
+// (a1 = a3 = 0); m, l: the running max (log2 domain) and this lane's part of the running sum of
+// query head g; acc[mm]: O^T of m-tile mm, rows (dims) g*D/8 + 2mm + {0: c0 c1, 1: c2 c3},
+// columns (heads) 2t (c0, c2) and 2t + 1 (c1, c3).
+template <typename T, int D>
+__device__ __forceinline__ void attend_tile(const TileRegs<D>& r, const uint32_t (&qa)[D / 16][4], float scale_log2,
+                                            float& m, float& l, float (&acc)[D / 16][4], int t) {
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) mma_16816(s[j], qa[kk], word(r.k[j], 2 * kk), word(r.k[j], 2 * kk + 1), T());
+    }
+    // s[j][e], e < 2: the logit of head g and key 8j + 2t + e (the lane's V key 2j + e)
+    float x[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[e] = (r.valid >> e) & 1 ? s[e / 2][e % 2] * scale_log2 : -FLT_MAX;
+    float tile_max = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));  // head g's max over the tile
+    const float m_new = fmaxf(m, tile_max);
+    const float corr = exp2f(m - m_new);
+    float pr[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) pr[e] = exp2f(x[e] - m_new);
+    float2 r01, r23;
+    const uint32_t b0 = pack_pair(pr[0], pr[1], r01, T());  // P^T[2t, 2t+1][g]
+    const uint32_t b1 = pack_pair(pr[2], pr[3], r23, T());  // P^T[2t+8, 2t+9][g]
+    constexpr bool kSplitP = std::is_same<T, __nv_bfloat16>::value;
+    uint32_t rest0 = 0, rest1 = 0;  // bf16: what the rounding of P left out, rounded
+    if constexpr (kSplitP) {
+        float2 unused;
+        rest0 = pack_pair(pr[0] - r01.x, pr[1] - r01.y, unused, T());
+        rest1 = pack_pair(pr[2] - r23.x, pr[3] - r23.y, unused, T());
+    }
+    l = l * corr + (pr[0] + pr[1]) + (pr[2] + pr[3]);
+    m = m_new;
+    // The accumulator's columns are heads 2t and 2t + 1: their corrections live in lanes 8t, 8t + 4.
+    const float corr0 = __shfl_sync(0xffffffffu, corr, 8 * t), corr1 = __shfl_sync(0xffffffffu, corr, 8 * t + 4);
+#pragma unroll
+    for (int mm = 0; mm < D / 16; ++mm) {
+        acc[mm][0] *= corr0, acc[mm][1] *= corr1, acc[mm][2] *= corr0, acc[mm][3] *= corr1;
+        const uint32_t v0 = word(r.v[0], mm), v1 = word(r.v[1], mm), v2 = word(r.v[2], mm), v3 = word(r.v[3], mm);
+        const uint32_t a[4] = {pair_of_halves(v0, v1, 0), pair_of_halves(v0, v1, 1),   // V^T[dim 2mm, 2mm+1][2t, 2t+1]
+                               pair_of_halves(v2, v3, 0), pair_of_halves(v2, v3, 1)};  // V^T[same][2t+8, 2t+9]
+        mma_16816(acc[mm], a, b0, b1, T());
+        if constexpr (kSplitP) mma_16816(acc[mm], a, rest0, rest1, T());
+    }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, kMmaBlocksPerSm) attention_mma_kernel(const kvzapAttentionParams p,
+                                                                                   const int split_size) {
+    constexpr int VEC = Vec16<T>::VEC;
+    constexpr int GMAX = 8;
+    extern __shared__ int s_pages[];
+    __shared__ float s_m[kWarps][GMAX], s_l[kWarps][GMAX];
+    __shared__ float s_acc[kWarps][GMAX][D];
+
+    const int n = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    const int H = p.num_kv_heads, Hq = p.num_q_heads, G = Hq / H, W = p.window, bs = p.block_size;
+
+    const int b = row_sequence(p.cu_seqlens, p.batch, n), start = p.cu_seqlens[b], t = n - start;
+    const int s = p.seq_slots[b], c = p.ctx_lens[b];
+    const int kept = p.kept_len[(int64_t)s * H + h], r = ring_keys(c, W);
+    const int n_keys = row_keys(kept, c, W, t);
+    if (split == 0 && threadIdx.x == 0 && n_keys > gridDim.z * split_size)
+        atomicOr(p.error, KVZAP_ERR_BOUND_EXCEEDED);  // max_keys was below this row's keys
+    const SplitKeys keys = split_keys(split, split_size, n_keys, kept, bs);
+    const SplitRing ring = split_ring(keys, kept, r, bs);
+    if (keys.begin >= keys.end) {
+        write_empty_partial<D>(p, n, h, split);
+        return;
+    }
+    const int32_t* table = p.block_table + ((int64_t)s * H + h) * p.max_blocks_per_head;
+    const int32_t* ring_table = p.ring_table + ((int64_t)s * H + h) * p.ring_pages;
+    const int n_kept_pages = keys.page_hi - keys.page_lo;
+    for (int i = threadIdx.x; i < n_kept_pages; i += kThreads) s_pages[i] = table[keys.page_lo + i];
+    for (int i = threadIdx.x; i < ring.ring_hi - ring.ring_lo; i += kThreads)
+        s_pages[n_kept_pages + i] = ring_table[ring.ring_lo + i];
+
+    // Q of query head g, the lane's dims [tq*D/4, (tq+1)*D/4), as A fragments (zeros past the group).
+    uint32_t qa[D / 16][4];
+    {
+        uint4 qv[D / 32];
+        const T* qrow = static_cast<const T*>(p.q) + ((int64_t)n * Hq + h * G + g) * D + tq * (D / 4);
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i) qv[i] = g < G ? *reinterpret_cast<const uint4*>(qrow + i * VEC) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) qa[kk][0] = word(qv, 2 * kk), qa[kk][1] = 0u, qa[kk][2] = word(qv, 2 * kk + 1), qa[kk][3] = 0u;
+    }
+    __syncthreads();  // the staged page ids
+
+    const T* k_pool = static_cast<const T*>(p.k_pool);
+    const T* v_pool = static_cast<const T*>(p.v_pool);
+    const int64_t fresh0 = ((int64_t)start * H + h) * D;
+    const T* new_k = static_cast<const T*>(p.k_new) + fresh0;
+    const T* new_v = static_cast<const T*>(p.v_new) + fresh0;
+    const SplitTiles tiles = split_tiles(keys, kept, r, t);
+    const int n_tiles = tiles.kept_tiles + tiles.ring_tiles + tiles.fresh_tiles;
+    // Tile i (warp-uniform) into regs: each lane locates key lane % 16 once (a key outside the
+    // split is replaced by the nearest one inside), load_tile shares the rows.
+    auto load = [&](TileRegs<D>& regs, int i) {
+        const TileRef tile = tile_ref(tiles, i);
+        const int x = imin(imax(tile.first + (lane & (kTileKeys - 1)), tile.range.lo), tile.range.hi - 1);
+        int row;
+        if (tile.source == kKeyNew) {
+            row = x * H;
         } else {
-            ws_o[(qh * num_splits_ + split) * D + d] = o / l_all;
-            if (d == 0) ws_lse[qh * num_splits_ + split] = m_all + log2f(l_all);
+            const PageSlot at = staged_slot(KeyRef{tile.source, x}, keys, ring, bs);
+            row = s_pages[at.column] * bs + at.offset;
+        }
+        int valid = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = tile.first + (e / 2) * 8 + 2 * tq + e % 2;
+            valid |= (key >= tile.range.lo && key < tile.range.hi) << e;
+        }
+        const bool fresh = tile.source == kKeyNew;
+        load_tile<T, D>(regs, fresh ? new_k : k_pool, fresh ? new_v : v_pool, row, valid, g, tq);
+    };
+
+    const float scale_log2 = p.scale * kLog2e;
+    float m = -FLT_MAX, l = 0.f, acc[D / 16][4];
+#pragma unroll
+    for (int mm = 0; mm < D / 16; ++mm) acc[mm][0] = acc[mm][1] = acc[mm][2] = acc[mm][3] = 0.f;
+    TileRegs<D> cur, next;
+    int i = warp;
+    if (i < n_tiles) load(cur, i);
+    for (; i < n_tiles; i += 2 * kWarps) {  // two tiles per trip, each loaded while the other is used
+        if (i + kWarps < n_tiles) load(next, i + kWarps);
+        attend_tile<T, D>(cur, qa, scale_log2, m, l, acc, tq);
+        if (i + kWarps >= n_tiles) break;
+        if (i + 2 * kWarps < n_tiles) load(cur, i + 2 * kWarps);
+        attend_tile<T, D>(next, qa, scale_log2, m, l, acc, tq);
+    }
+
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);  // head g's sum over the warp's keys
+    if (g < G && tq == 0) {
+        s_m[warp][g] = m;
+        s_l[warp][g] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {  // columns 2t + e: acc[mm][e] (dim g*D/8 + 2mm), acc[mm][2 + e] (dim + 1)
+        const int head = 2 * tq + e;
+        if (head >= G) continue;
+#pragma unroll
+        for (int mm = 0; mm < D / 16; ++mm) {
+            s_acc[warp][head][g * (D / 8) + 2 * mm] = acc[mm][e];
+            s_acc[warp][head][g * (D / 8) + 2 * mm + 1] = acc[mm][2 + e];
         }
     }
+    __syncthreads();
+    write_block_output<T, D, GMAX>(p, n, h, split, s_m, s_l, s_acc);
 }
 
 // out[n, qh, :] = sum_i 2^(lse_i - lse) o_i over the splits.
@@ -265,52 +504,73 @@ __global__ void merge_kernel(const kvzapAttentionParams p, const int num_splits)
     }
 }
 
-template <typename T, int D, int GMAX>
-cudaError_t launch_attention(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
+// The launch of either kernel, and the split merge when there are several.
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, const kvzapAttentionParams& p, int split_size, cudaStream_t stream,
+                   cudaError_t (*merge)(const kvzapAttentionParams&, int, cudaStream_t)) {
     const int splits = num_splits(p.max_keys, split_size);
     const size_t page_smem = sizeof(int) * max_staged_pages(split_size, p.block_size);
-    dim3 grid(p.num_rows, p.num_kv_heads, splits);
-    attention_kernel<T, D, GMAX><<<grid, kThreads, page_smem, stream>>>(p, split_size);
+    kernel<<<dim3(p.num_rows, p.num_kv_heads, splits), kThreads, page_smem, stream>>>(p, split_size);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
-    merge_kernel<T><<<dim3(p.num_rows, p.num_q_heads), D, 0, stream>>>(p, splits);
+    return merge(p, splits, stream);
+}
+
+template <typename T>
+cudaError_t launch_merge(const kvzapAttentionParams& p, int splits, cudaStream_t stream) {
+    merge_kernel<T><<<dim3(p.num_rows, p.num_q_heads), p.head_dim, 0, stream>>>(p, splits);
     return cudaGetLastError();
 }
 
-template <typename T, int D>
-cudaError_t dispatch_group(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
+// fp32: the CUDA-core kernel, instantiated for query groups up to 1, 2, 4 and 8 heads.
+template <int D>
+cudaError_t dispatch_fp32(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
     const int G = p.num_q_heads / p.num_kv_heads;
-    if (G <= 1) return launch_attention<T, D, 1>(p, split_size, stream);
-    if (G <= 2) return launch_attention<T, D, 2>(p, split_size, stream);
-    if (G <= 4) return launch_attention<T, D, 4>(p, split_size, stream);
-    if (G <= 8) return launch_attention<T, D, 8>(p, split_size, stream);
+    auto go = [&](auto kernel) { return launch(kernel, p, split_size, stream, launch_merge<float>); };
+    if (G <= 1) return go(attention_kernel<float, D, 1>);
+    if (G <= 2) return go(attention_kernel<float, D, 2>);
+    if (G <= 4) return go(attention_kernel<float, D, 4>);
+    if (G <= 8) return go(attention_kernel<float, D, 8>);
     return cudaErrorInvalidValue;  // query groups above 8 heads are not instantiated
+}
+
+// bf16 / fp16: the tensor-core kernel, one instance per head dim for every group up to 8 heads.
+template <typename T, int D>
+cudaError_t dispatch_half(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
+    if (p.num_q_heads / p.num_kv_heads > 8) return cudaErrorInvalidValue;  // rows 0..7 of the mma only
+    return launch(attention_mma_kernel<T, D>, p, split_size, stream, launch_merge<T>);
 }
 
 template <typename T>
 cudaError_t dispatch_dim(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
-    if (p.head_dim == 64) return dispatch_group<T, 64>(p, split_size, stream);
-    if (p.head_dim == 128) return dispatch_group<T, 128>(p, split_size, stream);
+    if constexpr (sizeof(T) == 4) {
+        if (p.head_dim == 64) return dispatch_fp32<64>(p, split_size, stream);
+        if (p.head_dim == 128) return dispatch_fp32<128>(p, split_size, stream);
+    } else {
+        if (p.head_dim == 64) return dispatch_half<T, 64>(p, split_size, stream);
+        if (p.head_dim == 128) return dispatch_half<T, 128>(p, split_size, stream);
+    }
     return cudaErrorInvalidValue;
 }
 
 }  // namespace
 }  // namespace kvzap
 
-// The group sizes dispatch_group instantiates: 1, 2, 4, 8.
+// The group sizes dispatch_fp32 instantiates: 1, 2, 4, 8.
 static int instantiated_group(int group_size) { return group_size <= 1 ? 1 : group_size <= 2 ? 2 : group_size <= 4 ? 4 : 8; }
 
-extern "C" int kvzapAttentionBlocksPerSm(int group_size, int sm) {
+extern "C" int kvzapAttentionBlocksPerSm(int dtype, int group_size, int sm) {
+    if (dtype != KVZAP_FLOAT32) return kvzap::kMmaBlocksPerSm;
     return kvzap::blocks_per_sm(instantiated_group(group_size), sm);
 }
 
-extern "C" int kvzapAttentionSplitSize(int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms,
-                                       int sm) {
+extern "C" int kvzapAttentionSplitSize(int dtype, int num_rows, int num_q_heads, int num_kv_heads, int max_keys,
+                                       int num_sms, int sm) {
     // About one full wave of blocks: (row, kv head) pairs x splits ~ SMs x resident blocks, so
     // that every SM streams keys and no second, nearly empty wave follows. Splits of 256 to
-    // kMaxSplit keys, in multiples of 64 (a whole number of warp steps).
+    // kMaxSplit keys, in multiples of 64 (a whole number of steps of either kernel's warps).
     const int pairs = max(1, num_rows * num_kv_heads);
-    const int resident = kvzapAttentionBlocksPerSm(num_kv_heads > 0 ? num_q_heads / num_kv_heads : 1, sm);
+    const int resident = kvzapAttentionBlocksPerSm(dtype, num_kv_heads > 0 ? num_q_heads / num_kv_heads : 1, sm);
     const int want_splits = max(1, num_sms * resident / pairs);
     int split = (max_keys + want_splits - 1) / want_splits;
     split = ((split + 63) / 64) * 64;

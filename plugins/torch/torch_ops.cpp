@@ -26,14 +26,16 @@
 
 namespace {
 
-kvzapDtype dtype_of(const at::Tensor& t) {
-    switch (t.scalar_type()) {
+kvzapDtype kernel_dtype(at::ScalarType type, const char* op) {
+    switch (type) {
         case at::kFloat: return KVZAP_FLOAT32;
         case at::kHalf: return KVZAP_FLOAT16;
         case at::kBFloat16: return KVZAP_BFLOAT16;
-        default: TORCH_CHECK(false, "kvzap_trt: unsupported dtype ", t.scalar_type(), " (float32, float16, bfloat16)");
+        default: TORCH_CHECK(false, op, ": unsupported dtype ", type, " (float32, float16, bfloat16)");
     }
 }
+
+kvzapDtype dtype_of(const at::Tensor& t) { return kernel_dtype(t.scalar_type(), "kvzap_trt"); }
 
 void check(const char* op, const at::Tensor& t, const char* name, at::ScalarType type, const at::Tensor& like) {
     TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
@@ -157,13 +159,14 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     check_cuda(kvzapEvict(&p, reinterpret_cast<cudaStream_t>(stream)), "kvzapEvict");
 }
 
-// Keys per thread block for attention on a device of num_sms SMs and compute capability sm (XY).
-int64_t attention_split(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads, int64_t max_keys,
-                        int64_t num_sms, int64_t sm) {
+// Keys per thread block for attention of `dtype` K/V on a device of num_sms SMs and compute
+// capability sm (XY).
+int64_t attention_split(at::ScalarType dtype, int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads,
+                        int64_t max_keys, int64_t num_sms, int64_t sm) {
     TORCH_CHECK(num_kv_heads > 0 && max_keys >= 0 && num_sms > 0, "kvzap_trt.attention_split: bad arguments");
-    return kvzapAttentionSplitSize(static_cast<int>(num_rows), static_cast<int>(num_q_heads),
-                                   static_cast<int>(num_kv_heads), static_cast<int>(max_keys),
-                                   static_cast<int>(num_sms), static_cast<int>(sm));
+    return kvzapAttentionSplitSize(kernel_dtype(dtype, "kvzap_trt.attention_split"), static_cast<int>(num_rows),
+                                   static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads),
+                                   static_cast<int>(max_keys), static_cast<int>(num_sms), static_cast<int>(sm));
 }
 
 // float32 elements of workspace attention needs with this split (0: one split, none).
@@ -268,7 +271,8 @@ TORCH_LIBRARY(kvzap_trt, m) {
           "int window, float scale, int max_keys, int split_size, Tensor(a!) out, Tensor(b!) workspace, "
           "Tensor(c!) error, int stream) -> ()");
     // No tensor arguments: one kernel for every dispatch key.
-    m.def("attention_split(int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms, int sm) -> int",
+    m.def("attention_split(ScalarType dtype, int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms, "
+          "int sm) -> int",
           &attention_split);
     m.def("attention_workspace_floats(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size) -> int",
           &attention_workspace_floats);

@@ -371,8 +371,8 @@ int64_t attentionMaxKeys(CallDims const& d) { return d.M * d.BS + d.W + d.N; }
 
 int64_t evictMaxNewTokens(CallDims const& d) { return d.N; }
 
-int32_t attentionSplit(CallDims const& d, int32_t numSms, int32_t sm) {
-    return kvzapAttentionSplitSize(static_cast<int>(d.N), static_cast<int>(d.Hq), static_cast<int>(d.H),
+int32_t attentionSplit(CallDims const& d, int32_t kernelDtype, int32_t numSms, int32_t sm) {
+    return kvzapAttentionSplitSize(kernelDtype, static_cast<int>(d.N), static_cast<int>(d.Hq), static_cast<int>(d.H),
                                    static_cast<int>(attentionMaxKeys(d)), std::min(std::max(numSms, 1), kMAX_SMS), sm);
 }
 

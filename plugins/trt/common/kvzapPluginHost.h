@@ -149,11 +149,12 @@ constexpr int32_t kMAX_BLOCKS_PER_SM = 4;
 constexpr int32_t kMAX_SPLIT = 4096;
 
 // The split kvzapVarlenPagedAttention's launcher would pick (kvzapAttentionSplitSize) for this
-// call on `numSms` SMs (clamped to kMAX_SMS) of compute capability `sm`, and the workspace it needs.
-int32_t attentionSplit(CallDims const& d, int32_t numSms, int32_t sm);
+// call in `kernelDtype` (kvzapDtype) on `numSms` SMs (clamped to kMAX_SMS) of compute capability
+// `sm`, and the workspace it needs.
+int32_t attentionSplit(CallDims const& d, int32_t kernelDtype, int32_t numSms, int32_t sm);
 size_t attentionWorkspaceBytes(CallDims const& d, int32_t splitSize);
 
-// An upper bound of attentionWorkspaceBytes(d, attentionSplit(d, sms, sm)) over every device
+// An upper bound of attentionWorkspaceBytes(d, attentionSplit(d, dtype, sms, sm)) over every dtype and device
 // (any SM count, any sm) and every call with at most d.N rows and d.Hq query heads, d.D head_dim,
 // max_keys at most attentionMaxKeys(d), at least d.H kv heads: non-decreasing in N, Hq, D, M, BS,
 // W. With splits = ceil(K / split): N * splits <= max(SMs * blocks/SM / H, N * ceil(K / 4096)).

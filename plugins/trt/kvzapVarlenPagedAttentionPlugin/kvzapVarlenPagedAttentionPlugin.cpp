@@ -45,7 +45,8 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
         using namespace attn;
         requireResolved(inputDesc);
         CallDims const& d = mDims;
-        int32_t const split = attentionSplit(d, mNumSms, mSm);
+        kvzapDtype const dtype = toKernelDtype(inputDesc[kQ].type);
+        int32_t const split = attentionSplit(d, dtype, mNumSms, mSm);
         size_t const need = attentionWorkspaceBytes(d, split);
         if (need > attentionWorkspaceBound(d))  // cannot happen (see attentionWorkspaceBound); never overrun
             throw std::runtime_error("workspace bound below the launch's need");
@@ -55,7 +56,7 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
         // the only one written is the error flag (OR-ed, never cleared: the host zeroes it per step).
         int64_t const layer = mFields.layer;
         kvzapAttentionParams p{};
-        p.dtype = toKernelDtype(inputDesc[kQ].type);
+        p.dtype = dtype;
         setKernelDims(p, d);
         p.num_q_heads = static_cast<int>(d.Hq);
         p.max_keys = static_cast<int>(attentionMaxKeys(d));

@@ -421,9 +421,10 @@ void testShapes() {
 // ---------------------------------------------------------------- split and workspace
 
 void testWorkspace() {
-    for (int g = 1; g <= 8; ++g)
-        for (int sm : {70, 75, 80, 86, 89, 90, 100, 120})
-            CHECK(kvzapAttentionBlocksPerSm(g, sm) <= kMAX_BLOCKS_PER_SM, "G=%d sm=%d", g, sm);
+    for (int dtype : {KVZAP_FLOAT32, KVZAP_FLOAT16, KVZAP_BFLOAT16})
+        for (int g = 1; g <= 8; ++g)
+            for (int sm : {70, 75, 80, 86, 89, 90, 100, 120})
+                CHECK(kvzapAttentionBlocksPerSm(dtype, g, sm) <= kMAX_BLOCKS_PER_SM, "dtype=%d G=%d sm=%d", dtype, g, sm);
     int checked = 0;
     for (int64_t N : {1, 2, 7, 64, 577, 4096})
         for (auto hq_h : std::vector<std::pair<int64_t, int64_t>>{{32, 8}, {9, 3}, {4, 4}, {56, 7}})
@@ -431,13 +432,14 @@ void testWorkspace() {
                 for (auto m_bs : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {64, 16}, {2048, 16}, {300, 24}})
                     for (int64_t W : {0, 128})
                         for (int sms : {1, 80, 108, 132, 256, 5000})
-                            for (int sm : {80, 90}) {
+                            for (int sm : {80, 90})
+                            for (int dtype : {KVZAP_FLOAT32, KVZAP_BFLOAT16}) {
                                 CallDims d;
                                 d.N = N, d.Hq = hq_h.first, d.H = hq_h.second, d.D = D, d.M = m_bs.first,
                                 d.BS = m_bs.second, d.W = W;
                                 int const keys = static_cast<int>(attentionMaxKeys(d));
-                                int const split = attentionSplit(d, sms, sm);
-                                int const want = kvzapAttentionSplitSize(int(N), int(d.Hq), int(d.H), keys,
+                                int const split = attentionSplit(d, dtype, sms, sm);
+                                int const want = kvzapAttentionSplitSize(dtype, int(N), int(d.Hq), int(d.H), keys,
                                                                          sms < kMAX_SMS ? sms : kMAX_SMS, sm);
                                 CHECK(split == want && split >= 256 && split <= kMAX_SPLIT, "split %d vs %d", split,
                                       want);
@@ -452,7 +454,7 @@ void testWorkspace() {
                                 fewer.N = N / 2 + 1;
                                 fewer.M = d.M / 3;
                                 CHECK(attentionWorkspaceBound(fewer) <= bound, "bound not monotone");
-                                CHECK(attentionWorkspaceBytes(fewer, attentionSplit(fewer, sms, sm)) <= bound,
+                                CHECK(attentionWorkspaceBytes(fewer, attentionSplit(fewer, dtype, sms, sm)) <= bound,
                                       "smaller call needs more");
                                 ++checked;
                             }
@@ -470,7 +472,7 @@ void testWorkspace() {
         CHECK(checkAttentionShapes(in.data(), attn::kNB_INPUTS, attentionFields(mid), kDTYPE_BF16, c).empty(),
               "profile shape");
         for (int sms : {108, 132, 148})
-            CHECK(attentionWorkspaceBytes(c, attentionSplit(c, sms, 90)) <= profile, "N=%lld beyond the profile's %zu",
+            CHECK(attentionWorkspaceBytes(c, attentionSplit(c, KVZAP_BFLOAT16, sms, 90)) <= profile, "N=%lld beyond the profile's %zu",
                   (long long)N, profile);
     }
     CHECK(attentionProfileWorkspace(minIn.data(), maxIn.data(), attn::kNB_INPUTS - 1, attentionFields(hi)) == 0,
@@ -484,7 +486,7 @@ void testWorkspace() {
           "wide window");
     size_t const wideProfile =
         attentionProfileWorkspace(minIn.data(), wideIn.data(), attn::kNB_INPUTS, attentionFields(wide));
-    CHECK(wideProfile > profile && attentionWorkspaceBytes(wc, attentionSplit(wc, 132, 90)) <= wideProfile,
+    CHECK(wideProfile > profile && attentionWorkspaceBytes(wc, attentionSplit(wc, KVZAP_BFLOAT16, 132, 90)) <= wideProfile,
           "profile bound with W = %d: %zu (W = 128: %zu)", 1 << 20, wideProfile, profile);
     // The numbers the README quotes (bf16 Qwen3-8B-like: Hq 32, H 8, D 128, M*BS = 32768, W = 128).
     CallDims q;
