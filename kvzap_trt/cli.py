@@ -34,7 +34,16 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FLAGS = ("surrogate", "threshold", "window", "compress_decoding", "block_size", "device", "dtype",
-                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_seqs", "kv_cache_mb", "tp")
+                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_seqs", "kv_cache_mb", "tp",
+                "probe", "fast_max_new_tokens")
+
+
+def add_reasoning_flags(p: argparse.ArgumentParser) -> None:
+    """Fast/slow reasoning (kvzap_trt/kvcoe/reasoning.py): what requests with `reasoning` use."""
+    p.add_argument("--probe", type=lambda f: str(Path(f).resolve()), default=None,
+                   help="difficulty probe for reasoning auto (from `kvzap-trt probe train`)")
+    p.add_argument("--fast-max-new-tokens", type=int, default=None,
+                   help="generation budget of reasoning fast (default: the request's own)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -68,6 +77,10 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
+    p.add_argument("--reasoning", choices=["auto", "fast", "slow"], default=None,
+                   help="fast: thinking off (Qwen3's enable_thinking switch) and/or --fast-max-new-tokens; slow: as "
+                   "asked; auto: the --probe picks after prefill (default: off)")
+    add_reasoning_flags(p)
     p.add_argument("--positions", action="store_true", help="with --json: list the kept positions per layer and head")
     p.add_argument("--kv-coe", action="store_true",
                    help="with --json: add kv_coe_score (KV-CoE self-evaluation, higher: more likely right) and kv_coe")
@@ -226,6 +239,7 @@ def add_serve(sub: Any) -> None:
                    help="also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) "
                    "on this port of --host, on the same engine and KV pool as Triton (default: off, no OpenAI port)")
     p.add_argument("--verbose", action="store_true", help="show tritonserver's log")
+    add_reasoning_flags(p)
     p.set_defaults(func=run_serve)
 
 
@@ -269,7 +283,7 @@ def run_generate(args: argparse.Namespace) -> int:
                              plugin_lib=args.plugin_lib)
     if text is not None:
         prompt_ids = rt.encode(text, chat=args.chat)
-    result = rt.generate([prompt_ids], positions=args.positions, kv_coe=args.kv_coe)[0]
+    result = rt.generate([prompt_ids], positions=args.positions, kv_coe=args.kv_coe, reasoning=args.reasoning)[0]
     if args.json:
         out = {
             "token_ids": result.token_ids,
@@ -284,6 +298,8 @@ def run_generate(args: argparse.Namespace) -> int:
             from kvzap_trt.kvcoe.coe import SCORE
 
             out["kv_coe_score"], out["kv_coe"] = result.kv_coe[SCORE], result.kv_coe
+        if args.reasoning is not None:
+            out["reasoning"] = {"requested": args.reasoning, "used": result.reasoning, "p_slow": result.reasoning_p_slow}
         print(json.dumps(out))
     else:
         print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
@@ -293,6 +309,9 @@ def run_generate(args: argparse.Namespace) -> int:
             f"{kv['bytes_allocated'] / 2**20:.2f} MiB allocated vs {kv['bytes_dense'] / 2**20:.2f} MiB dense",
             file=sys.stderr,
         )
+        if args.reasoning is not None:
+            p = "" if result.reasoning_p_slow is None else f", P(slow) {result.reasoning_p_slow:.3f}"
+            print(f"[kvzap] reasoning {args.reasoning}: {result.reasoning}{p}", file=sys.stderr)
     return 0
 
 
@@ -533,6 +552,9 @@ def build_parser() -> Parser:
     from kvzap_trt.kvcoe.command import add_parser as add_embed  # flags and run: kvzap_trt/kvcoe/command.py
 
     add_embed(sub)
+    from kvzap_trt.kvcoe.probe_command import add_parser as add_probe  # kvzap_trt/kvcoe/probe_command.py
+
+    add_probe(sub)
     return parser
 
 

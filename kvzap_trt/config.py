@@ -35,6 +35,8 @@ class RunConfig:
     compress_decoding: also evict tokens generated while decoding (kvpress `decoding=True`).
     block_size: tokens per cache block; one block belongs to one (layer, seq, kv_head).
     max_seqs, kv_cache_mb: what a server holds at once: sequence slots and the block pool.
+    probe:      a difficulty probe (`kvzap-trt probe train`) for requests with reasoning "auto".
+    fast_max_new_tokens: the generation budget of reasoning "fast" (None: the request's own).
     """
 
     preset: str | None = None
@@ -56,6 +58,9 @@ class RunConfig:
     # serving: sequence slots, and the KV block pool's size (the whole KV budget: kept and window pages)
     max_seqs: int = 32
     kv_cache_mb: float = 256.0
+    # fast/slow reasoning (kvzap_trt/kvcoe/reasoning.py)
+    probe: str | None = None
+    fast_max_new_tokens: int | None = None
 
     def validate(self) -> "RunConfig":
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
@@ -80,6 +85,8 @@ class RunConfig:
             raise KvzapError(f"max_seqs must be >= 1, got {self.max_seqs}")
         if not self.kv_cache_mb > 0:
             raise KvzapError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if self.fast_max_new_tokens is not None and self.fast_max_new_tokens < 1:
+            raise KvzapError(f"fast_max_new_tokens must be >= 1, got {self.fast_max_new_tokens}")
         if self.tp < 1:
             raise KvzapError(f"tp must be >= 1, got {self.tp}")
         return self

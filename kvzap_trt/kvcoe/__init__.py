@@ -9,6 +9,10 @@ command.py    `kvzap-trt embed` (--prompt | --prompt-file | --jsonl)
 evaluate.py   clustering and title retrieval on standard-library docs: KV (eviction off, at tau) vs baseline
 coe.py        the KV-CoE self-evaluation score of an answer (Chain-of-Embedding features over the cache's layers)
 selfeval.py   its AUROC, right vs wrong, on a generated recall task (eviction off and on)
+probe.py      the difficulty probe (fast/slow) on the prefill KV embedding; one safetensors file
+probe_train.py, probe_command.py   training it from labelled prompts; `kvzap-trt probe train`
+reasoning.py  the request option reasoning auto|fast|slow, applied by the engine after prefill
+fastslow.py   tokens vs accuracy of always-long, always-short, probe-auto and the oracle on SmolLM2
 """
 
 from kvzap_trt.kvcoe.embedding import KVEmbedding, head_means

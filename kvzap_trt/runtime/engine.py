@@ -29,6 +29,7 @@ from kvzap_trt.executors import Executor, StepInputs
 from kvzap_trt.executors.torch_executor import TorchExecutor
 from kvzap_trt.kvcoe.coe import SCORE, check_layers, kv_coe
 from kvzap_trt.kvcoe.embedding import KVEmbedding
+from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.models.transformer import Transformer
 from kvzap_trt.runtime.sampler import SamplingParams, sample
 from kvzap_trt.surrogate import Surrogate
@@ -56,6 +57,10 @@ class Request:
     kv_coe: bool = False  # score the answer with KV-CoE (kvzap_trt/kvcoe/coe.py) whatever the engine's setting
     kv_coe_score: float | None = None  # its CoE-C when it finished (None: not asked, or undefined)
     kv_coe_features: dict[str, float | None] | None = None  # mag, ang, coe_r, coe_c
+    # The `reasoning` option (kvzap_trt/kvcoe/reasoning.py), applied right after prefill; None: off.
+    reasoning: Reasoning | None = None
+    reasoning_choice: str | None = None  # "fast" | "slow" once decided
+    reasoning_p_slow: float | None = None  # the probe's P(slow), with reasoning "auto"
     generator: torch.Generator = field(default_factory=torch.Generator)
 
 
@@ -107,13 +112,14 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, embed: bool = False,
-               kv_coe: bool = False) -> Request:
+               kv_coe: bool = False, reasoning: Reasoning | None = None) -> Request:
         """Queue a request; errors that no amount of waiting would cure are raised here.
-        embed: record its KV embedding (`prefill_embedding`, `embedding`); kv_coe: its KV-CoE score."""
+        embed: record its KV embedding (`prefill_embedding`, `embedding`); kv_coe: its KV-CoE score.
+        reasoning: fast/slow (or the probe's choice), applied after its prefill (`Runtime.reasoning`)."""
         self.validate_prompt(prompt_ids)
         if kv_coe:
             check_layers(self.cache.spec.num_layers)
-        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed, kv_coe=kv_coe)
+        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed, kv_coe=kv_coe, reasoning=reasoning)
         req.generator.manual_seed(sampling.seed)
         self.waiting.append(req)
         return req
@@ -217,6 +223,8 @@ class Engine:
         for r in prefills:
             if r.embed or self.record_embedding:
                 r.prefill_embedding = to_host(self.embedder(self.cache, r.slot))
+            if r.reasoning is not None:  # before its first token: forced ids and budget may change
+                r.reasoning.decide(r, self.cache)
         self.running = batch
         done = []
         for r, token in zip(batch, self._sample(batch, logits)):

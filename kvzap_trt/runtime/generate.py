@@ -15,6 +15,7 @@ from kvzap_trt.config import RunConfig
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.executors import EXECUTORS, Executor
 from kvzap_trt.kvcoe.embedding import KVEmbedding
+from kvzap_trt.kvcoe.reasoning import FastSlow, Reasoning
 from kvzap_trt.models.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_model_dir
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
 from kvzap_trt.runtime.sampler import SamplingParams
@@ -29,6 +30,8 @@ class GenerationResult:
     finish_reason: str
     kv: dict[str, Any]
     kv_coe: dict[str, float | None] | None = None  # KV-CoE features when asked (kvzap_trt/kvcoe/coe.py)
+    reasoning: str | None = None  # "fast" | "slow" when the request asked for a reasoning mode
+    reasoning_p_slow: float | None = None  # the probe's P(slow), with reasoning "auto"
 
 
 class Runtime:
@@ -56,6 +59,7 @@ class Runtime:
         self.executor_name, self.onnx_model = executor, onnx_model
         self._executor: Executor | None = None
         self._export_dir: tempfile.TemporaryDirectory | None = None
+        self._fast_slow: FastSlow | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig, executor: str = "torch", onnx_model: Path | None = None,
@@ -138,6 +142,15 @@ class Runtime:
     def decode(self, ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def reasoning(self, mode: str | None) -> Reasoning | None:
+        """The request option `reasoning` ("auto" | "fast" | "slow" | None: off) as the engine applies
+        it; the probe (config `probe`) and the think block are read once (kvzap_trt/kvcoe/reasoning.py)."""
+        if mode is None:
+            return None
+        if self._fast_slow is None:
+            self._fast_slow = FastSlow.from_runtime(self)
+        return self._fast_slow.plan(mode)
+
     def make_cache(self, max_seq_len: int, max_seqs: int, num_blocks: int) -> PagedKVCache:
         m = self.loaded.config
         spec = CacheSpec(m.num_layers, m.num_kv_heads, m.head_dim, self.cfg.window, self.cfg.block_size,
@@ -146,7 +159,7 @@ class Runtime:
 
     def start(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
               positions: bool = False, embedding: bool | KVEmbedding = False,
-              kv_coe: bool = False) -> tuple[Engine, list[Request]]:
+              kv_coe: bool = False, reasoning: str | None = None) -> tuple[Engine, list[Request]]:
         """An engine holding `prompts`, not yet stepped, in a pool that holds them all uncompressed.
 
         `generate` runs it to the end; a caller that times steps (scripts/bench_cpu.py: time to
@@ -165,17 +178,19 @@ class Runtime:
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
         engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions,
                         executor=self.executor(), record_embedding=embedding, record_kv_coe=kv_coe)
-        return engine, [engine.submit(p, sampling) for p in prompts]
+        plan = self.reasoning(reasoning)
+        return engine, [engine.submit(p, sampling, reasoning=plan) for p in prompts]
 
     def result(self, r: Request) -> GenerationResult:
         return GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv,
-                                r.kv_coe_features)
+                                r.kv_coe_features, r.reasoning_choice, r.reasoning_p_slow)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-                 positions: bool = False, kv_coe: bool = False) -> list[GenerationResult]:
+                 positions: bool = False, kv_coe: bool = False, reasoning: str | None = None) -> list[GenerationResult]:
         """Generate for all prompts in one continuous batch; the pool holds them all uncompressed.
-        kv_coe: score each answer with KV-CoE (`GenerationResult.kv_coe`)."""
-        engine, reqs = self.start(prompts, sampling, positions, kv_coe=kv_coe)
+        kv_coe: score each answer with KV-CoE (`GenerationResult.kv_coe`).
+        reasoning: "auto" | "fast" | "slow" per request (`Runtime.reasoning`); the choice is in the result."""
+        engine, reqs = self.start(prompts, sampling, positions, kv_coe=kv_coe, reasoning=reasoning)
         engine.run()
         return [self.result(r) for r in reqs]
 

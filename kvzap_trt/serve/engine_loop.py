@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kvzap_trt.errors import KvzapError
+from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
@@ -31,6 +32,8 @@ class Event:
     error: str | None = None
     finish_reason: str | None = None  # final events: "stop" (EOS or a stop word) | "length"
     completion_tokens: int = 0  # final events: tokens generated (a stop word's included)
+    reasoning: str | None = None  # final events of requests with a reasoning option: "fast" | "slow"
+    reasoning_p_slow: float | None = None  # ... and the probe's P(slow) with reasoning "auto"
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Job:
     is_cancelled: Callable[[], bool] = lambda: False
     embed: bool = False  # record the KV embedding: request.embedding once done (kvzap_trt/kvcoe)
     kv_coe: bool = False  # score the answer: request.kv_coe_score once done (kvzap_trt/kvcoe/coe.py)
+    reasoning: Reasoning | None = None  # fast/slow reasoning (`Runtime.reasoning`), None: off
     request: Request | None = None
     sent: str = ""  # text already emitted in stream mode
 
@@ -152,7 +156,8 @@ class EngineLoop:
             sampling = self.runtime.sampling(max_new_tokens=p.max_tokens, temperature=p.temperature,
                                              top_p=p.top_p, top_k=p.top_k, seed=p.seed)
             try:
-                job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, kv_coe=job.kv_coe)
+                job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, kv_coe=job.kv_coe,
+                                                 reasoning=job.reasoning)
                 self.jobs.append(job)
             except KvzapError as e:
                 self._emit(job, Event("", True, error=str(e)))
@@ -176,7 +181,8 @@ class EngineLoop:
             rest = text[len(job.sent):] if job.params.stream else text
             reason = "stop" if r.finish_reason == "stop" else "length"
             self._emit(job, Event(rest, True, kv["compression_ratio"], kv["bytes_allocated"],
-                                  finish_reason=reason, completion_tokens=len(r.output_ids)))
+                                  finish_reason=reason, completion_tokens=len(r.output_ids),
+                                  reasoning=r.reasoning_choice, reasoning_p_slow=r.reasoning_p_slow))
         elif job.params.stream:
             ready = streamable(text, job.params.stop_words)
             # After a preemption the request regenerates the same tokens: nothing is resent.

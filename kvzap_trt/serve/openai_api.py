@@ -14,6 +14,9 @@ What is served (FastAPI, uvicorn, sse-starlette):
   fresh random seed), `stop` (a string or up to 4), `n` = 1 only, `stream_options.include_usage`.
 - `usage`: prompt, completion and total tokens, plus `kv_compression_ratio` (evicted / all KV
   pairs of the request, kvpress's figure) and `kv_bytes` (KV bytes it held at its end).
+- `reasoning` (an extra body field, kvzap-trt's): "auto" | "fast" | "slow" (kvzap_trt/kvcoe/reasoning.py;
+  "auto" needs the server's --probe); the answer then carries `reasoning`: {"requested", "used",
+  "p_slow"} (streams: on the last chunk).
 - Errors: OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, 400 for bad input
   (malformed JSON and wrongly typed fields included), 404 for an unknown model.
 - `"kv_coe": true` (an extra body field; `extra_body` in the openai client) on chat/completions:
@@ -40,6 +43,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse
 
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
 
@@ -72,6 +77,7 @@ class _Sampling(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     kv_coe: StrictBool | None = False  # kvzap-trt's: return each choice's kv_coe_score
+    reasoning: Literal["auto", "fast", "slow"] | None = None  # kvzap-trt's fast/slow switch
 
 
 class ChatMessage(BaseModel):
@@ -207,6 +213,12 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             seed=req.seed if req.seed is not None else secrets.randbits(63),
             stop_words=_stop_words(req.stop), stream=bool(req.stream))
 
+    def reasoning_of(req: _Sampling) -> Reasoning | None:
+        try:
+            return loop.runtime.reasoning(req.reasoning)
+        except KvzapError as e:
+            raise OpenAIError(400, str(e), "reasoning") from None
+
     def prepared(params: GenerationParams, ids: list[int] | None, max_tokens: int | None,
                  default_max: int | None) -> list[int]:
         try:
@@ -224,6 +236,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         if req.max_completion_tokens and req.max_tokens and req.max_completion_tokens != req.max_tokens:
             raise OpenAIError(400, "max_tokens and max_completion_tokens disagree; give one", "max_tokens")
         params = params_of(req, max_tokens, "")
+        plan = reasoning_of(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                     for m in req.messages]
         try:
@@ -233,7 +246,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages
             raise OpenAIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
         ids = prepared(params, ids, max_tokens, None)
-        return await _answer(request, params, ids, "chat", _include_usage(req), bool(req.kv_coe))
+        return await _answer(request, params, ids, "chat", _include_usage(req), bool(req.kv_coe), plan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -252,8 +265,9 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         if ids is None and not prompt.strip():
             raise OpenAIError(400, "prompt is empty", "prompt")
         params = params_of(req, req.max_tokens, prompt)
+        plan = reasoning_of(req)
         ids = prepared(params, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        return await _answer(request, params, ids, "text", _include_usage(req), bool(req.kv_coe))
+        return await _answer(request, params, ids, "text", _include_usage(req), bool(req.kv_coe), plan)
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request):
@@ -295,9 +309,9 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                           "kv_compression_ratio": sum(ratios) / len(ratios)}}
 
     async def _answer(request: Request, params: GenerationParams, ids: list[int], kind: str, include_usage: bool,
-                      kv_coe: bool = False):
+                      kv_coe: bool = False, plan: Reasoning | None = None):
         pending = _Pending()
-        job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, kv_coe=kv_coe)
+        job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, kv_coe=kv_coe, reasoning=plan)
         loop.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": model_id}
@@ -327,12 +341,17 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             obj = "text_completion"
         if kv_coe:
             choice["kv_coe_score"] = job.request.kv_coe_score
-        return {**head, "object": obj, "choices": [choice], "usage": _usage(len(ids), ev)}
+        return {**head, "object": obj, "choices": [choice], "usage": _usage(len(ids), ev), **_reasoning(plan, ev)}
+
+    def _reasoning(plan: Reasoning | None, ev: Event) -> dict[str, Any]:
+        if plan is None:
+            return {}
+        return {"reasoning": {"requested": plan.mode, "used": ev.reasoning, "p_slow": ev.reasoning_p_slow}}
 
     async def _stream(pending: _Pending, head: dict, kind: str, prompt_tokens: int, include_usage: bool, job: Job):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, first: bool = False, **extra: Any) -> str:
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -340,7 +359,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             if finish is not None and job.kv_coe:
                 choice["kv_coe_score"] = job.request.kv_coe_score
-            return json.dumps({**head, "object": obj, "choices": [choice]})
+            return json.dumps({**head, "object": obj, "choices": [choice], **extra})
 
         try:
             if kind == "chat":
@@ -355,7 +374,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 if ev.text:
                     yield {"data": chunk(ev.text, None)}
                 if ev.final:
-                    yield {"data": chunk(None, ev.finish_reason)}
+                    yield {"data": chunk(None, ev.finish_reason, **_reasoning(job.reasoning, ev))}
                     if include_usage:
                         yield {"data": json.dumps({**head, "object": obj, "choices": [],
                                                    "usage": _usage(prompt_tokens, ev)})}

@@ -42,6 +42,8 @@ def check_loadable(cfg: RunConfig) -> None:
         rt = Runtime.from_config(cfg)
         if rt.tokenizer is None:
             raise KvzapError(f"model {what} has no tokenizer (tokenizer.json): the server takes text")
+        if cfg.probe is not None:  # the probe loads and fits the model (kvzap_trt/kvcoe/reasoning.py)
+            rt.reasoning("slow")
     except KvzapError as e:
         raise KvzapError(f"cannot serve {what}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a missing package, file or module: its own words, one line
