@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -41,3 +42,10 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
 def atomic_write_text(final: Path, text: str) -> None:
     """Write `text` (UTF-8) to `final` through a temporary file beside it and a rename."""
     atomic_write_bytes(final, text.encode())
+
+
+def atomic_save_figure(fig, final: Path, **savefig_kw) -> None:
+    """A matplotlib figure as PNG at `final`, written whole or not at all."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kw)
+    atomic_write_bytes(final, buf.getvalue())

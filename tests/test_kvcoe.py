@@ -244,3 +244,21 @@ def test_v1_embeddings_answers_in_the_openai_shape(smol):
     finally:
         server.stop()
         loop.stop()
+
+
+def test_retrieval_report_replots_from_its_json(tmp_path):
+    """evaluate --replot draws retrieval.png from retrieval.json alone (no model, no corpus),
+    written whole (no temporary file left); without --replot the corpus is required."""
+    from kvzap_trt.kvcoe import evaluate
+
+    metrics = {m: 0.5 for m in evaluate.METRICS}
+    report = {"date": "2026-11-24", "documents": 6, "chance": {"cluster_p_at_1": 0.2, "retrieval_top1": 1 / 3},
+              "results": {"hidden (final layer, mean)": {"raw": metrics},
+                          "KV last 4 layers, tau 0.5": {"raw": dict(metrics, cluster_map=0.9), "kv_compression_ratio": 0.4}}}
+    (tmp_path / "retrieval.json").write_text(json.dumps(report))
+    assert evaluate.main(["--replot", "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "retrieval.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retrieval.json", "retrieval.png"]
+    with pytest.raises(SystemExit):
+        evaluate.main(["--out", str(tmp_path)])

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/make_corpus.py build/corpus/stdlib-docs-1200 --chars 1200
     .venv/bin/python -m kvzap_trt.kvcoe.evaluate --corpus build/corpus/stdlib-docs-1200 --out docs/kvcoe
+    .venv/bin/python -m kvzap_trt.kvcoe.evaluate --replot --out docs/kvcoe   # retrieval.png from retrieval.json
 
 Documents: `--pieces` pieces of each of `--modules` modules (drawn with `--seed` among those with
 enough pieces of at least `--min-tokens` tokens), cut to `--max-tokens`. Two tasks:
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.kvcoe.baseline import mean_final_hidden
 from kvzap_trt.kvcoe.embedding import KVEmbedding
@@ -90,9 +91,41 @@ def evaluate(rt: Runtime, labels, docs, names, queries, rep) -> dict:
     return out
 
 
+METRICS = {"cluster_p_at_1": "cluster P@1", "cluster_map": "cluster MAP", "retrieval_top1": "title top-1",
+           "retrieval_mrr": "title MRR"}
+
+
+def plot(report: dict, path: Path) -> None:
+    """Grouped bars: each metric (raw, the paper's vectors as they are) for each representation,
+    chance marked where it is defined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(results)
+    for i, (name, r) in enumerate(results.items()):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(METRICS))]
+        label = f"{name} ({r.get('kv_compression_ratio', 0):.0%} evicted)" if "KV" in name else name
+        ax.bar(xs, [r["raw"][m] for m in METRICS], width, label=label)
+    for j, m in enumerate(METRICS):
+        if m in report["chance"]:
+            ax.hlines(report["chance"][m], j - 0.45, j + 0.45, colors="black", linestyles=":", linewidth=1)
+    ax.set_xticks(range(len(METRICS)), list(METRICS.values()))
+    ax.set(ylim=(0, 1), ylabel="score (raw vectors; dotted: chance)",
+           title=f"KV embedding vs hidden states, {report['documents']} documents ({report['date']})")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, required=True, help="a directory of scripts/make_corpus.py")
+    ap.add_argument("--corpus", type=Path, help="a directory of scripts/make_corpus.py (required unless --replot)")
+    ap.add_argument("--replot", action="store_true", help="only redraw OUT/retrieval.png from OUT/retrieval.json")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--modules", type=int, default=16)
     ap.add_argument("--pieces", type=int, default=3)
@@ -101,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/kvcoe"))
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "retrieval.json").read_text()), args.out / "retrieval.png")
+        return 0
+    if args.corpus is None:
+        ap.error("--corpus is required (unless --replot)")
     torch.manual_seed(0)
     cfg = resolve_config(args.model)
     rt_tau = Runtime.from_config(cfg)
@@ -150,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "| title top-1 raw | centred | title MRR raw | centred | s |",
         "|---|---|---|" + "---|" * 9, *rows])
     atomic_write_text(args.out / "retrieval_table.md", md + "\n")
+    plot(report, args.out / "retrieval.png")
     print(md)
     return 0
 

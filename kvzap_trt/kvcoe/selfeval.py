@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kvzap_trt.atomic import atomic_write_bytes, atomic_write_text
+from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.kvcoe.coe import FEATURES, coe_features
@@ -163,8 +163,6 @@ def plot(curves: dict[str, tuple[list[float], list[float], float]], path: Path, 
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
-
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -173,10 +171,8 @@ def plot(curves: dict[str, tuple[list[float], list[float], float]], path: Path, 
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate (wrong answers scored as right)", ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
