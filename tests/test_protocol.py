@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvzap_trt.serve.protocol import BadRequest, parse_request
+from kvzap_trt.serve.protocol import OUTPUTS, BadRequest, output_arrays, parse_request
 
 
 def request(**fields):
@@ -37,6 +37,19 @@ def test_full_request():
 def test_defaults_are_greedy_and_unstreamed():
     p = parse_request(request(text_input="x", max_tokens=1))
     assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop_words, p.stream) == (0.0, 1.0, 0, 0, [], False)
+    assert (p.kv_coe, p.reasoning) == (False, None)
+
+
+def test_kv_coe_and_reasoning_inputs_and_outputs():
+    """kvzap-trt's own inputs (kv_coe, reasoning) parse; their outputs are in a response only when
+    given (JSON has no NaN)."""
+    p = parse_request(request(text_input="x", max_tokens=1, kv_coe=True, reasoning="slow"))
+    assert (p.kv_coe, p.reasoning) == (True, "slow")
+    asked = output_arrays("a", 0.5, 10, kv_coe_score=0.25, reasoning_used="fast")
+    assert set(asked) == set(OUTPUTS)
+    assert (asked["kv_coe_score"][0, 0], asked["reasoning_used"][0, 0]) == (np.float32(0.25), b"fast")
+    plain = output_arrays("a", 0.5, 10)
+    assert set(plain) == set(OUTPUTS) - {"kv_coe_score", "reasoning_used"}
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -50,6 +63,7 @@ def test_defaults_are_greedy_and_unstreamed():
     ({"text_input": "x", "max_tokens": 3, "top_p": 1.5}, "top_p must be in"),
     ({"text_input": "x", "max_tokens": 3, "top_k": -1}, "top_k must be"),
     ({"text_input": "x", "max_tokens": 3, "bad_words": "foo"}, "bad_words is not supported"),
+    ({"text_input": "x", "max_tokens": 3, "reasoning": "medium"}, "reasoning must be one of auto, fast, slow"),
     ({"text_input": np.array([[b"a"], [b"b"]], dtype=object), "max_tokens": 3}, "one prompt per request"),
 ])
 def test_bad_requests(fields, message):

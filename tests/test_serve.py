@@ -125,6 +125,32 @@ def test_greedy_over_http_equals_generate(server, expected):
         assert len(events) > 2 and "".join(e["text_output"] for e in events) == text
 
 
+def test_kv_coe_score_and_reasoning_over_triton(server, smollm2_dir):
+    """kv_coe asks for the answer's KV-CoE score, equal to `generate --kv-coe`'s; without it (and
+    without reasoning) neither output is in the response. reasoning "slow" is applied and reported; "fast" and "auto" are refused with a
+    400 naming why (SmolLM2 has no thinking switch, the server no probe nor fast budget)."""
+    rt = Runtime.from_config(resolve_config("smollm2-135m", window=8))
+    want = rt.generate([rt.encode(PROMPTS[0])], rt.sampling(max_new_tokens=10), kv_coe=True)[0]
+    r = generate(server, PROMPTS[0], 10, kv_coe=True, reasoning="slow")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["text_output"] == want.text and body["reasoning_used"] == "slow"
+    assert body["kv_coe_score"] == pytest.approx(want.kv_coe["coe_c"], rel=1e-5)
+    import tritonclient.http as httpclient
+
+    inputs = [httpclient.InferInput("text_input", [1, 1], "BYTES"), httpclient.InferInput("max_tokens", [1, 1], "INT32")]
+    inputs[0].set_data_from_numpy(np.array([[PROMPTS[0].encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[3]], dtype=np.int32))
+    plain = httpclient.InferenceServerClient(f"127.0.0.1:{server['http_port']}").infer("ensemble", inputs)
+    assert plain.as_numpy("kv_coe_score") is None and plain.as_numpy("reasoning_used") is None
+    assert plain.as_numpy("text_output") is not None
+    assert set(generate(server, PROMPTS[0], 3).json()) == {"model_name", "model_version", "text_output",
+                                                           "kv_compression_ratio", "kv_bytes"}
+    for mode, message in [("fast", "has no fast mode"), ("auto", "needs a difficulty probe"), ("medium", "must be one of")]:
+        r = generate(server, PROMPTS[0], 3, reasoning=mode)
+        assert r.status_code == 400 and message in r.text, (mode, r.text)
+
+
 def test_32_concurrent_clients(server, expected):
     time.sleep(1.5)  # gauges are published every 0.5 s: let the previous test's requests show as done
     assert metric(server, "kvzap_kv_blocks_used") == 0

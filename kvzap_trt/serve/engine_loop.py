@@ -34,6 +34,7 @@ class Event:
     completion_tokens: int = 0  # final events: tokens generated (a stop word's included)
     reasoning: str | None = None  # final events of requests with a reasoning option: "fast" | "slow"
     reasoning_p_slow: float | None = None  # ... and the probe's P(slow) with reasoning "auto"
+    kv_coe_score: float | None = None  # final events of requests with kv_coe: the answer's KV-CoE score
 
 
 @dataclass
@@ -43,7 +44,6 @@ class Job:
     emit: Callable[[Event], None]
     is_cancelled: Callable[[], bool] = lambda: False
     embed: bool = False  # record the KV embedding: request.embedding once done (kvzap_trt/kvcoe)
-    kv_coe: bool = False  # score the answer: request.kv_coe_score once done (kvzap_trt/kvcoe/coe.py)
     reasoning: Reasoning | None = None  # fast/slow reasoning (`Runtime.reasoning`), None: off
     request: Request | None = None
     sent: str = ""  # text already emitted in stream mode
@@ -156,7 +156,7 @@ class EngineLoop:
             sampling = self.runtime.sampling(max_new_tokens=p.max_tokens, temperature=p.temperature,
                                              top_p=p.top_p, top_k=p.top_k, seed=p.seed)
             try:
-                job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, kv_coe=job.kv_coe,
+                job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, kv_coe=job.params.kv_coe,
                                                  reasoning=job.reasoning)
                 self.jobs.append(job)
             except KvzapError as e:
@@ -182,7 +182,8 @@ class EngineLoop:
             reason = "stop" if r.finish_reason == "stop" else "length"
             self._emit(job, Event(rest, True, kv["compression_ratio"], kv["bytes_allocated"],
                                   finish_reason=reason, completion_tokens=len(r.output_ids),
-                                  reasoning=r.reasoning_choice, reasoning_p_slow=r.reasoning_p_slow))
+                                  reasoning=r.reasoning_choice, reasoning_p_slow=r.reasoning_p_slow,
+                                  kv_coe_score=r.kv_coe_score))
         elif job.params.stream:
             ready = streamable(text, job.params.stop_words)
             # After a preemption the request regenerates the same tokens: nothing is resent.

@@ -211,7 +211,8 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             prompt=prompt, max_tokens=max_tokens or 1, temperature=temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed if req.seed is not None else secrets.randbits(63),
-            stop_words=_stop_words(req.stop), stream=bool(req.stream))
+            stop_words=_stop_words(req.stop), stream=bool(req.stream), kv_coe=bool(req.kv_coe),
+            reasoning=req.reasoning)
 
     def reasoning_of(req: _Sampling) -> Reasoning | None:
         try:
@@ -246,7 +247,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages
             raise OpenAIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
         ids = prepared(params, ids, max_tokens, None)
-        return await _answer(request, params, ids, "chat", _include_usage(req), bool(req.kv_coe), plan)
+        return await _answer(request, params, ids, "chat", _include_usage(req), plan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -267,7 +268,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         params = params_of(req, req.max_tokens, prompt)
         plan = reasoning_of(req)
         ids = prepared(params, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        return await _answer(request, params, ids, "text", _include_usage(req), bool(req.kv_coe), plan)
+        return await _answer(request, params, ids, "text", _include_usage(req), plan)
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request):
@@ -309,9 +310,9 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                           "kv_compression_ratio": sum(ratios) / len(ratios)}}
 
     async def _answer(request: Request, params: GenerationParams, ids: list[int], kind: str, include_usage: bool,
-                      kv_coe: bool = False, plan: Reasoning | None = None):
+                      plan: Reasoning | None = None):
         pending = _Pending()
-        job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, kv_coe=kv_coe, reasoning=plan)
+        job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, reasoning=plan)
         loop.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "created": int(time.time()), "model": model_id}
@@ -339,8 +340,8 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         else:
             choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
             obj = "text_completion"
-        if kv_coe:
-            choice["kv_coe_score"] = job.request.kv_coe_score
+        if params.kv_coe:
+            choice["kv_coe_score"] = ev.kv_coe_score
         return {**head, "object": obj, "choices": [choice], "usage": _usage(len(ids), ev), **_reasoning(plan, ev)}
 
     def _reasoning(plan: Reasoning | None, ev: Event) -> dict[str, Any]:
@@ -357,7 +358,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            if finish is not None and job.kv_coe:
+            if finish is not None and job.params.kv_coe:
                 choice["kv_coe_score"] = job.request.kv_coe_score
             return json.dumps({**head, "object": obj, "choices": [choice], **extra})
 

@@ -31,6 +31,9 @@ INPUTS: dict[str, tuple[str, list[int], bool]] = {
     "stop_words": ("TYPE_STRING", [-1], False),
     "bad_words": ("TYPE_STRING", [-1], False),  # accepted for drop-in clients; must be empty
     "stream": ("TYPE_BOOL", [1], False),
+    # kvzap-trt's (kvzap_trt/kvcoe): the answer's KV-CoE self-evaluation; fast/slow switching
+    "kv_coe": ("TYPE_BOOL", [1], False),
+    "reasoning": ("TYPE_STRING", [1], False),  # "auto" | "fast" | "slow"
     # TensorRT-LLM llmapi names (tensorrtllm_backend's `llmapi` model), see ALIASES
     "streaming": ("TYPE_BOOL", [1], False),
     "sampling_param_max_tokens": ("TYPE_INT32", [1], False),
@@ -54,7 +57,12 @@ OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "text_output": ("TYPE_STRING", [1]),
     "kv_compression_ratio": ("TYPE_FP32", [1]),  # evicted / all KV pairs of this request
     "kv_bytes": ("TYPE_INT64", [1]),  # KV bytes this request held at its end
+    # Only in the final response of a request that asked (kv_coe / reasoning), and for kv_coe_score
+    # only where the score is defined: absent otherwise (JSON has no NaN, and a sentinel would be a lie).
+    "kv_coe_score": ("TYPE_FP32", [1]),  # the answer's KV-CoE score (kvzap_trt/kvcoe/coe.py)
+    "reasoning_used": ("TYPE_STRING", [1]),  # "fast" | "slow"
 }
+REASONING_MODES = ("auto", "fast", "slow")
 
 
 class BadRequest(KvzapError):
@@ -71,6 +79,8 @@ class GenerationParams:
     seed: int = 0
     stop_words: list[str] = field(default_factory=list)
     stream: bool = False
+    kv_coe: bool = False  # return the answer's KV-CoE score (kvzap_trt/kvcoe/coe.py)
+    reasoning: str | None = None  # fast/slow switching (kvzap_trt/kvcoe/reasoning.py); None: off
 
 
 def _words(arr: np.ndarray | None) -> list[str]:
@@ -134,13 +144,27 @@ def parse_request(get: Callable[[str], np.ndarray | None]) -> GenerationParams:
         raise BadRequest("bad_words is not supported")
     if scalar("stream") is not None:
         p.stream = bool(scalar("stream"))
+    if scalar("kv_coe") is not None:
+        p.kv_coe = bool(scalar("kv_coe"))
+    if scalar("reasoning") is not None:
+        raw = scalar("reasoning")
+        p.reasoning = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+        if p.reasoning not in REASONING_MODES:
+            raise BadRequest(f"reasoning must be one of {', '.join(REASONING_MODES)}, got {p.reasoning!r}")
     return p
 
 
-def output_arrays(text: str, compression_ratio: float, kv_bytes: int) -> dict[str, np.ndarray]:
-    """Output tensors of one response, batch dimension included."""
-    return {
+def output_arrays(text: str, compression_ratio: float, kv_bytes: int, kv_coe_score: float | None = None,
+                  reasoning_used: str | None = None) -> dict[str, np.ndarray]:
+    """Output tensors of one response, batch dimension included; kv_coe_score and reasoning_used
+    only when given (see OUTPUTS)."""
+    out = {
         "text_output": np.array([[text.encode("utf-8")]], dtype=object),
         "kv_compression_ratio": np.array([[compression_ratio]], dtype=np.float32),
         "kv_bytes": np.array([[kv_bytes]], dtype=np.int64),
     }
+    if kv_coe_score is not None:
+        out["kv_coe_score"] = np.array([[kv_coe_score]], dtype=np.float32)
+    if reasoning_used is not None:
+        out["reasoning_used"] = np.array([[reasoning_used.encode()]], dtype=object)
+    return out

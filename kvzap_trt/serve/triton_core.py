@@ -91,13 +91,15 @@ class TritonPythonModel:
             try:
                 params = parse_request(get)
                 ids = self.loop.prepare(params)
-            except BadRequest as e:
+                plan = self.loop.runtime.reasoning(params.reasoning)  # KvzapError: "auto" without a probe
+            except (BadRequest, KvzapError) as e:
                 self._send(sender, Event("", True, error=str(e)))
                 continue
             except Exception as e:  # noqa: BLE001 - whatever our code cannot take is the request's fault
                 self._send(sender, Event("", True, error=f"bad request: {type(e).__name__}: {e}"))
                 continue
-            self.loop.submit(Job(params, ids, emit=lambda ev, s=sender: self._send(s, ev), is_cancelled=sender.is_cancelled))
+            self.loop.submit(Job(params, ids, emit=lambda ev, s=sender: self._send(s, ev), is_cancelled=sender.is_cancelled,
+                                 reasoning=plan))
         return None
 
     def _send(self, sender, ev: Event) -> None:
@@ -107,7 +109,7 @@ class TritonPythonModel:
             err = pb.TritonError(ev.error, pb.TritonError.INVALID_ARG)
             sender.send(pb.InferenceResponse(output_tensors=[], error=err), flags=flags)
             return
-        arrays = output_arrays(ev.text, ev.compression_ratio, ev.kv_bytes)
+        arrays = output_arrays(ev.text, ev.compression_ratio, ev.kv_bytes, ev.kv_coe_score, ev.reasoning)
         sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in arrays.items()]), flags=flags)
 
     def _publish_metrics(self) -> None:
