@@ -82,8 +82,9 @@ typedef struct {
 
 // Tokens leaving the window: appended to their head's pages if score >= tau, else forgotten; new
 // tokens written into the window pages. The blocks a head needs (new kept pages, then new window
-// pages) are popped from the free stack in one pop per head. One thread block per (layer, sequence, kv head); long prefills
-// spread each head over blocks of 2048 leavers (three launches).
+// pages) are popped from the free stack in one pop per head. One warp per (layer, sequence, kv head)
+// at decode (max_new_tokens == 1), one thread block per head otherwise; long prefills spread each
+// head over blocks of 2048 leavers (three launches).
 cudaError_t kvzapEvict(const kvzapEvictParams* p, cudaStream_t stream);
 
 typedef struct {

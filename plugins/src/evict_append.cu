@@ -244,11 +244,12 @@ __global__ void __launch_bounds__(kThreads) evict_fused_kernel(const kvzapEvictP
 }
 
 // Decode: every sequence brings at most one token (max_new_tokens == 1), so a head has at most
-// one leaver, needs at most one kept page and one window page, and copies at most one row. A warp
-// per (layer, sequence, kv head), kThreads / 32 heads per block: the loads that do not depend on
-// each other (kept_len, the leaver's window page id, its score, the kept page the row would go
-// to) are issued before any decision, lane 0 pops the free stack, and the row is copied one
-// 16-byte vector per lane. Same decisions, pops and writes as evict_fused_kernel.
+// one leaver, needs at most one kept page or one window page (never both: a kept page needs
+// c >= W, a window page c < W), and copies at most one row. A warp per (layer, sequence, kv head),
+// kThreads / 32 heads per block: every read (kept_len and the kept page the row would go to; the
+// leaver's window page id, then its score and row) is issued before any decision, lane 0 pops
+// the free stack, and the row is copied one 16-byte vector per lane. Same decisions, pops and
+// writes as evict_fused_kernel (an independent review emulated both against the reference).
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kDecodeVecs = 2;  // 16-byte vectors of a row per lane: head_dim up to 64 x VEC (the launcher checks)
 
