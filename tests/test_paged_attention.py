@@ -78,6 +78,9 @@ MATRIX = {
     "W0": (0, 16, 3, 64, 0, [(300, 1), (50, 4)]),
     "partial-ring": (128, 16, 3, 64, 0, [(17, 1), (100, 3)]),     # c < W: nothing kept yet
     "idle": (8, 16, 3, 64, 0, [(300, 1), (40, 0), (9, 1)]),       # T = 0 in the middle of the batch
+    # rows of 1-3 keys, where |o| reaches a few units and one bf16 rounding of P alone would cost
+    # the whole tolerance (the tensor-core kernel splits P in two for this; found by emulation)
+    "few-keys": (0, 16, 8, 128, 0, [(1, 1), (2, 1), (0, 3), (1, 2)]),
     # a fresh prompt, a chunk over a cache, a decode row and an idle sequence in one call: each
     # fast path routes the first two away from its decode kernel
     "mixed": (8, 16, 3, 64, 0, [(0, 20), (100, 5), (300, 1), (40, 0)]),
