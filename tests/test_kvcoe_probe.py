@@ -214,7 +214,7 @@ def test_save_is_atomic_and_load_round_trips(probe_file, tmp_path, monkeypatch):
     ('{"text": "a"}\n', "in.jsonl:1: label must be"),
     ('{"label": 0}\n', 'in.jsonl:1: each line must be an object with a non-empty string "text"'),
     ("oops\n", "in.jsonl:1: not JSON"),
-    ("\n\n", "holds no labelled texts"),
+    ("\n\n", "holds no texts"),
 ])
 def test_bad_training_files_exit_2_with_one_line(tmp_path, capsys, content, match, qwen_dir):
     src = tmp_path / "in.jsonl"

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.kvcoe.embedding import HEAD_AGGS, KVEmbedding
+from kvzap_trt.kvcoe.jsonl import read_jsonl
 
 
 def add_parser(sub: Any) -> None:
@@ -41,27 +42,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def read_jsonl(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise KvzapError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    texts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KvzapError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            raise KvzapError(f'{path}:{n}: each line must be an object with a non-empty string "text"')
-        texts.append(obj["text"])
-    if not texts:
-        raise KvzapError(f"{path} holds no texts")
-    return texts
-
-
 def run(args: argparse.Namespace) -> int:
     from kvzap_trt.cli import config_from_args, read_text
     from kvzap_trt.runtime.generate import Runtime
@@ -70,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise KvzapError(f"--batch must be >= 1, got {args.batch}")
     embedding = KVEmbedding(last_layers=args.layers, head_agg=args.head_agg)
     if args.jsonl is not None:
-        texts = read_jsonl(args.jsonl)
+        texts = [obj["text"] for _, obj in read_jsonl(args.jsonl)]
     else:
         texts = [args.prompt if args.prompt is not None else read_text(args.prompt_file)]
         if not texts[0].strip():

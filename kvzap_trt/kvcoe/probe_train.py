@@ -7,13 +7,13 @@ prompt [N, E] -> a random held-out split (`val_frac`, seeded; the paper holds ou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvzap_trt.errors import KvzapError
+from kvzap_trt.kvcoe.jsonl import read_jsonl
 from kvzap_trt.kvcoe.probe import LABELS, Probe, ProbeConfig, model_shape
 
 
@@ -28,27 +28,13 @@ def parse_label(value: Any) -> int:
 
 def read_labelled(path: Path) -> tuple[list[str], list[int]]:
     """Lines {"text": ..., "label": "fast"|"slow"|0|1} (blank lines skipped) -> texts, labels (1: slow)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise KvzapError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     texts, labels = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KvzapError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            raise KvzapError(f'{path}:{n}: each line must be an object with a non-empty string "text" and a "label"')
+    for n, obj in read_jsonl(path, ' and a "label"'):
         try:
             labels.append(parse_label(obj.get("label")))
         except ValueError as e:
             raise KvzapError(f"{path}:{n}: {e}") from None
         texts.append(obj["text"])
-    if not texts:
-        raise KvzapError(f"{path} holds no labelled texts")
     return texts, labels
 
 
