@@ -531,7 +531,8 @@ def run_serve(args: argparse.Namespace) -> int:
             triton.stop()
         left = reaper.reap()
         if left:
-            print(f"kvzap-trt: killed {len(left)} process(es) left behind by tritonserver: {left}", file=sys.stderr)
+            names = "; ".join(f"{p} {reaper.killed.get(p, '')}".strip() for p in left)
+            print(f"kvzap-trt: killed {len(left)} process(es) left behind by tritonserver: {names}", file=sys.stderr)
     return 0
 
 

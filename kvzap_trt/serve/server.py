@@ -95,6 +95,7 @@ class ProcessReaper:
 
     def __init__(self, period_s: float = 1.0):
         self.seen: dict[int, str | None] = {}
+        self.killed: dict[int, str] = {}  # pid -> its command line, for the message
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, args=(period_s,), name="kvzap-reaper", daemon=True)
 
@@ -111,8 +112,10 @@ class ProcessReaper:
         while not self._stop.wait(period_s):
             self._record()
 
-    def reap(self, grace_s: float = 5.0) -> list[int]:
-        """Kill what is left of the recorded processes; returns their pids."""
+    def reap(self, grace_s: float = 15.0) -> list[int]:
+        """Kill what is left of the recorded processes after `grace_s`; returns their pids. The grace
+        covers a Python-backend stub still tearing its interpreter down after tritonserver exited:
+        5 s was not always enough on a loaded 2-core machine (tests/test_serve.py's SIGTERM test)."""
         self._stop.set()
         self._record()
         deadline = time.monotonic() + grace_s
@@ -124,8 +127,9 @@ class ProcessReaper:
             time.sleep(0.1)
         for pid in alive:
             try:
+                self.killed[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, OSError):
                 pass
         return alive
 
