@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvzap_trt.atomic import atomic_write_bytes
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.kvcoe.embedding import HEAD_AGGS, KVEmbedding
 
@@ -132,19 +132,12 @@ class Probe(torch.nn.Module):
                              + ", ".join(diff) + " (probe vs model)")
 
     def save(self, path: Path) -> Path:
-        """One safetensors file, written to a temporary name beside `path` and renamed."""
-        from safetensors.torch import save_file
+        """One safetensors file, written whole or not at all (kvzap_trt/atomic.py)."""
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(dataclasses.asdict(self.cfg))})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: json.dumps(dataclasses.asdict(self.cfg))}))
+        return Path(path)
 
     @classmethod
     def load(cls, path: Path, model_cfg: Any | None = None, what: str = "this model") -> "Probe":
