@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kvzap_trt.config import DTYPES, preset_names, resolve_config
+from kvzap_trt.config import DTYPES, REASONING_MODES, preset_names, resolve_config
 from kvzap_trt.errors import KvzapError
 
 
@@ -77,7 +77,7 @@ def add_generate(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
-    p.add_argument("--reasoning", choices=["auto", "fast", "slow"], default=None,
+    p.add_argument("--reasoning", choices=REASONING_MODES, default=None,
                    help="fast: thinking off (Qwen3's enable_thinking switch) and/or --fast-max-new-tokens; slow: as "
                    "asked; auto: the --probe picks after prefill (default: off)")
     add_reasoning_flags(p)

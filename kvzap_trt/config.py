@@ -18,6 +18,9 @@ import yaml
 
 from kvzap_trt.errors import KvzapError
 
+# The request option `reasoning` (kvzap_trt/kvcoe/reasoning.py): the values every front accepts.
+REASONING_MODES = ("auto", "fast", "slow")
+
 DTYPES = ("float32", "bfloat16", "float16")
 SURROGATE_KINDS = ("linear", "mlp")
 

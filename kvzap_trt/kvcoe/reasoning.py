@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvzap_trt.config import REASONING_MODES
 from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.kvcoe.probe import Probe
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from kvzap_trt.cache.paged_cache import PagedKVCache
     from kvzap_trt.runtime.engine import Request
 
-REASONING_MODES = ("auto", "fast", "slow")
 
 
 def think_block(tokenizer: Any) -> tuple[int, ...]:

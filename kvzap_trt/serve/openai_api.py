@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse
 
+from kvzap_trt.config import REASONING_MODES
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
@@ -77,7 +78,7 @@ class _Sampling(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     kv_coe: StrictBool | None = False  # kvzap-trt's: return each choice's kv_coe_score
-    reasoning: Literal["auto", "fast", "slow"] | None = None  # kvzap-trt's fast/slow switch
+    reasoning: Literal[REASONING_MODES] | None = None  # kvzap-trt's fast/slow switch (kvzap_trt/kvcoe/reasoning.py)
 
 
 class ChatMessage(BaseModel):

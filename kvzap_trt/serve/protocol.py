@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from kvzap_trt.config import REASONING_MODES
 from kvzap_trt.errors import KvzapError
 
 # name: (Triton data type, dims, required)
@@ -62,7 +63,7 @@ OUTPUTS: dict[str, tuple[str, list[int]]] = {
     "kv_coe_score": ("TYPE_FP32", [1]),  # the answer's KV-CoE score (kvzap_trt/kvcoe/coe.py)
     "reasoning_used": ("TYPE_STRING", [1]),  # "fast" | "slow"
 }
-REASONING_MODES = ("auto", "fast", "slow")
+
 
 
 class BadRequest(KvzapError):
