@@ -206,3 +206,16 @@ def test_tensorrt_engine_gives_the_torch_executors_tokens(tiny_dirs, tmp_path):
     got = trt_rt.generate(prompts, positions=True)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert [r.kv["positions"] for r in got] == [r.kv["positions"] for r in want]
+
+
+def test_step_feeds_refuse_a_sequence_without_new_tokens(exported):
+    """The evict plugin bounds a sequence's new tokens by N - B + 1 (1 at decode, its warp-per-head
+    kernel): a sequence with none would make another's count exceed it, so it is refused here."""
+    from dataclasses import replace
+
+    decode = exported[2][1]
+    assert decode.cu_seqlens.tolist() == [0, 1, 2]
+    idle = replace(decode, cu_seqlens=torch.tensor([0, 0, 2], dtype=torch.int32))  # same rows, one sequence idle
+    with pytest.raises(KvzapError, match=r"sequences \[0\] of the step have no new token"):
+        step_feeds(idle, "cpu")
+    assert step_feeds(decode, "cpu")["cu_seqlens"].tolist() == [0, 1, 2]

@@ -49,7 +49,11 @@ TORCH_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat
 
 def step_feeds(step: StepInputs, device: torch.device | str) -> dict[str, torch.Tensor]:
     """The step's inputs on `device` in the graph's types (cu_seqlens, seq_slots, ctx_lens are
-    host tensors in StepInputs; logits_at may be int32)."""
+    host tensors in StepInputs; logits_at may be int32). KvzapError if a sequence brings no new
+    token: the evict plugin bounds a sequence's new tokens by N - B + 1 (its README)."""
+    idle = [b for b, n in enumerate((step.cu_seqlens[1:] - step.cu_seqlens[:-1]).tolist()) if n < 1]
+    if idle:
+        raise KvzapError(f"sequences {idle} of the step have no new token; a TensorRT step needs one or more each")
     raw = {"tokens": step.tokens, "positions": step.positions, "never_evict": step.never_evict,
            "logits_at": step.logits_at, "cu_seqlens": step.cu_seqlens, "seq_slots": step.seq_slots,
            "ctx_lens": step.ctx_lens}

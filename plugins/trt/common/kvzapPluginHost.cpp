@@ -369,7 +369,7 @@ std::vector<Shape> outputShapes(PluginIo const& io, Shape const* inputs, int32_t
 
 int64_t attentionMaxKeys(CallDims const& d) { return d.M * d.BS + d.W + d.N; }
 
-int64_t evictMaxNewTokens(CallDims const& d) { return d.N; }
+int64_t evictMaxNewTokens(CallDims const& d) { return d.B > 0 && d.N >= d.B ? d.N - d.B + 1 : d.N; }
 
 int32_t attentionSplit(CallDims const& d, int32_t kernelDtype, int32_t numSms, int32_t sm) {
     return kvzapAttentionSplitSize(kernelDtype, static_cast<int>(d.N), static_cast<int>(d.Hq), static_cast<int>(d.H),

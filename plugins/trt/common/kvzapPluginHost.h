@@ -135,8 +135,12 @@ std::vector<Shape> outputShapes(PluginIo const& io, Shape const* inputs, int32_t
 // Host bounds, from shapes only (a plugin cannot read device data on the host):
 //   attention max_keys = M * block_size + W + N: a row sees at most its head's kept pages
 //     (<= M blocks), the window (<= W) and its sequence's new tokens (<= N);
-//   evict max_new_tokens = N (no sequence has more new tokens than the batch has rows).
-// The kernels set KVZAP_ERR_BOUND_EXCEEDED if a bound is below the real value, which these never are.
+//   evict max_new_tokens = N - B + 1: every sequence of a step brings at least one new token (the
+//     engine schedules no idle sequence), so none has more; 1 at decode (N == B), which takes the
+//     warp-per-head kernel. (N when B == 0 or N < B: the precondition is broken, N still bounds.)
+// The kernels set KVZAP_ERR_BOUND_EXCEEDED if a bound is below the real value: never for the
+// attention bound; for the evict bound only when a sequence has no new token (another then has
+// more than N - B + 1), so a broken precondition is reported, not a cache silently wrong.
 int64_t attentionMaxKeys(CallDims const& d);
 int64_t evictMaxNewTokens(CallDims const& d);
 

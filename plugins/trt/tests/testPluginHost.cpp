@@ -312,6 +312,14 @@ void testRingTable() {
 }
 
 void testShapes() {
+    // A decode step (one new token for each of 64 sequences) takes the warp-per-head evict kernel,
+    // chosen by max_new_tokens == 1; chunked prefill of 3 sequences in 577 rows: up to 575 each.
+    CallDims step;
+    step.N = step.B = 64;
+    CHECK(evictMaxNewTokens(step) == 1, "decode max_new_tokens %lld", (long long)evictMaxNewTokens(step));
+    step.N = 577;
+    step.B = 3;
+    CHECK(evictMaxNewTokens(step) == 575, "prefill max_new_tokens %lld", (long long)evictMaxNewTokens(step));
     for (Dims const& d : kCases) {
         AttentionFields const af = attentionFields(d);
         std::vector<Shape> in = attentionInputs(d);
@@ -350,7 +358,8 @@ void testShapes() {
             CHECK(e.empty(), "evict N=%lld all=%d: %s", (long long)d.N, all, e.c_str());
             CHECK(c.layers == (all ? d.L : 1) && c.N == d.N && c.W == d.W && c.R == ringPages(d) && c.NB == d.NB,
                   "evict dims");
-            CHECK(evictMaxNewTokens(c) == d.N, "max_new_tokens");
+            // At least the most new tokens one sequence can have when each has one or more.
+            CHECK(evictMaxNewTokens(c) >= (d.B ? d.N - d.B + 1 : d.N) && evictMaxNewTokens(c) <= d.N, "max_new_tokens");
             std::vector<Shape> const eout = outputShapes(evictIo(), ein.data(), evict::kNB_INPUTS);
             for (size_t i = 0; i < eout.size(); ++i)
                 CHECK(same(eout[i], ein[evictIo().outputs[i].aliasedInput]), "evict output %zu", i);
