@@ -90,7 +90,7 @@ def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense
     cu, slots, ctx = ints(list(range(batch + 1))), ints(list(range(batch))), ints([context] * batch)
     out, stream = torch.empty_like(q), torch.cuda.current_stream().cuda_stream
     max_keys = context + 1
-    split, workspace = cuda_kernels.attention_plan(DTYPE, batch, HQ, H, D, max_keys, q.device)
+    split, workspace = cuda_kernels.split_and_workspace(DTYPE, batch, HQ, H, D, max_keys, q.device)
     error = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def run():

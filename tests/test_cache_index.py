@@ -239,10 +239,10 @@ def test_tiles_of_a_split_cover_its_keys_once_in_order(index):
 
 
 def test_key_bound_covers_every_row_and_follows_the_kept_lengths(index):
-    """cuda_kernels.key_bound, the max_keys the attention kernel is launched with: at least every
+    """interface.key_bound, the max_keys the attention kernel is launched with: at least every
     row's keys (row_keys, checked against the reference above) given the largest kept length of
     the batch, never above the uncompressed bound, and below it once heads have evicted."""
-    from kvzap_trt.ops.cuda_kernels import key_bound
+    from kvzap_trt.ops.interface import key_bound
 
     rng = random.Random(7)
     tighter = 0

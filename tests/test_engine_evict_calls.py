@@ -17,9 +17,9 @@ def counting(engine) -> list[int]:
     calls: list[int] = []
     inner = engine.ops.evict_append
 
-    def evict_append(*args):
+    def evict_append(*args, **kwargs):
         calls.append(len(args[4]))  # seq_slots
-        return inner(*args)
+        return inner(*args, **kwargs)
 
     engine.ops = SimpleNamespace(**{**vars(engine.ops), "evict_append": evict_append})
     return calls
@@ -40,7 +40,7 @@ def test_decode_steps_evict_all_layers_in_one_call():
 
 
 def test_attention_gets_the_kept_bound_the_scheduler_read():
-    """Every attention call of a step gets max_kept: no head of the step's sequences holds more kept
+    """Every attention call of a step gets, in its plan, max_kept: no head of the step's sequences holds more kept
     tokens (the kernel sizes its splits from it). In a decode step (no layer evicts before the
     forward ends) some head of some layer holds exactly that many. Once eviction has run, the
     bound is below the uncompressed context the kernel would size from otherwise."""
@@ -54,7 +54,7 @@ def test_attention_gets_the_kept_bound_the_scheduler_read():
     def paged_attention(*args, **kw):
         cu, slots, ctx, kept_len = args[3], args[4].long(), args[5], args[9]
         decode = bool(((cu[1:] - cu[:-1]) == 1).all())
-        seen.append((kw.get("max_kept"), int(kept_len[slots].max()), int(engine.cache.kept_len[:, slots].max()),
+        seen.append((kw["plan"].max_kept, int(kept_len[slots].max()), int(engine.cache.kept_len[:, slots].max()),
                      decode, int(ctx.max())))
         return inner(*args, **kw)
 

@@ -123,32 +123,6 @@ def test_gencode_targets_hopper_with_its_own_instructions():
     assert cuda_kernels.gencode_flags((12, 0)) == ["-gencode=arch=compute_120,code=sm_120"]
 
 
-def test_batch_args_are_reused_within_a_step():
-    cu, slots, ctx = torch.tensor([0, 1, 301, 302]), torch.tensor([2, 0, 1]), torch.tensor([40000, 9, 0])
-    args = cuda_kernels.batch_args(cu, slots, ctx, "cpu")
-    assert args is not cuda_kernels.batch_args(cu, slots, ctx, "meta")  # one copy per device (and stream)
-    assert args.max_chunk == 300
-    assert args.cu_seqlens.dtype == torch.int32 and args.seq_slots.tolist() == [2, 0, 1]
-    # Every layer of a step passes equal tensors: one conversion serves them all.
-    assert cuda_kernels.batch_args(cu.clone(), slots.clone(), ctx.clone(), "cpu") is args
-    assert cuda_kernels.batch_args(cu, slots, ctx + 1, "cpu") is not args
-
-
-@pytest.mark.parametrize("cu,slots,ctx,match", [
-    ([0, 2, 3], [0, 1], [5, 5], "cu_seqlens"),      # ends at 3 rows, N is 4
-    ([0, 3, 2, 4], [0, 1, 2], [1, 1, 1], "cu_seqlens"),  # decreasing
-    ([0, 2, 4], [0, 0], [5, 5], "seq_slots"),       # one slot twice: two blocks race on its heads
-    ([0, 2, 4], [0, 4], [5, 5], "seq_slots"),       # slot past S = 4
-    ([0, 2, 4], [0, 1], [5, -1], "ctx_lens"),
-    ([0, 2, 4], [0, 1, 2], [5, 5, 5], "cu_seqlens"),  # B + 1 entries expected
-])
-def test_batch_description_values_are_checked_before_a_kernel_indexes_with_them(cu, slots, ctx, match):
-    t = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    with pytest.raises(KvzapError, match=match):
-        cuda_kernels.batch_args(t(cu), t(slots), t(ctx), "cpu", num_slots=4, num_rows=4)
-    cuda_kernels.batch_args(t([0, 2, 4]), t([3, 1]), t([5, 0]), "cpu", num_slots=4, num_rows=4)  # valid
-
-
 def test_dispatch_uses_the_fast_path_on_cpu_and_rejects_bad_choices(monkeypatch):
     assert ops("cpu") is CPU
     monkeypatch.setenv("KVZAP_TRT_OPS", "reference")

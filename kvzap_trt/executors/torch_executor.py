@@ -13,6 +13,7 @@ import torch
 from kvzap_trt.cache.paged_cache import LayerCache, PagedKVCache
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.models.transformer import Transformer
+from kvzap_trt.ops.interface import StepPlan
 from kvzap_trt.ops.dispatch import ops
 from kvzap_trt.surrogate import Surrogate
 
@@ -26,19 +27,20 @@ class TorchExecutor:
         self.ops = ops(device)
         self.scale = model.cfg.head_dim**-0.5
 
-    def _evict(self, cache: PagedKVCache, k, v, scores, cu, slots, ctx, lc: LayerCache) -> None:
+    def _evict(self, cache: PagedKVCache, k, v, scores, plan: StepPlan, lc: LayerCache) -> None:
         """evict_append of packed rows into the cache views `lc` (one layer, or all folded)."""
         alloc = cache.allocator
-        self.ops.evict_append(k, v, scores, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool,
-                              lc.block_table, lc.kept_len, lc.ring_table, alloc.free_stack, alloc.num_free_t,
-                              cache.spec.window, self.threshold)
+        self.ops.evict_append(k, v, scores, plan.cu_seqlens, plan.seq_slots, plan.ctx_lens, lc.k_pool, lc.v_pool,
+                              lc.pos_pool, lc.score_pool, lc.block_table, lc.kept_len, lc.ring_table, alloc.free_stack,
+                              alloc.num_free_t, cache.spec.window, self.threshold, plan=plan)
 
     def forward(self, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
-        dev = cache.device
-        cu, slots, ctx_t, never = step.cu_seqlens, step.seq_slots, step.ctx_lens, step.never_evict
-        lens = (cu[1:] - cu[:-1]).tolist()  # host tensor: no device read
+        dev, W = cache.device, cache.spec.window
+        never = step.never_evict
+        # One plan for every layer's ops (ops/interface.py): routing, device copies, attention split.
+        plan = StepPlan.make(step.cu_seqlens, step.seq_slots, step.ctx_lens, W, dev, step.max_kept)
         stash: dict[str, torch.Tensor] = {}
-        one_evict = all(n == 1 for n in lens)
+        one_evict = all(n == 1 for n in plan.lens)
 
         def attend(layer: int, h_norm, q, k, v):
             lc = cache.layer(layer)
@@ -47,8 +49,8 @@ class TorchExecutor:
             else:
                 scores = self.surrogate.score(layer, h_norm).masked_fill(never[:, None], float("inf"))
             out = self.ops.paged_attention(
-                q, k, v, cu, slots, ctx_t, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table,
-                cache.spec.window, self.scale, max_kept=step.max_kept,
+                q, k, v, plan.cu_seqlens, plan.seq_slots, plan.ctx_lens, lc.k_pool, lc.v_pool, lc.block_table,
+                lc.kept_len, lc.ring_table, W, self.scale, plan=plan,
             )
             if one_evict:
                 for name, t in (("k", k), ("v", v), ("scores", scores)):
@@ -56,14 +58,16 @@ class TorchExecutor:
                         stash[name] = t.new_empty((cache.spec.num_layers, *t.shape))
                     stash[name][layer] = t
             else:
-                self._evict(cache, k, v, scores, cu, slots, ctx_t, lc)
+                self._evict(cache, k, v, scores, plan, lc)
             return out
 
         with self.ops.deferred_errors(dev):  # kernels: one error check per step, not per layer
             logits = self.model(step.tokens, step.positions, attend, logits_at=step.logits_at)
             if one_evict:
-                L, S, N = cache.spec.num_layers, cache.spec.max_seqs, len(lens)
-                folded = (torch.arange(L, dtype=torch.int32)[:, None] * S + slots[None, :]).reshape(-1)  # [L*N]
-                self._evict(cache, *(stash[n].flatten(0, 1) for n in ("k", "v", "scores")),
-                            torch.arange(L * N + 1, dtype=torch.int32), folded, ctx_t.repeat(L), cache.all_layers())
+                L, S, N = cache.spec.num_layers, cache.spec.max_seqs, len(plan.lens)
+                folded = (torch.arange(L, dtype=torch.int32)[:, None] * S + step.seq_slots[None, :]).reshape(-1)  # [L*N]
+                every_layer = StepPlan.make(torch.arange(L * N + 1, dtype=torch.int32), folded, step.ctx_lens.repeat(L),
+                                            W, dev)
+                self._evict(cache, *(stash[n].flatten(0, 1) for n in ("k", "v", "scores")), every_layer,
+                            cache.all_layers())
         return logits

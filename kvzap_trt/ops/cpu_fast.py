@@ -20,6 +20,8 @@ reference's; block ids may differ (blocks are popped for all sequences at once).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvzap_trt.cache.allocator import pop_blocks
@@ -28,91 +30,120 @@ from kvzap_trt.errors import CacheFullError
 from kvzap_trt.ops import evict_append as reference
 from kvzap_trt.ops.cached_chunks import cached_chunk_attention
 from kvzap_trt.ops.fresh_prompts import attend_routing_fresh_prompts
+from kvzap_trt.ops.interface import StepPlan
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The sequences of a batch with one new token (decode), as every layer of a step uses them.
+
+    rows: [n] long, their rows in the packing (None: every sequence has one, rows in order)
+    slots: [n] long   ctx: [n] long: tokens written before this step
+    """
+
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+    ctx: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: StepPlan) -> "DecodeRows":
+        decode = [b for b, n in enumerate(plan.lens) if n == 1]
+        rows = None if len(decode) == len(plan.lens) else torch.tensor([plan.cu[b] for b in decode], dtype=torch.long)
+        return cls(rows, torch.tensor([plan.slots[b] for b in decode], dtype=torch.long),
+                   torch.tensor([plan.ctx[b] for b in decode], dtype=torch.long))
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """t's decode rows ([N, ...] -> [n, ...]; t itself when they are all its rows)."""
+        return t if self.rows is None else t[self.rows]
+
+
+def decode_rows(plan: StepPlan) -> DecodeRows:
+    return plan.memo("cpu_decode_rows", lambda: DecodeRows.of(plan))
 
 
 def paged_attention(
     q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table,
-    window: int, scale: float, max_kept: int | None = None, out: torch.Tensor | None = None,
+    window: int, scale: float, max_kept: int | None = None, out: torch.Tensor | None = None, *,
+    plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """-> [N, Hq, D]; arguments and shapes as kvzap_trt.ops.paged_attention.paged_attention (max_kept
-    unused: the batched gather reads the kept lengths it needs anyway)."""
+    unused: the batched gather reads the kept lengths it needs anyway). plan: the step's
+    (interface.py), or None."""
+    plan = StepPlan.of(plan, cu_seqlens, seq_slots, ctx_lens, window, q.device, max_kept)
     out = torch.empty_like(q) if out is None else out
     cache = (k_pool, v_pool, block_table, kept_len, ring_table, window)
 
-    def attend_decode(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out):
+    def attend_decode(q, k_new, v_new, sub: StepPlan, out):
         """Decode rows only (chunks and fresh prompts were routed away); idle sequences have none."""
         out = torch.empty_like(q) if out is None else out
-        cu, ctx = cu_seqlens.tolist(), ctx_lens.tolist()
-        decode = [b for b in range(len(ctx)) if cu[b + 1] - cu[b] == 1]
-        if decode:
-            rows = torch.tensor([cu[b] for b in decode])
-            out[rows] = attend_group(q[rows], k_new[rows], v_new[rows], seq_slots[decode], [ctx[b] for b in decode],
-                                     cache, scale)
+        dec = decode_rows(sub)
+        if len(dec.slots):
+            ring = sub.memo(("cpu_ring_masked", k_pool.shape[1]), lambda: ring_masked(dec.ctx, window, k_pool.shape[1]))
+            o = attend_group(dec.take(q), dec.take(k_new), dec.take(v_new), dec.slots, ring, cache, scale)
+            if dec.rows is None:
+                out.copy_(o)
+            else:
+                out[dec.rows] = o
         return out
 
     def attend_chunk(q, k_new, v_new, slot: int, ctx: int) -> torch.Tensor:
         return cached_chunk_attention(q, k_new, v_new, slot, ctx, *cache, scale)
 
-    return attend_routing_fresh_prompts(q, k_new, v_new, cu_seqlens.tolist(), ctx_lens.tolist(), seq_slots, scale, out,
-                                        attend_decode, attend_chunk)
+    return attend_routing_fresh_prompts(q, k_new, v_new, plan, scale, out, attend_decode, attend_chunk)
 
 
-def attend_group(q, k_new, v_new, slots: torch.Tensor, ctx: list[int], cache, scale: float) -> torch.Tensor:
+def ring_masked(ctx: torch.Tensor, window: int, block_size: int) -> torch.Tensor:
+    """[n, 1, R * bs] bool: the window slots of each sequence not written yet, R = the window pages
+    of the fullest window (ctx: [n] tokens written)."""
+    R = window_pages(int(ctx.max()) if len(ctx) else 0, window, block_size)
+    return (torch.arange(R * block_size) >= ctx.clamp(max=window)[:, None])[:, None]
+
+
+def attend_group(q, k_new, v_new, slots: torch.Tensor, ring: torch.Tensor, cache, scale: float) -> torch.Tensor:
     """n sequences with one new token each (decode).
 
-    q: [n, Hq, D]  k_new, v_new: [n, Hkv, D]  slots: [n]  ctx: n ints  -> [n, Hq, D]
+    q: [n, Hq, D]  k_new, v_new: [n, Hkv, D]  slots: [n] long  ring: [n, 1, R*bs] (`ring_masked`)
+    -> [n, Hq, D]
 
-    Logits of the three key sources (kept pages, window, the new token) are computed separately
-    and softmaxed together: only the logits are concatenated, never the keys or values. In
-    float32 whatever the cache's dtype (as the reference), rounded once to q's dtype.
+    Each (sequence, head)'s kept pages and window pages are gathered in one index_select per pool
+    (the window is pages of the same pool); their logits and the new token's are softmaxed
+    together: only the logits are concatenated, never the keys or values. In float32 whatever the
+    cache's dtype (as the reference), rounded once to q's dtype.
     """
     k_pool, v_pool, block_table, kept_len, ring_table, W = cache
-    n, (Hq, D), H, bs = len(ctx), q.shape[1:], k_new.shape[1], k_pool.shape[1]
-    G = Hq // H
-    slots = slots.long()
+    n, (Hq, D), H, bs = len(slots), q.shape[1:], k_new.shape[1], k_pool.shape[1]
+    G, R = Hq // H, ring.shape[2] // bs
     kept = kept_len[slots].long()  # [n, H]
-    blocks = -(-int(kept.max()) // bs) if kept.numel() else 0
-
-    def pages(table: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `count` pages of each (sequence, head) in `table` [S, H, *] -> K, V [n, H, count*bs, D]."""
-        ids = table[slots, :, :count].long().clamp(min=0).reshape(-1)  # [n*H*count] (-1: a masked page, read as 0)
-        return tuple(pool.index_select(0, ids).view(n, H, count * bs, D).float() for pool in (k_pool, v_pool))
-
-    page_k, page_v = pages(block_table, blocks)
-    R = window_pages(max(ctx, default=0), W, bs)  # window pages of the fullest window
-    ring_k, ring_v = pages(ring_table, R)  # window slots [0, R*bs): slot j at page j // bs
-    new_k, new_v = (t.view(n, H, 1, D).float() for t in (k_new, v_new))  # [n, H, 1, D]
+    blocks = -(-int(kept.max()) // bs)
+    keys = (blocks + R) * bs
+    ids = torch.cat([block_table[slots, :, :blocks], ring_table[slots, :, :R]], 2)  # [n, H, blocks + R] (-1: unheld)
+    ids = ids.long().clamp_(min=0).view(-1)  # a -1 page is read as block 0 and masked
+    k, v = (pool.index_select(0, ids).view(n, H, keys, D).float() for pool in (k_pool, v_pool))  # [n, H, keys, D]
+    masked = torch.cat([torch.arange(blocks * bs) >= kept[:, :, None], ring.expand(n, H, R * bs)], 2)  # [n, H, keys]
     qs = q.view(n, H, G, D).float() * scale  # [n, H, G, D]
-
-    page_logits = (qs @ page_k.transpose(2, 3)).masked_fill_(
-        (torch.arange(blocks * bs) >= kept[:, :, None])[:, :, None], float("-inf"))  # [n, H, G, P]
-    ring_logits = (qs @ ring_k.transpose(2, 3)).masked_fill_(
-        (torch.arange(R * bs) >= torch.tensor(ctx).clamp(max=W)[:, None])[:, None, None], float("-inf"))  # [n, H, G, R*bs]
-    new_logits = qs @ new_k.transpose(2, 3)  # [n, H, G, 1]
-    probs = torch.cat([page_logits, ring_logits, new_logits], 3).softmax(-1)
-    P, Rb = blocks * bs, R * bs
-    o = probs[..., :P] @ page_v + probs[..., P : P + Rb] @ ring_v + probs[..., P + Rb :] @ new_v  # [n, H, G, D]
+    logits = (qs @ k.transpose(2, 3)).masked_fill_(masked[:, :, None], float("-inf"))  # [n, H, G, keys]
+    new_k, new_v = (t.view(n, H, 1, D).float() for t in (k_new, v_new))  # [n, H, 1, D]
+    probs = torch.cat([logits, qs @ new_k.transpose(2, 3)], 3).softmax(-1)  # [n, H, G, keys + 1]
+    o = probs[..., :keys] @ v + probs[..., keys:] * new_v  # [n, H, G, D]
     return o.reshape(n, Hq, D).to(q.dtype)
 
 
 def evict_append(
     k_new, v_new, scores, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, pos_pool, score_pool, block_table,
-    kept_len, ring_table, free_stack, num_free, window: int, threshold: float,
+    kept_len, ring_table, free_stack, num_free, window: int, threshold: float, *, plan: StepPlan | None = None,
 ) -> None:
-    """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append."""
-    cu, ctx = cu_seqlens.tolist(), ctx_lens.tolist()
-    lens = [b - a for a, b in zip(cu, cu[1:])]
+    """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append. plan: the
+    step's (interface.py), or None."""
+    plan = StepPlan.of(plan, cu_seqlens, seq_slots, ctx_lens, window, k_pool.device)
     cache = (k_pool, v_pool, pos_pool, score_pool, block_table, kept_len, ring_table, free_stack, num_free)
-    for b, n in enumerate(lens):
+    for b, n in enumerate(plan.lens):
         if n > 1:
-            rows = slice(cu[b], cu[b + 1])
+            rows = slice(plan.cu[b], plan.cu[b + 1])
             reference.evict_append(k_new[rows], v_new[rows], scores[rows], torch.tensor([0, n]), seq_slots[b : b + 1],
                                    ctx_lens[b : b + 1], *cache, window, threshold)
-    decode = [b for b, n in enumerate(lens) if n == 1]
-    if decode:
-        rows = torch.tensor([cu[b] for b in decode])
-        evict_decode(k_new[rows], v_new[rows], scores[rows], seq_slots[decode].long(),
-                     torch.tensor([ctx[b] for b in decode]), cache, window, threshold)
+    dec = decode_rows(plan)
+    if len(dec.slots):
+        evict_decode(dec.take(k_new), dec.take(v_new), dec.take(scores), dec.slots, dec.ctx, cache, window, threshold)
 
 
 def evict_decode(k_new, v_new, scores, slots: torch.Tensor, ctx: torch.Tensor, cache, W: int, threshold: float) -> None:

@@ -7,8 +7,9 @@ $TORCH_EXTENSIONS_DIR) for the current GPU's architecture, which registers
 CMake (`-DKVZAP_TORCH_OPS=ON`) is loaded instead when $KVZAP_TRT_TORCH_OPS names it.
 
 `evict_append` and `paged_attention` below take exactly the arguments of the references in
-evict_append.py and paged_attention.py (host-readable cu_seqlens, seq_slots, ctx_lens), so the
-dispatch can swap them. Differences a caller can see:
+evict_append.py and paged_attention.py (host-readable cu_seqlens, seq_slots, ctx_lens), and the
+step's plan (interface.py: the batch description's device copies, the attention's split and
+workspace, made once per step), so the dispatch can swap them. Differences a caller can see:
   - block ids: heads pop blocks from the free stack concurrently, so which id a head gets
     differs from the reference; what each head keeps, in which order, and how many blocks the
     pool loses are the same;
@@ -17,8 +18,8 @@ dispatch can swap them. Differences a caller can see:
     (one device sync), or once at the end of a `deferred_errors()` block, which the engine wraps
     around a whole forward step. The cache is invalid after it; the runtime's exact block bounds
     make it unreachable in serving.
-Streams: every buffer an op writes (workspace, error flag) and the memoised batch description
-are made on the stream the op runs on, the current one.
+Streams: every buffer an op writes (workspace, error flag) and the plan's device copies are
+made on the stream the op runs on, the current one; the plan keeps them per stream.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.ops.cached_chunks import cached_chunk_attention
 from kvzap_trt.ops.fresh_prompts import attend_routing_fresh_prompts
+from kvzap_trt.ops.interface import StepPlan
 
 # The CUDA sources: beside the package in a source checkout, or where $KVZAP_TRT_PLUGINS says.
 PLUGINS = Path(os.environ.get("KVZAP_TRT_PLUGINS") or Path(__file__).resolve().parents[2] / "plugins")
@@ -78,54 +80,21 @@ def load() -> None:
 
 
 @dataclass(frozen=True)
-class BatchArgs:
-    """cu_seqlens, seq_slots, ctx_lens on the device (int32), and what the host derives from them."""
+class DeviceBatch:
+    """A plan's cu_seqlens, seq_slots, ctx_lens copied to its device (int32)."""
 
-    host_cu: tuple[int, ...]
-    host_ctx: tuple[int, ...]
     cu_seqlens: torch.Tensor
     seq_slots: torch.Tensor
     ctx_lens: torch.Tensor
-    max_chunk: int  # most new tokens of any sequence
 
 
-def batch_args(cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor, device,
-               num_slots: int | None = None, num_rows: int | None = None) -> BatchArgs:
-    """Device copies of the host batch description (host tensors: .tolist() reads no device),
-    reused while it does not change: every layer of a step passes the same one, so a step pays 3
-    small copies, not 3 per op per layer. Keyed by the current stream too: a copy queued on one
-    stream is not safe to read on another before that stream reaches it.
-
-    With num_slots (S) and num_rows (N), the values are checked first (once per distinct batch):
-    the kernels index the cache with them and cannot check them without a device read."""
-    host = (tuple(t.tolist()) for t in (cu_seqlens, seq_slots, ctx_lens))
-    device = torch.device(device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    return _batch_args(str(device), stream, *host, num_slots, num_rows)
-
-
-def check_batch(cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...], num_slots: int | None,
-                num_rows: int | None) -> None:
-    """KvzapError naming the argument if the batch description could make a kernel index out of
-    its tensors: cu_seqlens [B+1] from 0, non-decreasing, ending at N; seq_slots [B] distinct, in
-    [0, S); ctx_lens [B] >= 0."""
-    if len(cu) != len(slots) + 1 or len(ctx) != len(slots):
-        raise KvzapError(f"cu_seqlens has {len(cu)} entries and ctx_lens {len(ctx)} for {len(slots)} seq_slots")
-    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or (num_rows is not None and cu[-1] != num_rows):
-        raise KvzapError(f"cu_seqlens {list(cu)} must rise from 0 to the {num_rows} packed rows")
-    if len(set(slots)) != len(slots) or (num_slots is not None and not all(0 <= s < num_slots for s in slots)):
-        raise KvzapError(f"seq_slots {list(slots)} must be distinct slots in [0, {num_slots})")
-    if any(c < 0 for c in ctx):
-        raise KvzapError(f"ctx_lens {list(ctx)} must be >= 0")
-
-
-@functools.lru_cache(maxsize=4)  # a step's batch, and the sub-batch of a step mixing fresh prompts in
-def _batch_args(device: str, stream: int, cu: tuple[int, ...], slots: tuple[int, ...], ctx: tuple[int, ...],
-                num_slots: int | None, num_rows: int | None) -> BatchArgs:
-    check_batch(cu, slots, ctx, num_slots, num_rows)
-    dev_cu, dev_slots, dev_ctx = (torch.tensor(h, dtype=torch.int32).to(device, non_blocking=True) for h in (cu, slots, ctx))
-    chunk = max((b - a for a, b in zip(cu, cu[1:])), default=0)
-    return BatchArgs(cu, ctx, dev_cu, dev_slots, dev_ctx, chunk)
+def device_batch(plan: StepPlan) -> DeviceBatch:
+    """The plan's batch description on its device, copied once per step (3 small copies, not 3 per
+    op per layer), on the current stream: a copy queued on one stream is not safe to read on
+    another before that stream reaches it, so another stream gets its own."""
+    stream = torch.cuda.current_stream(plan.device).cuda_stream if plan.device.type == "cuda" else 0
+    return plan.memo(("device_batch", stream), lambda: DeviceBatch(*(
+        torch.tensor(h, dtype=torch.int32).to(plan.device, non_blocking=True) for h in (plan.cu, plan.slots, plan.ctx))))
 
 
 # device -> (error flag, stream) of the open deferred_errors() block
@@ -182,19 +151,22 @@ def _error_flag(device: torch.device) -> tuple[torch.Tensor, bool]:
 
 def evict_append(
     k_new, v_new, scores, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, pos_pool, score_pool, block_table, kept_len,
-    ring_table, free_stack, num_free, window: int, threshold: float,
+    ring_table, free_stack, num_free, window: int, threshold: float, *, plan: StepPlan | None = None,
 ) -> None:
-    """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append (one layer)."""
+    """In place; arguments and shapes as kvzap_trt.ops.evict_append.evict_append (one layer, or
+    every layer with [L, ...] tensors). plan: the step's (interface.py), or None."""
     load()
     dev = k_pool.device
-    error, check_now = _error_flag(dev)
+    plan = StepPlan.of(plan, cu_seqlens, seq_slots, ctx_lens, window, dev)
     layered = block_table.dim() == 4
-    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, dev, block_table.shape[int(layered)], k_new.shape[int(layered)])
+    plan.validate(block_table.shape[int(layered)], k_new.shape[int(layered)])
+    batch = device_batch(plan)
+    error, check_now = _error_flag(dev)
     with torch.cuda.device(dev):
         torch.ops.kvzap_trt.evict_append(
             k_new.contiguous(), v_new.contiguous(), scores.float().contiguous(), batch.cu_seqlens, batch.seq_slots,
             batch.ctx_lens, k_pool, v_pool, pos_pool, score_pool, block_table, kept_len, ring_table, free_stack,
-            num_free, error, int(window), float(threshold), batch.max_chunk, torch.cuda.current_stream(dev).cuda_stream,
+            num_free, error, int(window), float(threshold), plan.max_chunk, torch.cuda.current_stream(dev).cuda_stream,
         )
     if check_now:
         raise_kernel_error(int(to_host(error)[0]))
@@ -203,7 +175,7 @@ def evict_append(
 def paged_attention(
     q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table, window: int,
     scale: float, max_kept: int | None = None, split_size: int = 0, out: torch.Tensor | None = None,
-    chunks_to_kernel: bool = False,
+    chunks_to_kernel: bool = False, *, plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """-> [N, Hq, D]; arguments as kvzap_trt.ops.paged_attention.paged_attention.
 
@@ -213,61 +185,56 @@ def paged_attention(
     sequence's cache gathered once, fused attention with a mask), or with chunks_to_kernel to the
     kernel, whose row-wise path re-reads the cache per row (what a TensorRT engine runs; the GPU
     tests cover both). Decode rows go to kvzapVarlenPagedAttention, whose splits are sized from
-    `key_bound` (max_kept: a bound on kept_len over the batch, which the engine's scheduler reads
-    anyway; None: the uncompressed context). split_size: keys per thread block (0: the launcher's
-    choice). out: written in place if given.
+    the plan's `key_bound` (max_kept: a bound on kept_len over the batch, which the engine's
+    scheduler reads anyway; None: the uncompressed context). split_size: keys per thread block
+    (0: the launcher's choice). out: written in place if given. plan: the step's (interface.py),
+    or None; the routing, device copies, split and workspace are made once per plan.
     """
+    plan = StepPlan.of(plan, cu_seqlens, seq_slots, ctx_lens, window, q.device, max_kept)
+    plan.validate(block_table.shape[0], q.shape[0])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    batch = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
 
-    def kernel(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out):
+    def kernel(q, k_new, v_new, sub: StepPlan, out):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-        sub = batch_args(cu_seqlens, seq_slots, ctx_lens, q.device, block_table.shape[0], q.shape[0])
-        launch_paged_attention(q, k_new, v_new, sub, k_pool, v_pool, block_table, kept_len, ring_table, window, scale,
-                               split_size, out, max_kept)
+        launch_paged_attention(q, k_new, v_new, sub, k_pool, v_pool, block_table, kept_len, ring_table, scale,
+                               split_size, out)
         return out
 
     def chunk(q, k_new, v_new, slot: int, ctx: int) -> torch.Tensor:
         return cached_chunk_attention(q, k_new, v_new, slot, ctx, k_pool, v_pool, block_table, kept_len, ring_table,
                                       window, scale)
 
-    return attend_routing_fresh_prompts(q, k_new, v_new, list(batch.host_cu), list(batch.host_ctx), seq_slots, scale,
-                                        out, kernel, None if chunks_to_kernel else chunk)
+    return attend_routing_fresh_prompts(q, k_new, v_new, plan, scale, out, kernel, None if chunks_to_kernel else chunk)
 
 
-def key_bound(host_cu: tuple[int, ...], host_ctx: tuple[int, ...], window: int, max_kept: int | None) -> int:
-    """An upper bound of the keys any row of a batch sees: kept + min(ctx, W) + its new tokens up
-    to itself, at most the longest context plus the longest chunk. With max_kept (no head of the
-    batch holds more kept tokens) the bound follows the compressed cache, not the context."""
-    chunk = max((b - a for a, b in zip(host_cu, host_cu[1:])), default=0)
-    ctx = max(host_ctx, default=0)
-    cached = ctx if max_kept is None else min(ctx, max_kept + min(ctx, window))
-    return cached + chunk
-
-
-def launch_paged_attention(q, k_new, v_new, batch: BatchArgs, k_pool, v_pool, block_table, kept_len, ring_table,
-                           window: int, scale: float, split_size: int, out: torch.Tensor,
-                           max_kept: int | None = None) -> None:
-    """torch.ops.kvzap_trt.paged_attention on a prepared batch description, into `out`; splits
-    sized from key_bound (max_kept: as paged_attention's)."""
+def launch_paged_attention(q, k_new, v_new, plan: StepPlan, k_pool, v_pool, block_table, kept_len, ring_table,
+                           scale: float, split_size: int, out: torch.Tensor) -> None:
+    """torch.ops.kvzap_trt.paged_attention over the batch of `plan` (its rows are q's), into `out`;
+    splits sized from the plan's key_bound, split and workspace made once per plan (every layer of
+    a step launches the same shapes on the same stream, which orders the workspace's reuse)."""
     load()
     dev = q.device
+    plan.validate(block_table.shape[0], q.shape[0])
+    batch = device_batch(plan)
     error, check_now = _error_flag(dev)
-    max_keys = key_bound(batch.host_cu, batch.host_ctx, window, max_kept)
+    max_keys = plan.key_bound
+    stream = torch.cuda.current_stream(dev).cuda_stream
     with torch.cuda.device(dev):
-        split, workspace = attention_plan(q.dtype, q.shape[0], q.shape[1], k_new.shape[1], q.shape[2], max_keys, dev,
-                                          split_size)
+        split, workspace = plan.memo(
+            ("attention", q.dtype, *q.shape, k_new.shape[1], split_size, stream),
+            lambda: split_and_workspace(q.dtype, q.shape[0], q.shape[1], k_new.shape[1], q.shape[2], max_keys, dev,
+                                        split_size))
         torch.ops.kvzap_trt.paged_attention(
             q.contiguous(), k_new.contiguous(), v_new.contiguous(), batch.cu_seqlens, batch.seq_slots, batch.ctx_lens,
-            k_pool, v_pool, block_table, kept_len, ring_table, int(window), float(scale), max_keys, split, out,
-            workspace, error, torch.cuda.current_stream(dev).cuda_stream,
+            k_pool, v_pool, block_table, kept_len, ring_table, plan.window, float(scale), max_keys, split, out,
+            workspace, error, stream,
         )
     if check_now:
         raise_kernel_error(int(to_host(error)[0]))
 
 
-def attention_plan(dtype: torch.dtype, num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                   max_keys: int, device: torch.device, split_size: int = 0) -> tuple[int, torch.Tensor]:
+def split_and_workspace(dtype: torch.dtype, num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                        max_keys: int, device: torch.device, split_size: int = 0) -> tuple[int, torch.Tensor]:
     """(keys per split, float32 workspace) for one kvzapVarlenPagedAttention launch over `dtype`
     K/V on `device`, the workspace allocated on the current stream. split_size 0: the launcher's
     heuristic (the resident blocks per SM differ between the fp32 and the tensor-core kernel)."""

@@ -5,7 +5,8 @@ kernel. The references run on any device, CPU included, and are the test oracle.
 tensors the kernels of plugins/ (`cuda_kernels`, torch.ops.kvzap_trt.*) are chosen; on CPU
 tensors the CPU fast path (`cpu_fast`: batched over sequences, PyTorch's fused attention);
 surrogate scoring is a GEMM and stays on PyTorch everywhere. Callers never import an
-implementation directly.
+implementation directly. The contract all three keep (`CacheOps`) and the per-step plan the
+executor hands them (`StepPlan`) are in interface.py.
 
 $KVZAP_TRT_OPS: `auto` (default: kernels on CUDA, falling back to the reference with a warning
 when they cannot be built; the fast path on CPU), `cuda` (kernels or an error on CUDA; the fast
@@ -25,6 +26,7 @@ import torch
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.ops import cpu_fast, cuda_kernels
 from kvzap_trt.ops.evict_append import evict_append
+from kvzap_trt.ops.interface import CacheOps
 from kvzap_trt.ops.paged_attention import paged_attention
 from kvzap_trt.ops.surrogate_score import surrogate_score
 
@@ -46,7 +48,7 @@ CUDA = SimpleNamespace(
 CHOICES = ("auto", "cuda", "reference")
 
 
-def ops(device: torch.device | str) -> SimpleNamespace:
+def ops(device: torch.device | str) -> CacheOps:
     """Implementation for tensors on `device`."""
     choice = os.environ.get("KVZAP_TRT_OPS", "auto")
     if choice not in CHOICES:
@@ -59,7 +61,7 @@ def ops(device: torch.device | str) -> SimpleNamespace:
 
 
 @functools.cache  # one build attempt, one warning per process
-def _cuda_ops(choice: str) -> SimpleNamespace:
+def _cuda_ops(choice: str) -> CacheOps:
     try:
         cuda_kernels.load()
     except Exception as e:  # a compiler or CUDA error is as fatal to `cuda` as a KvzapError

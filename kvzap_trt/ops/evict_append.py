@@ -47,8 +47,10 @@ def evict_append(
     num_free: torch.Tensor,
     window: int,
     threshold: float,
+    *,
+    plan: object = None,
 ) -> None:
-    """In place.
+    """In place. plan: ignored (ops/interface.py: the oracle derives everything per call).
 
     k_new, v_new: [N, Hkv, D]   scores: [N, Hkv] float32   (N = sum of T_b, packed)
     cu_seqlens: [B+1]  seq_slots: [B]  ctx_lens: [B]  (host-readable ints)

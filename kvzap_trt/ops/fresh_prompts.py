@@ -15,10 +15,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# attend_rest(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, out) -> out [n, Hq, D] for the
-# packed rows of the sequences routed to it (host-readable cu_seqlens, seq_slots, ctx_lens); out
-# is a buffer to write into, or None.
-AttendRest = Callable[..., torch.Tensor]
+from kvzap_trt.ops.interface import StepPlan
+
+# attend_rest(q, k_new, v_new, plan, out) -> out [n, Hq, D] for the packed rows of the sequences
+# routed to it, `plan` their StepPlan; out is a buffer to write into, or None.
+AttendRest = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepPlan, torch.Tensor | None], torch.Tensor]
 # attend_chunk(q, k_new, v_new, slot, ctx) -> [T, Hq, D] for one sequence's T new tokens.
 AttendChunk = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
@@ -30,35 +31,22 @@ def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 
 def attend_routing_fresh_prompts(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, host_cu: list[int], host_ctx: list[int],
-    seq_slots: torch.Tensor, scale: float, out: torch.Tensor, attend_rest: AttendRest,
-    attend_chunk: AttendChunk | None = None,
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: StepPlan, scale: float, out: torch.Tensor,
+    attend_rest: AttendRest, attend_chunk: AttendChunk | None = None,
 ) -> torch.Tensor:
     """Fill `out` [N, Hq, D]: fresh prompts by causal self-attention, chunks over a cache by
     `attend_chunk` (if given), the other sequences through `attend_rest` as one packed sub-batch
-    (or the whole batch when nothing was routed elsewhere).
-
-    host_cu: [B+1] and host_ctx: [B] as Python ints; seq_slots: [B] host tensor.
-    """
-    bounds = list(zip(host_cu[:-1], host_cu[1:], host_ctx))
-    slots = seq_slots.tolist()
-    routed = set()
-    for b, (start, end, c) in enumerate(bounds):
-        if end - start > 1 and c == 0:
-            out[start:end] = causal_self_attention(q[start:end], k_new[start:end], v_new[start:end], scale)
-        elif end - start > 1 and attend_chunk is not None:
-            out[start:end] = attend_chunk(q[start:end], k_new[start:end], v_new[start:end], slots[b], c)
-        else:
-            continue
-        routed.add(b)
-    if len(routed) == len(bounds):
+    (the step's plan itself when nothing was routed elsewhere). The routing is the plan's
+    (`StepPlan.routing`), made once per step."""
+    route = plan.routing(chunks=attend_chunk is not None)
+    for start, end in route.fresh:
+        out[start:end] = causal_self_attention(q[start:end], k_new[start:end], v_new[start:end], scale)
+    for start, end, slot, ctx in route.chunks:
+        out[start:end] = attend_chunk(q[start:end], k_new[start:end], v_new[start:end], slot, ctx)
+    if route.rest is None:
         return out
-    if not routed:
-        return attend_rest(q, k_new, v_new, torch.tensor(host_cu), seq_slots, torch.tensor(host_ctx), out)
-    rest = [b for b in range(len(bounds)) if b not in routed]
-    rows = torch.cat([torch.arange(bounds[b][0], bounds[b][1]) for b in rest]).to(q.device)
-    lens = torch.tensor([bounds[b][1] - bounds[b][0] for b in rest])
-    sub_cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-    idx = torch.tensor(rest)
-    out[rows] = attend_rest(q[rows], k_new[rows], v_new[rows], sub_cu, seq_slots[idx], torch.tensor(host_ctx)[idx], None)
+    if route.rest_rows is None:
+        return attend_rest(q, k_new, v_new, route.rest, out)
+    rows = route.rest_rows
+    out[rows] = attend_rest(q[rows], k_new[rows], v_new[rows], route.rest, None)
     return out

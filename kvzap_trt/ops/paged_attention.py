@@ -48,6 +48,8 @@ def paged_attention(
     window: int,
     scale: float,
     max_kept: int | None = None,
+    *,
+    plan: object = None,
 ) -> torch.Tensor:
     """q: [N, Hq, D]  k_new, v_new: [N, Hkv, D]  (N = sum of T_b, packed)
     cu_seqlens: [B+1]  seq_slots: [B]  ctx_lens: [B]  (host-readable ints)
@@ -55,6 +57,7 @@ def paged_attention(
     ring_table: [S, Hkv, R] (R = ceil(window / bs))
     max_kept: a bound on kept_len over the batch's sequences, if the caller knows one: the kernel
     sizes its work from it; the reference reads kept_len itself and does not need it
+    plan: the step's plan (ops/interface.py), ignored: the oracle derives everything per call
     -> [N, Hq, D]
     """
     N, Hq, D = q.shape
