@@ -186,6 +186,41 @@ def test_full_pool_raises_after_the_step(tiny_dirs):
         ex.forward(step, cache)
 
 
+def test_attention_flags_a_max_keys_input_shorter_than_a_rows_keys(tiny_dirs, monkeypatch):
+    """The attention binding checks the bound carried in max_keys' length as the kernel does: a
+    fresh 9-token prompt's last row sees 9 keys, so a length of 8 raises KernelBoundError after the
+    step, 9 does not. The executors pass export.plugins.step_max_keys (>= 9 here)."""
+    from kvzap_trt.executors import onnx_executor
+    from kvzap_trt.ops.cuda_kernels import KernelBoundError
+
+    _, rt = runtimes(tiny_dirs, "llama", "linear", 4, 4, 0.0, True)
+    ex = rt.executor()
+    cfg = rt.loaded.config
+    n = 9
+
+    def step_on_fresh_cache():
+        spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, window=4, block_size=4, num_blocks=64,
+                         max_seqs=1, max_seq_len=64)
+        cache = PagedKVCache(spec)
+        slot = cache.add_sequence()
+        return cache, StepInputs(
+            tokens=torch.arange(n), positions=torch.arange(n), never_evict=torch.zeros(n, dtype=torch.bool),
+            never_all=False, cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+            seq_slots=torch.tensor([slot], dtype=torch.int32), ctx_lens=torch.tensor([0], dtype=torch.int32),
+            logits_at=torch.tensor([n - 1]))
+
+    cache, step = step_on_fresh_cache()
+    assert onnx_executor.step_max_keys(step, cache) >= n
+    for length, fails in ((n - 1, True), (n, False)):
+        monkeypatch.setattr(onnx_executor, "step_max_keys", lambda step, cache, length=length: length)
+        cache, step = step_on_fresh_cache()
+        if fails:
+            with pytest.raises(KernelBoundError):
+                ex.forward(step, cache)
+        else:
+            assert ex.forward(step, cache).shape == (1, cfg.vocab_size)
+
+
 def test_clear_error_without_onnxruntime(monkeypatch):
     from kvzap_trt.executors.ort_ops import import_ort
 

@@ -125,3 +125,17 @@ def test_one_plan_serves_every_layer_as_the_reference_computes(monkeypatch):
     assert cache.kept_len.sum() > 0
     # Once for the attention's decode sub-batch, once for the eviction's step: 2 for 3 layers.
     assert len(calls) == 2 and calls[1] is plan
+
+
+def test_the_attention_plugins_max_keys_length_follows_the_plan_rounded_and_capped():
+    """export.plugins.max_keys_length: the step's key bound rounded up to KEY_BOUND_QUANTUM, at most
+    the plugin's capacity bound M * block_size + W + N, at least 1."""
+    from kvzap_trt.export.plugins import KEY_BOUND_QUANTUM, max_keys_length
+
+    cu, ctx = (0, 1, 2), (1000, 40)  # decode of two sequences
+    exact = key_bound(cu, ctx, 16, 100)  # 100 kept + 16 window + 1
+    assert max_keys_length(cu, ctx, 16, 100, 2048, 16) == KEY_BOUND_QUANTUM >= exact
+    assert max_keys_length(cu, ctx, 16, 300, 2048, 16) == 2 * KEY_BOUND_QUANTUM  # 317 keys
+    assert max_keys_length(cu, ctx, 16, None, 2048, 16) == 4 * KEY_BOUND_QUANTUM  # uncompressed: 1001
+    assert max_keys_length(cu, ctx, 16, None, 4, 16) == 4 * 16 + 16 + 2  # capped at the capacity
+    assert max_keys_length((0,), (), 16, None, 4, 16) == 1  # an empty step still binds one element

@@ -20,7 +20,7 @@ from kvzap_trt.executors.trt_executor import (
     step_feeds,
 )
 from kvzap_trt.export import check_policy, load_exported
-from kvzap_trt.export.plugins import CACHE_TENSORS
+from kvzap_trt.export.plugins import CACHE_TENSORS, step_max_keys
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.trt.profiles import (
     EngineLimits,
@@ -78,7 +78,7 @@ def test_binding_plan_binds_every_graph_name_and_aliases_the_cache(exported):
     for step in steps:
         B = step.seq_slots.numel()
         logits = torch.empty(B, meta["model"]["vocab_size"])
-        inputs, outputs = binding_plan(ins, outs, {**step_feeds(step, "cpu"), **cache_state(cache, error)}, logits)
+        inputs, outputs = binding_plan(ins, outs, {**step_feeds(step, "cpu", step_max_keys(step, cache)), **cache_state(cache, error)}, logits)
         assert list(inputs) == ins and list(outputs) == outs
         for name in CACHE_TENSORS:  # same tensor, same address: what the aliased plugin outputs need
             assert outputs[f"{name}_out"] is inputs[name]
@@ -93,7 +93,7 @@ def test_binding_plan_binds_every_graph_name_and_aliases_the_cache(exported):
 def test_binding_plan_refuses_what_does_not_match(exported):
     rt, path, steps, cache = exported
     ins, outs, types, _ = graph_io(path)
-    tensors = {**step_feeds(steps[1], "cpu"), **cache_state(cache, torch.zeros(1, dtype=torch.int32))}
+    tensors = {**step_feeds(steps[1], "cpu", step_max_keys(steps[1], cache)), **cache_state(cache, torch.zeros(1, dtype=torch.int32))}
     logits = torch.empty(2, 160)
     with pytest.raises(KvzapError, match="does not provide: never_evict"):
         binding_plan(ins, outs, {k: v for k, v in tensors.items() if k != "never_evict"}, logits)
@@ -128,16 +128,19 @@ def test_profiles_cover_the_graph_and_pick_decode_or_prefill(exported):
     assert decode["tokens"][2] == (4,) and prefill["tokens"][2] == (64,)
     assert decode["ring_table"][0][3] == decode["ring_table"][2][3] == spec.ring_pages  # fixed: W and bs are build settings
     assert decode["block_table"][2] == (3, 4, 4, spec.max_blocks_per_head)
+    capacity = spec.max_blocks_per_head * spec.block_size + spec.window  # + N: the plugin's own bound
+    assert decode["max_keys"][0] == (1,) and decode["max_keys"][2] == (capacity + 4,)
+    assert prefill["max_keys"][2] == (capacity + 64,)
     error = torch.zeros(1, dtype=torch.int32)
     ins, outs, *_ = graph_io(path)
     picked = []
     for step in steps:
-        inputs_, _ = binding_plan(ins, outs, {**step_feeds(step, "cpu"), **cache_state(cache, error)},
-                                  torch.empty(step.seq_slots.numel(), 160))
+        feeds = step_feeds(step, "cpu", step_max_keys(step, cache))
+        inputs_, _ = binding_plan(ins, outs, {**feeds, **cache_state(cache, error)}, torch.empty(step.seq_slots.numel(), 160))
         picked.append(select_profile([decode, prefill], {n: tuple(t.shape) for n, t in inputs_.items()}))
     assert picked[0] == 1 and set(picked[1:]) == {0}  # the 12-token prefill step, then decode steps
-    inputs_, _ = binding_plan(ins, outs, {**step_feeds(steps[1], "cpu"), **cache_state(cache, error)},
-                              torch.empty(2, 160))
+    feeds = step_feeds(steps[1], "cpu", step_max_keys(steps[1], cache))
+    inputs_, _ = binding_plan(ins, outs, {**feeds, **cache_state(cache, error)}, torch.empty(2, 160))
     shapes = {n: tuple(t.shape) for n, t in inputs_.items()}  # a decode step of 2 sequences
     one_seq = profile_shapes(inputs, dim_ranges(EngineLimits(1, 8, spec.max_seq_len, spec.block_size, spec.window,
                                                              spec.num_blocks))["decode"])
@@ -217,5 +220,5 @@ def test_step_feeds_refuse_a_sequence_without_new_tokens(exported):
     assert decode.cu_seqlens.tolist() == [0, 1, 2]
     idle = replace(decode, cu_seqlens=torch.tensor([0, 0, 2], dtype=torch.int32))  # same rows, one sequence idle
     with pytest.raises(KvzapError, match=r"sequences \[0\] of the step have no new token"):
-        step_feeds(idle, "cpu")
-    assert step_feeds(decode, "cpu")["cu_seqlens"].tolist() == [0, 1, 2]
+        step_feeds(idle, "cpu", 1)
+    assert step_feeds(decode, "cpu", 1)["cu_seqlens"].tolist() == [0, 1, 2]

@@ -20,7 +20,7 @@ from kvzap_trt.errors import KvzapError
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.executors.ort_ops import ORT_DOMAIN, import_ort, register
 from kvzap_trt.export import check_cache_shape, check_policy, load_exported
-from kvzap_trt.export.plugins import DOMAIN, cache_tensors
+from kvzap_trt.export.plugins import DOMAIN, cache_tensors, step_max_keys
 from kvzap_trt.ops.cuda_kernels import raise_kernel_error
 from kvzap_trt.surrogate import Surrogate
 
@@ -80,6 +80,7 @@ class OnnxExecutor:
         }
         feeds = {k: v.numpy() for k, v in feeds.items()}
         feeds["error"] = np.zeros(1, np.int32)  # zeroed once per step, as the host does for the plugins
+        feeds["max_keys"] = np.zeros(step_max_keys(step, cache), np.int32)  # its length is the step's key bound
         out = dict(zip(self.output_names, self.session.run(None, feeds)))
         for name, t in state.items():
             t.copy_(torch.from_numpy(out[f"{name}_out"]))

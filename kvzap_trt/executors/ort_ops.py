@@ -18,7 +18,7 @@ import torch
 
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.export.plugins import ATTENTION, EVICT, PLUGIN_NAMESPACE, PLUGIN_VERSION, PluginSpec
-from kvzap_trt.ops.cuda_kernels import ERR_BLOCK_TABLE_FULL, ERR_POOL_EXHAUSTED
+from kvzap_trt.ops.cuda_kernels import ERR_BLOCK_TABLE_FULL, ERR_BOUND_EXCEEDED, ERR_POOL_EXHAUSTED
 from kvzap_trt.ops.dispatch import REFERENCE
 
 ORT_DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions' domain for Python ops
@@ -61,15 +61,27 @@ def _layer(spec: PluginSpec, layer: int, num_layers: int) -> int:
 
 
 def attention(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table,
-              error, **attrs):
-    """KvzapVarlenPagedAttention: out, then the cache tensors handed on unchanged."""
+              error, max_keys, **attrs):
+    """KvzapVarlenPagedAttention: out, then the cache tensors handed on unchanged. As the kernel,
+    ORs ERR_BOUND_EXCEEDED into the flag when a row has more keys than max_keys' length."""
     f = _fields(ATTENTION, attrs)
     i = _layer(ATTENTION, f["layer"], block_table.shape[0])
     t = torch.from_numpy
     out = REFERENCE.paged_attention(t(q), t(k_new), t(v_new), t(cu_seqlens), t(seq_slots), t(ctx_lens), t(k_pool),
                                     t(v_pool), t(block_table)[i], t(kept_len)[i], t(ring_table)[i], f["window"],
                                     f["scale"])
+    if most_keys(cu_seqlens, seq_slots, ctx_lens, kept_len[i], f["window"]) > len(max_keys):
+        error |= ERR_BOUND_EXCEEDED
     return out.numpy(), k_pool, v_pool, block_table, kept_len, ring_table, error
+
+
+def most_keys(cu_seqlens, seq_slots, ctx_lens, kept_len, window: int) -> int:
+    """The most keys any row of a batch sees: its head's kept tokens + min(ctx, W) + its
+    sequence's new tokens (the last row). cu_seqlens [B+1], seq_slots, ctx_lens [B], kept_len [S, H]."""
+    new = cu_seqlens[1:] - cu_seqlens[:-1]
+    if not len(new):
+        return 0
+    return int((kept_len[seq_slots].max(axis=1) + ctx_lens.clip(max=window) + new).max())
 
 
 def evict(k_new, v_new, scores, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, pos_pool, score_pool, block_table,

@@ -30,7 +30,7 @@ from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.export import check_cache_shape, check_policy
-from kvzap_trt.export.plugins import CACHE_TENSORS, cache_tensors
+from kvzap_trt.export.plugins import CACHE_TENSORS, cache_tensors, step_max_keys
 from kvzap_trt.ops.cuda_kernels import raise_kernel_error
 from kvzap_trt.trt import ENGINE_FILE, ENGINE_META, default_plugin_lib, import_tensorrt, load_plugin_library
 from kvzap_trt.trt.profiles import select_profile
@@ -41,15 +41,17 @@ if TYPE_CHECKING:
 
 # The step's own inputs and their types in the graph (export/graph.py); the rest are CACHE_TENSORS.
 STEP_INPUTS = {"tokens": torch.int64, "positions": torch.int64, "never_evict": torch.bool, "logits_at": torch.int64,
-               "cu_seqlens": torch.int32, "seq_slots": torch.int32, "ctx_lens": torch.int32}
+               "cu_seqlens": torch.int32, "seq_slots": torch.int32, "ctx_lens": torch.int32}  # and max_keys, int32
 TORCH_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                      "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "int8": torch.int8,
                      "uint8": torch.uint8}
 
 
-def step_feeds(step: StepInputs, device: torch.device | str) -> dict[str, torch.Tensor]:
+def step_feeds(step: StepInputs, device: torch.device | str, max_keys: int) -> dict[str, torch.Tensor]:
     """The step's inputs on `device` in the graph's types (cu_seqlens, seq_slots, ctx_lens are
-    host tensors in StepInputs; logits_at may be int32). KvzapError if a sequence brings no new
+    host tensors in StepInputs; logits_at may be int32), and `max_keys`, an int32 tensor of that
+    length whose contents are never read (`export.plugins.step_max_keys`: the step's key bound,
+    which the attention plugin reads from the shape). KvzapError if a sequence brings no new
     token: the evict plugin bounds a sequence's new tokens by N - B + 1 (its README)."""
     idle = [b for b, n in enumerate((step.cu_seqlens[1:] - step.cu_seqlens[:-1]).tolist()) if n < 1]
     if idle:
@@ -57,7 +59,8 @@ def step_feeds(step: StepInputs, device: torch.device | str) -> dict[str, torch.
     raw = {"tokens": step.tokens, "positions": step.positions, "never_evict": step.never_evict,
            "logits_at": step.logits_at, "cu_seqlens": step.cu_seqlens, "seq_slots": step.seq_slots,
            "ctx_lens": step.ctx_lens}
-    return {n: t.to(device=device, dtype=STEP_INPUTS[n]).contiguous() for n, t in raw.items()}
+    feeds = {n: t.to(device=device, dtype=STEP_INPUTS[n]).contiguous() for n, t in raw.items()}
+    return {**feeds, "max_keys": torch.empty(max_keys, dtype=torch.int32, device=device)}
 
 
 def cache_state(cache: "PagedKVCache", error: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -199,7 +202,7 @@ class TrtExecutor:
     def forward(self, step: StepInputs, cache: "PagedKVCache") -> torch.Tensor:
         check_cache(self.meta, cache.spec, cache.device)
         self.error.zero_()  # once per step, on the step's stream; every plugin ORs into it
-        tensors = {**step_feeds(step, cache.device), **cache_state(cache, self.error)}
+        tensors = {**step_feeds(step, cache.device, step_max_keys(step, cache)), **cache_state(cache, self.error)}
         logits = torch.empty((step.seq_slots.numel(), self.vocab), dtype=torch.float32, device=cache.device)
         inputs, outputs = binding_plan(self.input_names, self.output_names, tensors, logits)
         check_bindings(self.dtypes, {**inputs, **outputs})

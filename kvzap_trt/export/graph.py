@@ -160,7 +160,8 @@ def build_graph(model: "Transformer", surrogate: "Surrogate | None", window: int
     }
     inputs = [vi("tokens", TensorProto.INT64, ["num_tokens"]), vi("positions", TensorProto.INT64, ["num_tokens"]),
               vi("never_evict", TensorProto.BOOL, ["num_tokens"]), vi("logits_at", TensorProto.INT64, ["batch"]),
-              vi("cu_seqlens", i32, ["batch_plus_1"]), vi("seq_slots", i32, ["batch"]), vi("ctx_lens", i32, ["batch"])]
+              vi("cu_seqlens", i32, ["batch_plus_1"]), vi("seq_slots", i32, ["batch"]), vi("ctx_lens", i32, ["batch"]),
+              vi("max_keys", i32, ["max_keys"])]  # a number in a shape: export/plugins.py max_keys_length
     inputs += [vi(n, *cache_shapes[n]) for n in CACHE_TENSORS]
 
     # Embedding and RoPE tables: cos, sin [N, 1, D] in T, from float32 angles as the model computes them.
@@ -201,14 +202,14 @@ def build_graph(model: "Transformer", surrogate: "Surrogate | None", window: int
                              surrogate.b2[i])
             scores = g.op1("Where", never, inf, g.cast(s, dtype, torch.float32))
 
-        attn_out = [f"attn_{i}"] + [f"{n}.attn_{i}" for n in ATTENTION.inputs[6:]]
-        ins = {"q": q, "k_new": k, "v_new": v, "scores": scores, **batch, **cache}
+        attn_out = [f"attn_{i}"] + [f"{n}.attn_{i}" for n in ATTENTION.handed_on]
+        ins = {"q": q, "k_new": k, "v_new": v, "scores": scores, "max_keys": "max_keys", **batch, **cache}
         outs = g.plugin(ATTENTION, ins, attn_out, i, {"window": window, "scale": scale})
-        cache.update(zip(ATTENTION.inputs[6:], outs[1:]))
+        cache.update(zip(ATTENTION.handed_on, outs[1:]))
         last = i == L - 1
-        evict_out = [f"{n}_out" if last else f"{n}.evict_{i}" for n in EVICT.inputs[6:]]
+        evict_out = [f"{n}_out" if last else f"{n}.evict_{i}" for n in EVICT.handed_on]
         outs_e = g.plugin(EVICT, {**ins, **cache}, evict_out, i, {"window": window, "threshold": threshold})
-        cache.update(zip(EVICT.inputs[6:], outs_e))
+        cache.update(zip(EVICT.handed_on, outs_e))
 
         o = g.op1("Reshape", attn_out[0], g.const([-1, Hq * D], torch.int64))
         h = g.op1("Add", h, g.linear(o, f"{p}.self_attn.o_proj", sd[f"{p}.self_attn.o_proj.weight"]))

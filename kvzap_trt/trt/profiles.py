@@ -11,6 +11,8 @@ The exported graph (`export/graph.py`) names its dynamic dimensions; each gets a
     max_seqs             1 .. S  (opt S)           same                      sequence slots of the cache
     max_blocks_per_head  1 .. ceil(C / bs)         same                      block table columns (C: context)
     ring_pages           ceil(W / bs) (fixed)      same                      window pages per head
+    max_keys (K)         1 .. Mbs + W + S          1 .. Mbs + W + T          the step's key bound, carried
+                         (opt max)                 (opt max)                 in a shape (M bs = ceil(C / bs) bs)
 
 S = max_seqs, T = max_num_tokens, P = the pool's blocks (kv_cache_mb's worth), C = max_seq_len.
 
@@ -73,9 +75,13 @@ def dim_ranges(limits: EngineLimits) -> dict[str, dict[str, Range]]:
     def batch(opt: int) -> dict[str, Range]:
         return {"batch": (1, opt, S), "batch_plus_1": (2, opt + 1, S + 1)}
 
+    def keys(rows: int) -> dict[str, Range]:  # export/plugins.py max_keys_length: at most the capacity bound
+        most = cache["max_blocks_per_head"][2] * bs + limits.window + rows
+        return {"max_keys": (1, most, most)}
+
     return {
-        "decode": {"num_tokens": (1, S, S), **batch(S), **cache},
-        "prefill": {"num_tokens": (1, min(T, 2048), T), **batch(1), **cache},
+        "decode": {"num_tokens": (1, S, S), **batch(S), **cache, **keys(S)},
+        "prefill": {"num_tokens": (1, min(T, 2048), T), **batch(1), **cache, **keys(T)},
     }
 
 

@@ -216,7 +216,8 @@ PluginIo const& attentionIo() {
          {"block_table", Kind::kINT32, -1, -1},
          {"kept_len", Kind::kINT32, -1, -1},
          {"ring_table", Kind::kINT32, -1, -1},
-         {"error", Kind::kINT32, -1, -1}},
+         {"error", Kind::kINT32, -1, -1},
+         {"max_keys", Kind::kINT32, -1, -1}},
         {{"out", Kind::kDATA, -1, kQ},
          {"k_pool_out", Kind::kDATA, kK_POOL, kK_POOL},
          {"v_pool_out", Kind::kDATA, kV_POOL, kV_POOL},
@@ -301,6 +302,10 @@ std::string checkAttentionShapes(Shape const* in, int32_t nbInputs, AttentionFie
     checkBatchAndPool(c, cache, d);
     checkLayerCache(c, cache, d);
     c.shape(kERROR, {1}, "[1]");
+    if (c.rank(kMAX_KEYS, 1)) d.K = in[kMAX_KEYS].d[0];
+    // Every row sees at least itself: a zero-length bound would flag every call.
+    c.require(d.K >= 1 || d.N == 0, "max_keys has length " + std::to_string(d.K) + " but q has " +
+                                        std::to_string(d.N) + " rows: its length bounds every row's keys (>= 1)");
     // Every row belongs to a sequence: the kernel looks each row's up in cu_seqlens.
     c.require(d.B > 0 || d.N == 0, std::to_string(d.N) + " rows of q but no sequence in seq_slots");
     c.require(d.H > 0 && d.Hq % d.H == 0 && d.Hq / d.H <= 8,
@@ -367,7 +372,10 @@ std::vector<Shape> outputShapes(PluginIo const& io, Shape const* inputs, int32_t
     return out;
 }
 
-int64_t attentionMaxKeys(CallDims const& d) { return d.M * d.BS + d.W + d.N; }
+int64_t attentionMaxKeys(CallDims const& d) {
+    int64_t const capacity = d.M * d.BS + d.W + d.N;
+    return d.K < 0 ? capacity : std::min(d.K, capacity);
+}
 
 int64_t evictMaxNewTokens(CallDims const& d) { return d.B > 0 && d.N >= d.B ? d.N - d.B + 1 : d.N; }
 

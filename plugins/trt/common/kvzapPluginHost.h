@@ -79,7 +79,7 @@ PluginIo const& evictIo();
 
 namespace attn {
 enum Input { kQ, kK_NEW, kV_NEW, kCU_SEQLENS, kSEQ_SLOTS, kCTX_LENS, kK_POOL, kV_POOL, kBLOCK_TABLE, kKEPT_LEN,
-             kRING_TABLE, kERROR, kNB_INPUTS };
+             kRING_TABLE, kERROR, kMAX_KEYS, kNB_INPUTS };
 enum Output { kOUT, kNB_OUTPUTS = 7 };
 }  // namespace attn
 
@@ -118,6 +118,7 @@ struct CallDims {
     int64_t W = 0;   // window tokens per head (the `window` field)
     int64_t R = 0;   // window pages per head: ring_table columns, ceil(W / BS)
     int64_t layers = 1;  // evict: layers this call works on (L when layer == -1)
+    int64_t K = -1;      // attention: the length of the max_keys input, the step's key bound (-1: none)
 };
 
 // Every input's rank and dimensions against the others (what torch_ops.cpp checks), ring_table's
@@ -132,14 +133,17 @@ std::string checkEvictShapes(Shape const* inputs, int32_t nbInputs, EvictFields 
 // Output shapes: each output has the shape of the input it follows (out: q's [N, Hq, D]).
 std::vector<Shape> outputShapes(PluginIo const& io, Shape const* inputs, int32_t nbInputs);
 
-// Host bounds, from shapes only (a plugin cannot read device data on the host):
-//   attention max_keys = M * block_size + W + N: a row sees at most its head's kept pages
-//     (<= M blocks), the window (<= W) and its sequence's new tokens (<= N);
+// Host bounds, from shapes only (a plugin cannot read device data on the host, and TensorRT hands
+// a plugin no host inputs):
+//   attention max_keys = min(K, M * block_size + W + N): a row sees at most its head's kept pages
+//     (<= M blocks), the window (<= W) and its sequence's new tokens (<= N); K, the length of the
+//     max_keys input (its contents are never read), is the step's bound from the kept lengths the
+//     host's scheduler knows, so that splits follow the compressed cache, not its capacity;
 //   evict max_new_tokens = N - B + 1: every sequence of a step brings at least one new token (the
 //     engine schedules no idle sequence), so none has more; 1 at decode (N == B), which takes the
 //     warp-per-head kernel. (N when B == 0 or N < B: the precondition is broken, N still bounds.)
-// The kernels set KVZAP_ERR_BOUND_EXCEEDED if a bound is below the real value: never for the
-// attention bound; for the evict bound only when a sequence has no new token (another then has
+// The kernels set KVZAP_ERR_BOUND_EXCEEDED if a bound is below the real value: for the attention
+// bound only when the host passed a K below some row's keys; for the evict bound only when a sequence has no new token (another then has
 // more than N - B + 1), so a broken precondition is reported, not a cache silently wrong.
 int64_t attentionMaxKeys(CallDims const& d);
 int64_t evictMaxNewTokens(CallDims const& d);

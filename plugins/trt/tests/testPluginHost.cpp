@@ -224,7 +224,8 @@ EvictFields evictFields(Dims const& d, int32_t layer) { return {layer, static_ca
 std::vector<Shape> attentionInputs(Dims const& d) {
     return {shape({d.N, d.Hq, d.D}), shape({d.N, d.H, d.D}), shape({d.N, d.H, d.D}), shape({d.B + 1}), shape({d.B}),
             shape({d.B}), shape({d.NB, d.BS, d.D}), shape({d.NB, d.BS, d.D}), shape({d.L, d.S, d.H, d.M}),
-            shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, ringPages(d)}), shape({1})};
+            shape({d.L, d.S, d.H}), shape({d.L, d.S, d.H, ringPages(d)}), shape({1}),
+            shape({d.M * d.BS + d.W + d.N})};  // max_keys: the capacity bound, no tighter
 }
 
 std::vector<Shape> evictInputs(Dims const& d, bool all) {
@@ -330,6 +331,22 @@ void testShapes() {
                   c.M == d.M && c.NB == d.NB && c.BS == d.BS && c.W == d.W && c.R == ringPages(d),
               "resolved dims N=%lld", (long long)d.N);
         CHECK(attentionMaxKeys(c) == d.M * d.BS + d.W + d.N, "max_keys");
+        // The max_keys input's length is the step's bound when below the capacity, else the capacity.
+        for (int64_t K : {int64_t{1}, d.W + 1, d.M * d.BS + d.W + d.N + 5}) {
+            std::vector<Shape> withK = in;
+            withK[attn::kMAX_KEYS] = shape({K});
+            CallDims ck;
+            e = checkAttentionShapes(withK.data(), attn::kNB_INPUTS, af, kDTYPE_BF16, ck);
+            CHECK(e.empty() && attentionMaxKeys(ck) == std::min(K, d.M * d.BS + d.W + d.N), "max_keys length %lld: %s",
+                  (long long)K, e.c_str());
+        }
+        if (d.N > 0) {  // a zero-length bound is refused, naming the input
+            std::vector<Shape> zero = in;
+            zero[attn::kMAX_KEYS] = shape({0});
+            CallDims unused;
+            e = checkAttentionShapes(zero.data(), attn::kNB_INPUTS, af, kDTYPE_BF16, unused);
+            CHECK(contains(e, "max_keys has length 0"), "max_keys of length 0: '%s'", e.c_str());
+        }
         std::vector<Shape> const out = outputShapes(attentionIo(), in.data(), attn::kNB_INPUTS);
         CHECK(out.size() == attn::kNB_OUTPUTS && same(out[attn::kOUT], shape({d.N, d.Hq, d.D})), "out shape");
         for (size_t i = 1; i < out.size(); ++i)
@@ -339,7 +356,7 @@ void testShapes() {
         for (int32_t i = 0; i < attn::kNB_INPUTS; ++i) {
             CallDims unused;
             for (int32_t k = 0; k < in[i].nbDims; ++k) {
-                if (i == attn::kBLOCK_TABLE && k == 3) continue;
+                if ((i == attn::kBLOCK_TABLE && k == 3) || i == attn::kMAX_KEYS) continue;  // they define M, K
                 std::vector<Shape> bad = in;
                 bad[i].d[k] += 1;
                 e = checkAttentionShapes(bad.data(), attn::kNB_INPUTS, af, kDTYPE_BF16, unused);
@@ -418,7 +435,7 @@ void testShapes() {
           "count");
     CHECK(contains(checkAttentionShapes(attentionInputs(small).data(), attn::kNB_INPUTS - 1, attentionFields(small),
                                         kDTYPE_FLOAT, c),
-                   "expected 12 inputs"),
+                   "expected 13 inputs"),
           "attention count");
     std::vector<Shape> unresolved = ein;
     unresolved[evict::kK_NEW].d[0] = -1;
@@ -483,6 +500,14 @@ void testWorkspace() {
         for (int sms : {108, 132, 148})
             CHECK(attentionWorkspaceBytes(c, attentionSplit(c, KVZAP_BFLOAT16, sms, 90)) <= profile, "N=%lld beyond the profile's %zu",
                   (long long)N, profile);
+        // A step's own key bound (the max_keys input's length) never needs more than the profile's.
+        for (int64_t K : {int64_t{1}, int64_t{300}, int64_t{5000}, int64_t{40000}}) {
+            in[attn::kMAX_KEYS] = shape({K});
+            CHECK(checkAttentionShapes(in.data(), attn::kNB_INPUTS, attentionFields(mid), kDTYPE_BF16, c).empty(),
+                  "profile shape, K = %lld", (long long)K);
+            CHECK(attentionWorkspaceBytes(c, attentionSplit(c, KVZAP_BFLOAT16, 132, 90)) <= profile,
+                  "N=%lld K=%lld beyond the profile's %zu", (long long)N, (long long)K, profile);
+        }
     }
     CHECK(attentionProfileWorkspace(minIn.data(), maxIn.data(), attn::kNB_INPUTS - 1, attentionFields(hi)) == 0,
           "wrong input count");
