@@ -50,6 +50,8 @@ def test_an_op_refuses_a_plan_of_another_batch():
     with pytest.raises(KvzapError, match="window 8 and max_kept 5"):
         StepPlan.of(plan, cu, slots, ctx, 8, "cpu", max_kept=7)
     assert StepPlan.of(None, cu, slots, ctx, 8, "cpu") is not plan
+    with pytest.raises(KvzapError, match="made for cpu; the call's tensors are on meta"):
+        StepPlan.of(plan, cu, slots, ctx, 8, "meta")
 
 
 def test_routing_sorts_sequences_by_kind_once_per_step():

@@ -19,7 +19,8 @@ workspace, made once per step), so the dispatch can swap them. Differences a cal
     around a whole forward step. The cache is invalid after it; the runtime's exact block bounds
     make it unreachable in serving.
 Streams: every buffer an op writes (workspace, error flag) and the plan's device copies are
-made on the stream the op runs on, the current one; the plan keeps them per stream.
+made on the stream the op runs on, the current one; the plan keeps its copies and workspace per
+stream (its routing rows are made once: a plan serves the one stream of its step's forward).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from kvzap_trt.device_reads import to_host
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.ops.cached_chunks import cached_chunk_attention
 from kvzap_trt.ops.fresh_prompts import attend_routing_fresh_prompts
-from kvzap_trt.ops.interface import StepPlan
+from kvzap_trt.ops.interface import StepPlan, indexed
 
 # The CUDA sources: beside the package in a source checkout, or where $KVZAP_TRT_PLUGINS says.
 PLUGINS = Path(os.environ.get("KVZAP_TRT_PLUGINS") or Path(__file__).resolve().parents[2] / "plugins")
@@ -101,11 +102,6 @@ def device_batch(plan: StepPlan) -> DeviceBatch:
 _deferred: dict[torch.device, tuple[torch.Tensor, int]] = {}
 
 
-def _cuda_key(device: torch.device | str) -> torch.device:
-    device = torch.device(device)
-    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-
-
 def raise_kernel_error(flag: int) -> None:
     """The exception for a kernel error flag (bits ERR_*), if any."""
     if flag & ERR_POOL_EXHAUSTED:
@@ -125,10 +121,10 @@ class KernelBoundError(KvzapError):
 def deferred_errors(device: torch.device | str):
     """Within the block, the ops on `device` do not sync to check their error flag; the flag of
     all their calls is read once on leaving (CacheFullError, KernelBoundError)."""
-    if torch.device(device).type != "cuda" or _cuda_key(device) in _deferred:
+    if torch.device(device).type != "cuda" or indexed(device) in _deferred:
         yield
         return
-    device = _cuda_key(device)
+    device = indexed(device)
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     _deferred[device] = (flag, torch.cuda.current_stream(device).cuda_stream)
     try:
@@ -142,7 +138,7 @@ def _error_flag(device: torch.device) -> tuple[torch.Tensor, bool]:
     """(flag to pass, whether the caller reads it now): the open deferred block's when the op runs
     on the stream the block was opened on (the flag was zeroed, and is read, on that stream), else
     a new one read after the call."""
-    key = _cuda_key(device)
+    key = indexed(device)
     flag, stream = _deferred.get(key, (None, None))
     if flag is not None and stream == torch.cuda.current_stream(key).cuda_stream:
         return flag, False
@@ -239,7 +235,7 @@ def split_and_workspace(dtype: torch.dtype, num_rows: int, num_q_heads: int, num
     K/V on `device`, the workspace allocated on the current stream. split_size 0: the launcher's
     heuristic (the resident blocks per SM differ between the fp32 and the tensor-core kernel)."""
     if split_size <= 0:
-        sms, sm = _device_shape(_cuda_key(device))
+        sms, sm = _device_shape(indexed(device))
         split_size = torch.ops.kvzap_trt.attention_split(dtype, num_rows, num_q_heads, num_kv_heads, max_keys, sms, sm)
     floats = torch.ops.kvzap_trt.attention_workspace_floats(num_rows, num_q_heads, head_dim, max_keys, split_size)
     return split_size, torch.empty(floats, dtype=torch.float32, device=device)

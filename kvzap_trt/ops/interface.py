@@ -55,6 +55,14 @@ def key_bound(host_cu: tuple[int, ...], host_ctx: tuple[int, ...], window: int, 
     return cached + chunk
 
 
+def indexed(device: torch.device | str) -> torch.device:
+    """`device` with its index ("cuda" -> the current CUDA device): what a plan's copies go to."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass(frozen=True)
 class Routing:
     """A step's sequences by kind (fresh_prompts.py routes the rows with it).
@@ -64,7 +72,8 @@ class Routing:
       when the implementation routes them (else they stay in `rest`)
     rest: the other sequences as one batch (decode rows, one-token prompts; None: there are none)
     rest_rows: [n] long on the plan's device: the rest's rows in the step's packing (None: the
-      rest is the whole step, in order)
+      rest is the whole step, in order); copied on the stream of the step's first layer, so a
+      plan serves one stream (the torch executor's forward runs on one)
     """
 
     fresh: tuple[tuple[int, int], ...]
@@ -78,7 +87,7 @@ class StepPlan:
     """One step's batch description as every layer's ops use it.
 
     cu_seqlens: [B+1]  seq_slots: [B]  ctx_lens: [B]  int32 host tensors (the ops' arguments);
-    cu, slots, ctx: the same as Python ints.  window: W.  device: where the cache lives.
+    cu, slots, ctx: the same as Python ints.  window: W.  device: where the cache lives (indexed).
     max_kept: no head of the batch holds more kept tokens when the step starts (None: unknown);
     the attention sizes its splits from it (`key_bound`).
     """
@@ -99,7 +108,7 @@ class StepPlan:
              device: torch.device | str, max_kept: int | None = None) -> "StepPlan":
         """The plan of one batch (host tensors: .tolist() reads no device)."""
         cu, slots, ctx = (tuple(t.tolist()) for t in (cu_seqlens, seq_slots, ctx_lens))
-        return cls(cu_seqlens, seq_slots, ctx_lens, cu, slots, ctx, int(window), torch.device(device), max_kept)
+        return cls(cu_seqlens, seq_slots, ctx_lens, cu, slots, ctx, int(window), indexed(device), max_kept)
 
     @classmethod
     def of(cls, plan: "StepPlan | None", cu_seqlens: torch.Tensor, seq_slots: torch.Tensor, ctx_lens: torch.Tensor,
@@ -112,6 +121,8 @@ class StepPlan:
         if plan.window != window or (max_kept is not None and max_kept != plan.max_kept):
             raise KvzapError(f"the plan has window {plan.window} and max_kept {plan.max_kept}; the call passes "
                              f"{window} and {max_kept}")
+        if indexed(device) != plan.device:
+            raise KvzapError(f"the plan was made for {plan.device}; the call's tensors are on {device}")
         return plan
 
     @property
