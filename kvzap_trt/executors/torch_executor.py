@@ -13,8 +13,8 @@ import torch
 from kvzap_trt.cache.paged_cache import LayerCache, PagedKVCache
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.models.transformer import Transformer
-from kvzap_trt.ops.interface import StepPlan
 from kvzap_trt.ops.dispatch import ops
+from kvzap_trt.ops.interface import StepPlan
 from kvzap_trt.surrogate import Surrogate
 
 
@@ -35,7 +35,7 @@ class TorchExecutor:
                               alloc.num_free_t, cache.spec.window, self.threshold, plan=plan)
 
     def forward(self, step: StepInputs, cache: PagedKVCache) -> torch.Tensor:
-        dev, W = cache.device, cache.spec.window
+        dev, W = cache.k_pool.device, cache.spec.window  # indexed: the plan copies to it
         never = step.never_evict
         # One plan for every layer's ops (ops/interface.py): routing, device copies, attention split.
         plan = StepPlan.make(step.cu_seqlens, step.seq_slots, step.ctx_lens, W, dev, step.max_kept)
