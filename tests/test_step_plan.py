@@ -80,28 +80,42 @@ def test_key_bound_is_the_plans_and_follows_max_kept():
     assert StepPlan.make(cu, slots, ctx, 16, "cpu").key_bound == 1000 + 1
 
 
-def mixed_step(seed: int = 0):
+def mixed_step(seed: int = 0, device: str = "cpu", D: int = 8, dtype: torch.dtype = torch.float32):
     """A 3-layer cache holding history for 3 of 5 sequences, and one step over all 5: decode
     (ctx 7), a fresh prompt of 3, a chunk of 2 over ctx 4, an idle sequence (ctx 9), a one-token
-    prompt. Deterministic in `seed`, so two calls build identical caches."""
+    prompt. Deterministic in `seed`, so two calls build identical caches. -> (cache, (q, k, v,
+    scores) on `device`, (cu_seqlens, seq_slots, ctx_lens) host int32)."""
     g = torch.Generator().manual_seed(seed)
-    spec = CacheSpec(3, 2, 8, 4, 4, 512, 5, 256, torch.float32)  # L, H, D, W, bs, blocks, S, max len
-    cache = PagedKVCache(spec, "cpu")
+    spec = CacheSpec(3, 2, D, 4, 4, 512, 5, 256, dtype)  # L, H, D, W, bs, blocks, S, max len
+    cache = PagedKVCache(spec, device)
     slots = [cache.add_sequence() for _ in range(5)]
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
     history = {0: 7, 2: 4, 3: 9}
     for b, c in history.items():
         for layer in range(spec.num_layers):
             lc, a = cache.layer(layer), cache.allocator
-            reference_evict.evict_append(torch.randn(c, 2, 8, generator=g), torch.randn(c, 2, 8, generator=g),
-                                         torch.randn(c, 2, generator=g), i32([0, c]), i32([slots[b]]), i32([0]),
-                                         lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool, lc.block_table, lc.kept_len,
-                                         lc.ring_table, a.free_stack, a.num_free_t, spec.window, 0.0)
+            reference_evict.evict_append(rand(c, 2, D).to(dtype), rand(c, 2, D).to(dtype), rand(c, 2), i32([0, c]),
+                                         i32([slots[b]]), i32([0]), lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool,
+                                         lc.block_table, lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t,
+                                         spec.window, 0.0)
     lens, ctx = [1, 3, 2, 0, 1], [7, 0, 4, 9, 0]
     cu = i32([0, *torch.tensor(lens).cumsum(0).tolist()])
     N = int(cu[-1])
-    step = (torch.randn(N, 4, 8, generator=g), torch.randn(N, 2, 8, generator=g), torch.randn(N, 2, 8, generator=g),
-            torch.randn(N, 2, generator=g))
+    step = (rand(N, 4, D).to(dtype), rand(N, 2, D).to(dtype), rand(N, 2, D).to(dtype), rand(N, 2))
     return cache, step, (cu, i32(slots), i32(ctx))
+
+
+def run_layers(cache, step, batch, attend, evict, **kw) -> list[torch.Tensor]:
+    """Attention then eviction, layer by layer, of one step (the executor's order) -> each layer's output."""
+    (q, k, v, scores), (cu, slots, ctx), W = step, batch, cache.spec.window
+    outs = []
+    for layer in range(cache.spec.num_layers):
+        lc, a = cache.layer(layer), cache.allocator
+        outs.append(attend(q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table,
+                           W, 0.125, **kw))
+        evict(k, v, scores, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool, lc.block_table,
+              lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t, W, 0.0, **kw)
+    return outs
 
 
 def test_one_plan_serves_every_layer_as_the_reference_computes(monkeypatch):
@@ -110,23 +124,39 @@ def test_one_plan_serves_every_layer_as_the_reference_computes(monkeypatch):
     calls = []
     of = cpu_fast.DecodeRows.of
     monkeypatch.setattr(cpu_fast.DecodeRows, "of", classmethod(lambda cls, plan: calls.append(plan) or of(plan)))
-    (cache, (q, k, v, scores), (cu, slots, ctx)), (ref, _, _) = mixed_step(), mixed_step()
-    W = cache.spec.window
-    plan = StepPlan.make(cu, slots, ctx, W, "cpu")
-    out = {}
-    for layer in range(cache.spec.num_layers):
-        for c, attend, evict, kw in ((cache, cpu_fast.paged_attention, cpu_fast.evict_append, {"plan": plan}),
-                                     (ref, reference_attention, reference_evict.evict_append, {})):
-            lc, a = c.layer(layer), c.allocator
-            out[c] = attend(q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table,
-                           W, 0.125, **kw)
-            evict(k, v, scores, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.pos_pool, lc.score_pool, lc.block_table,
-                  lc.kept_len, lc.ring_table, a.free_stack, a.num_free_t, W, 0.0, **kw)
-        torch.testing.assert_close(out[cache], out[ref], atol=1e-5, rtol=1e-5)
+    (cache, step, batch), (ref, _, _) = mixed_step(), mixed_step()
+    plan = StepPlan.make(*batch, cache.spec.window, "cpu")
+    outs = run_layers(cache, step, batch, cpu_fast.paged_attention, cpu_fast.evict_append, plan=plan)
+    ref_outs = run_layers(ref, step, batch, reference_attention, reference_evict.evict_append)
+    for out, want in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(cache.kept_len, ref.kept_len) and cache.allocator.num_free == ref.allocator.num_free
     assert cache.kept_len.sum() > 0
     # Once for the attention's decode sub-batch, once for the eviction's step: 2 for 3 layers.
     assert len(calls) == 2 and calls[1] is plan
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ops_with_one_plan_per_step_equal_the_reference(monkeypatch, dtype):
+    """The kernels' wrapper given one plan for every layer of a mixed step: outputs as the
+    reference's (tolerance relative to its own rounding), the same kept lengths and pool use, and
+    the attention's split and workspace made once for the step, not per layer."""
+    cuda_kernels.load()
+    made = []
+    split = cuda_kernels.split_and_workspace
+    monkeypatch.setattr(cuda_kernels, "split_and_workspace", lambda *a, **k: made.append(a) or split(*a, **k))
+    (cache, step, batch), (ref, _, _) = mixed_step(0, "cuda", 64, dtype), mixed_step(0, "cuda", 64, dtype)
+    plan = StepPlan.make(*batch, cache.spec.window, cache.k_pool.device)
+    with cuda_kernels.deferred_errors(cache.device):
+        outs = run_layers(cache, step, batch, cuda_kernels.paged_attention, cuda_kernels.evict_append, plan=plan)
+    ref_outs = run_layers(ref, step, batch, reference_attention, reference_evict.evict_append)
+    # bf16: each side rounds once (half an ulp, 2^-8 relative) and the kernel's P passes through bf16.
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 2**-7)
+    for out, want in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=rtol)
+    assert torch.equal(cache.kept_len, ref.kept_len) and cache.allocator.num_free == ref.allocator.num_free
+    assert len(made) == 1  # the decode sub-batch's split and workspace, for 3 layers
 
 
 def test_the_attention_plugins_max_keys_length_follows_the_plan_rounded_and_capped():
