@@ -5,6 +5,8 @@ Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, wind
   - decode attention (kvzapVarlenPagedAttention) for batch x context x kept fraction: time, GB/s
     counting q + kept K/V bytes (FlashInfer's convention), and the dense baseline on the full,
     uncompressed cache (FlashInfer's paged decode if its wheel runs here, else PyTorch SDPA);
+    launched as the engine launches it (splits from the step plan's key bound, kept + window + 1),
+    and again with splits from the uncompressed context (what the bound buys);
   - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers;
   - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer;
   - page size: decode attention at the largest batch and context with 32- and 64-token pages
@@ -25,10 +27,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
 from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.ops import cuda_kernels
+from kvzap_trt.ops.interface import key_bound
 
 HQ, H, D, W, BS, LAYERS = 32, 8, 128, 128, 16, 36  # BS: the page size of every case but the page-size sweep
 R = -(-W // BS)  # window pages per head
@@ -89,22 +92,32 @@ def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense
     k_new, v_new = (torch.randn(batch, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
     cu, slots, ctx = ints(list(range(batch + 1))), ints(list(range(batch))), ints([context] * batch)
     out, stream = torch.empty_like(q), torch.cuda.current_stream().cuda_stream
-    max_keys = context + 1
-    split, workspace = cuda_kernels.split_and_workspace(DTYPE, batch, HQ, H, D, max_keys, q.device)
     error = torch.zeros(1, dtype=torch.int32, device="cuda")
 
-    def run():
-        torch.ops.kvzap_trt.paged_attention(q, k_new, v_new, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table,
-                                            lc.kept_len, lc.ring_table, W, D**-0.5, max_keys, split, out, workspace,
-                                            error, stream)
+    def timed(max_keys: int) -> float:
+        """Microseconds of one launch whose splits are sized from max_keys."""
+        split, workspace = cuda_kernels.split_and_workspace(DTYPE, batch, HQ, H, D, max_keys, q.device)
 
-    t = time_us(run)
-    cuda_kernels.raise_kernel_error(int(error.item()))
+        def run():
+            torch.ops.kvzap_trt.paged_attention(q, k_new, v_new, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table,
+                                                lc.kept_len, lc.ring_table, W, D**-0.5, max_keys, split, out,
+                                                workspace, error, stream)
+
+        t = time_us(run)
+        cuda_kernels.raise_kernel_error(int(error.item()))
+        return t
+
+    # What the engine launches: the plan's bound from the scheduler's max_kept (kept + W + 1); and
+    # splits sized from the uncompressed context, as before the plan carried max_kept (and as a
+    # TensorRT engine would without its max_keys input).
+    t = timed(key_bound(tuple(range(batch + 1)), (context,) * batch, W, kept))
+    t_context = timed(context + 1)
     keys = kept + W + 1
     moved = batch * (HQ * D + 2 * H * keys * D) * 2
     dense_t = dense_fn(batch, context)
     return {"kernel": "varlenPagedAttention", "batch": batch, "kv_len": context, "kept_fraction": kept_fraction,
-            "block_size": block_size, "time_us": t, "GBps": moved / t / 1e3, "dense_time_us": dense_t, "speedup_vs_dense": dense_t / t}
+            "block_size": block_size, "time_us": t, "GBps": moved / t / 1e3, "dense_time_us": dense_t,
+            "speedup_vs_dense": dense_t / t, "time_us_splits_from_context": t_context}
 
 
 def dense_baseline():
@@ -218,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True), bench_prefill_evict(32768)]
 
     print(f"{device}: copy {copy:.0f} GB/s; dense baseline: {baseline}")
-    print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'page':>5}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}{'speedup':>9}")
+    print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'page':>5}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}"
+          f"{'speedup':>9}{'ctx-split us':>13}")
     for r in cases:
         gbps = r.get("GBps")
         print(f"{r['kernel']:<22}{r['batch']:>6}{r['kv_len']:>8}{r['kept_fraction']:>6.2f}{r.get('block_size', BS):>5}"
               f"{r['time_us']:>10.1f}"
               + (f"{gbps:>8.0f}{100 * gbps / copy:>6.0f}%{r['dense_time_us']:>10.1f}{r['speedup_vs_dense']:>8.2f}x"
+                 f"{r['time_us_splits_from_context']:>13.1f}"
                  if gbps else f"{'':>8}{'':>7}" + "".join(f"  {k}={v:.4g}" for k, v in r.items()
                                                           if k in ("time_us_per_layer", "fraction_of_prefill_attention"))))
 
@@ -258,9 +273,7 @@ def plot(rows: list[dict], copy: float, path: Path, device: str) -> None:
     for ax in (ax1, ax2):
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    atomic_save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":
