@@ -31,11 +31,15 @@ class Collector:
     def __init__(self):
         self.events: list[Event] = []
         self.done = threading.Event()
+        self.closed = 0  # times the loop closed the stream without a response (a dropped job)
 
     def __call__(self, ev: Event):
         self.events.append(ev)
         if ev.final:
             self.done.set()
+
+    def close(self):
+        self.closed += 1
 
     @property
     def text(self) -> str:
@@ -47,11 +51,12 @@ def run_jobs(loop, params_list, cancel_after_first=()):
     for i, params in enumerate(params_list):
         c = Collector()
         cancelled = (lambda c=c: len(c.events) >= 1) if i in cancel_after_first else (lambda: False)
-        loop.submit(Job(params, loop.prepare(params), emit=c, is_cancelled=cancelled))
+        loop.submit(Job(params, loop.prepare(params), emit=c, is_cancelled=cancelled, close=c.close))
         collectors.append(c)
     for i, c in enumerate(collectors):
         if i not in cancel_after_first:
             assert c.done.wait(120), "no final event"
+            assert c.closed == 0  # a job answered to the end is never closed as dropped
     return collectors
 
 
@@ -108,6 +113,7 @@ def test_cancelled_job_returns_its_blocks(runtime):
             time.sleep(0.05)
         assert not loop.engine.running and loop.engine.cache.allocator.num_free == total
         assert not any(e.final for e in c.events) and 1 <= len(c.events) < 50
+        assert c.closed == 1  # its stream was closed once (Triton: the FINAL flag releases the request)
     finally:
         loop.stop()
 

@@ -1,7 +1,7 @@
 """Continuous batching behind a server: one thread owns the engine, others submit jobs.
 
-A job is a parsed request plus an `emit(Event)` callback and an `is_cancelled()` probe (Triton's
-response sender provides both). Each engine step, every job gets its new text (stream mode) or,
+A job is a parsed request plus an `emit(Event)` callback, an `is_cancelled()` probe and a
+`close()` for a dropped job's stream (Triton's response sender provides all three). Each engine step, every job gets its new text (stream mode) or,
 once finished, one final event with the KV figures. Cancelled jobs are aborted and their blocks
 return to the pool before the next step. Nothing here imports Triton: it is tested directly.
 """
@@ -43,6 +43,10 @@ class Job:
     prompt_ids: list[int]
     emit: Callable[[Event], None]
     is_cancelled: Callable[[], bool] = lambda: False
+    # Ends the job's response stream without a response, when the engine drops the job because its
+    # client cancelled or cannot be reached (Triton: the response sender's FINAL flag, which
+    # releases the request; a decoupled model holding an unreleased one cannot unload).
+    close: Callable[[], None] = lambda: None
     embed: bool = False  # record the KV embedding: request.embedding once done (kvzap_trt/kvcoe)
     reasoning: Reasoning | None = None  # fast/slow reasoning (`Runtime.reasoning`), None: off
     request: Request | None = None
@@ -134,8 +138,7 @@ class EngineLoop:
         while not self._stop.is_set():
             self._take_new(block=not self.engine.has_work())
             for job in [j for j in self.jobs if j.is_cancelled()]:
-                self.engine.abort(job.request)
-                self.jobs.remove(job)
+                self._drop(job)
             if self.engine.has_work():
                 try:
                     self.engine.step()
@@ -198,9 +201,17 @@ class EngineLoop:
         except Exception:  # noqa: BLE001 - e.g. the response sender of a closed connection
             log.warning("dropping request %s: its response could not be sent", job.request and job.request.request_id)
             if job in self.jobs:
-                self.engine.abort(job.request)
-                self.jobs.remove(job)
+                self._drop(job)
             return False
+
+    def _drop(self, job: Job) -> None:
+        """Abort a running job (its blocks return to the pool) and close its response stream."""
+        self.engine.abort(job.request)
+        self.jobs.remove(job)
+        try:
+            job.close()
+        except Exception:  # noqa: BLE001 - the stream may be closed already
+            log.warning("request %s: its response stream could not be closed", job.request.request_id)
 
     def _fail_all(self, message: str) -> None:
         for job in list(self.jobs):

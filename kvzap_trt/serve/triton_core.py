@@ -99,6 +99,7 @@ class TritonPythonModel:
                 self._send(sender, Event("", True, error=f"bad request: {type(e).__name__}: {e}"))
                 continue
             self.loop.submit(Job(params, ids, emit=lambda ev, s=sender: self._send(s, ev), is_cancelled=sender.is_cancelled,
+                                 close=lambda s=sender: s.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL),
                                  reasoning=plan))
         return None
 

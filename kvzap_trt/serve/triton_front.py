@@ -12,6 +12,7 @@ import json
 import threading
 
 from kvzap_trt.serve.protocol import INPUTS, OUTPUTS
+from kvzap_trt.serve.stub_watchdog import start_parent_watchdog
 
 
 class TritonPythonModel:
@@ -21,6 +22,7 @@ class TritonPythonModel:
         self.pb = pb_utils
         params = json.loads(args["model_config"]).get("parameters", {})
         self.core = params["core_model"]["string_value"]
+        start_parent_watchdog()  # a forwarding thread must not keep an orphaned stub alive
 
     def execute(self, requests):
         for request in requests:
