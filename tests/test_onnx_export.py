@@ -187,7 +187,7 @@ def test_full_pool_raises_after_the_step(tiny_dirs):
 
 
 def test_attention_flags_a_max_keys_input_shorter_than_a_rows_keys(tiny_dirs, monkeypatch):
-    """The attention binding checks the bound carried in max_keys' length as the kernel does: a
+    """The attention binding checks the contract of the bound carried in max_keys' length: a
     fresh 9-token prompt's last row sees 9 keys, so a length of 8 raises KernelBoundError after the
     step, 9 does not. The executors pass export.plugins.step_max_keys (>= 9 here)."""
     from kvzap_trt.executors import onnx_executor

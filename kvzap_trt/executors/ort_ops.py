@@ -62,8 +62,10 @@ def _layer(spec: PluginSpec, layer: int, num_layers: int) -> int:
 
 def attention(q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table,
               error, max_keys, **attrs):
-    """KvzapVarlenPagedAttention: out, then the cache tensors handed on unchanged. As the kernel,
-    ORs ERR_BOUND_EXCEEDED into the flag when a row has more keys than max_keys' length."""
+    """KvzapVarlenPagedAttention: out, then the cache tensors handed on unchanged. ORs
+    ERR_BOUND_EXCEEDED into the flag when a row has more keys than max_keys' length, the
+    contract's bound (stricter than the kernel, which flags only when its whole splits, of at
+    least 256 keys, miss some of a row's keys)."""
     f = _fields(ATTENTION, attrs)
     i = _layer(ATTENTION, f["layer"], block_table.shape[0])
     t = torch.from_numpy

@@ -10,6 +10,7 @@ and the final norm and lm_head at the rows `logits_at`.
 Graph inputs (N packed tokens, B sequences; names of symbolic dims in quotes):
   tokens [N] int64   positions [N] int64   never_evict [N] bool   logits_at [B] int64
   cu_seqlens [B+1] int32   seq_slots [B] int32   ctx_lens [B] int32
+  max_keys ["max_keys"] int32: its length is the step's key bound (export/plugins.py), never read
   k_pool, v_pool [num_blocks, block_size, D] T   pos_pool [num_blocks, block_size] int32
   score_pool [num_blocks, block_size] float32   block_table [L, S, Hkv, M] int32
   kept_len [L, S, Hkv] int32   ring_table [L, S, Hkv, R] int32   free_stack [num_blocks] int32

@@ -303,7 +303,7 @@ std::string checkAttentionShapes(Shape const* in, int32_t nbInputs, AttentionFie
     checkLayerCache(c, cache, d);
     c.shape(kERROR, {1}, "[1]");
     if (c.rank(kMAX_KEYS, 1)) d.K = in[kMAX_KEYS].d[0];
-    // Every row sees at least itself: a zero-length bound would flag every call.
+    // Every row sees at least itself: a zero-length bound bounds no row.
     c.require(d.K >= 1 || d.N == 0, "max_keys has length " + std::to_string(d.K) + " but q has " +
                                         std::to_string(d.N) + " rows: its length bounds every row's keys (>= 1)");
     // Every row belongs to a sequence: the kernel looks each row's up in cu_seqlens.

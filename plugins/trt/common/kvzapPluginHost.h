@@ -142,9 +142,10 @@ std::vector<Shape> outputShapes(PluginIo const& io, Shape const* inputs, int32_t
 //   evict max_new_tokens = N - B + 1: every sequence of a step brings at least one new token (the
 //     engine schedules no idle sequence), so none has more; 1 at decode (N == B), which takes the
 //     warp-per-head kernel. (N when B == 0 or N < B: the precondition is broken, N still bounds.)
-// The kernels set KVZAP_ERR_BOUND_EXCEEDED if a bound is below the real value: for the attention
-// bound only when the host passed a K below some row's keys; for the evict bound only when a sequence has no new token (another then has
-// more than N - B + 1), so a broken precondition is reported, not a cache silently wrong.
+// The kernels set KVZAP_ERR_BOUND_EXCEEDED when a bound is below what they meet and their grid
+// misses work: attention, only with a host K below a row's keys whose whole splits (>= 256 keys)
+// miss some; evict, only when a sequence has more than N - B + 1 new tokens, which needs an idle
+// sequence in the step (an idle head itself does nothing, exactly).
 int64_t attentionMaxKeys(CallDims const& d);
 int64_t evictMaxNewTokens(CallDims const& d);
 
