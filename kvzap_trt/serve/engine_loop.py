@@ -1,9 +1,10 @@
 """Continuous batching behind a server: one thread owns the engine, others submit jobs.
 
 A job is a parsed request plus an `emit(Event)` callback, an `is_cancelled()` probe and a
-`close()` for a dropped job's stream (Triton's response sender provides all three). Each engine step, every job gets its new text (stream mode) or,
-once finished, one final event with the KV figures. Cancelled jobs are aborted and their blocks
-return to the pool before the next step. Nothing here imports Triton: it is tested directly.
+`close()` for a dropped job's stream (Triton's response sender provides all three). Each engine
+step, every job gets its new text (stream mode) or, once finished, one final event with the KV
+figures. Cancelled jobs are aborted, their streams closed, and their blocks return to the pool
+before the next step. Nothing here imports Triton: it is tested directly.
 """
 
 from __future__ import annotations
