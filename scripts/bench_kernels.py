@@ -10,7 +10,9 @@ Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, wind
   - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers;
   - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer;
   - page size: decode attention at the largest batch and context with 32- and 64-token pages
-    (--page-sizes) beside the 16-token pages of the rest (scattered 4 KiB pages against longer runs).
+    (--page-sizes) beside the 16-token pages of the rest (scattered 4 KiB pages against longer runs),
+    and with 16-token pages laid out in one run per head (page "16r": what allocating pages in runs
+    could buy at best);
 Prints a table, writes bench/results/kernels-<device>-<date>.json and a PNG.
 
     .venv/bin/python scripts/bench_kernels.py [--batches 1 8 32] [--contexts 4096 16384 32768] [--page-sizes 16 32 64]
@@ -69,14 +71,16 @@ def ints(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device="cuda")
 
 
-def attention_cache(batch: int, context: int, kept_fraction: float, block_size: int = BS):
+def attention_cache(batch: int, context: int, kept_fraction: float, block_size: int = BS, runs: bool = False):
     """One layer: each kv head of each sequence keeps kept_fraction of the tokens outside the
-    window, and holds a full window; pages in random pool order."""
+    window, and holds a full window; pages in random pool order, or with `runs` each head's pages
+    consecutive in the pool (what allocating a head's pages in runs would give at best)."""
     kept = round(kept_fraction * (context - W))
     blocks_per_head, ring = -(-kept // block_size), -(-W // block_size)
     spec = CacheSpec(1, H, D, W, block_size, batch * H * (blocks_per_head + ring), batch, context + 1, DTYPE)
     cache = PagedKVCache(spec, "cuda")
-    ids = torch.randperm(spec.num_blocks, device="cuda", dtype=torch.int32).view(batch, H, blocks_per_head + ring)
+    order = torch.arange if runs else torch.randperm
+    ids = order(spec.num_blocks, device="cuda", dtype=torch.int32).view(batch, H, blocks_per_head + ring)
     cache.block_table[0, :, :, :blocks_per_head] = ids[..., :blocks_per_head]
     cache.ring_table[0] = ids[..., blocks_per_head:]
     cache.kept_len[0] = kept
@@ -85,8 +89,9 @@ def attention_cache(batch: int, context: int, kept_fraction: float, block_size: 
     return cache, kept
 
 
-def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense_fn, block_size: int = BS) -> dict:
-    cache, kept = attention_cache(batch, context, kept_fraction, block_size)
+def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense_fn, block_size: int = BS,
+                           runs: bool = False) -> dict:
+    cache, kept = attention_cache(batch, context, kept_fraction, block_size, runs)
     lc = cache.layer(0)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
     k_new, v_new = (torch.randn(batch, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
@@ -116,7 +121,7 @@ def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense
     moved = batch * (HQ * D + 2 * H * keys * D) * 2
     dense_t = dense_fn(batch, context)
     return {"kernel": "varlenPagedAttention", "batch": batch, "kv_len": context, "kept_fraction": kept_fraction,
-            "block_size": block_size, "time_us": t, "GBps": moved / t / 1e3, "dense_time_us": dense_t,
+            "block_size": block_size, "page_runs": runs, "time_us": t, "GBps": moved / t / 1e3, "dense_time_us": dense_t,
             "speedup_vs_dense": dense_t / t, "time_us_splits_from_context": t_context}
 
 
@@ -226,16 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     grid = [(b, c, f) for b in args.batches for c in args.contexts for f in args.kept]
     grid += [(max(args.batches), max(args.contexts), f, bs) for bs in args.page_sizes if bs != BS for f in args.kept]
-    for b, c, f, *bs in tqdm(grid, desc="decode attention", file=sys.stderr):
-        cases.append(bench_decode_attention(b, c, f, dense_fn, *bs))
+    # Each head's pages consecutive in the pool, at the largest batch and context: whether
+    # allocating pages in runs would pay (against the scattered pages of the same case above).
+    grid += [(max(args.batches), max(args.contexts), f, BS, True) for f in args.kept]
+    for b, c, f, *layout in tqdm(grid, desc="decode attention", file=sys.stderr):
+        cases.append(bench_decode_attention(b, c, f, dense_fn, *layout))
     cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True), bench_prefill_evict(32768)]
 
     print(f"{device}: copy {copy:.0f} GB/s; dense baseline: {baseline}")
-    print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'page':>5}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}"
+    print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'page':>6}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}"
           f"{'speedup':>9}{'ctx-split us':>13}")
     for r in cases:
         gbps = r.get("GBps")
-        print(f"{r['kernel']:<22}{r['batch']:>6}{r['kv_len']:>8}{r['kept_fraction']:>6.2f}{r.get('block_size', BS):>5}"
+        page = f"{r.get('block_size', BS)}{'r' if r.get('page_runs') else ''}"  # r: the head's pages in one run
+        print(f"{r['kernel']:<22}{r['batch']:>6}{r['kv_len']:>8}{r['kept_fraction']:>6.2f}{page:>6}"
               f"{r['time_us']:>10.1f}"
               + (f"{gbps:>8.0f}{100 * gbps / copy:>6.0f}%{r['dense_time_us']:>10.1f}{r['speedup_vs_dense']:>8.2f}x"
                  f"{r['time_us_splits_from_context']:>13.1f}"
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
               "cases": cases}
     path = args.out / f"kernels-{slug}-{date}.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    plot([r for r in cases if "GBps" in r and r["block_size"] == BS], copy, path.with_suffix(".png"), device)
+    plot([r for r in cases if "GBps" in r and r["block_size"] == BS and not r["page_runs"]], copy, path.with_suffix(".png"),
+         device)
     print(f"wrote {path}")
     return 0
 

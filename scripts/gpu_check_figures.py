@@ -46,7 +46,9 @@ def newest(folder: Path, pattern: str) -> dict:
 def kernels(folder: Path) -> str:
     """Copy bandwidth, the best decode attention GB/s and its speed-up over dense, evict times."""
     r = newest(folder, "kernels-*.json")
-    attention = [c for c in r["cases"] if "GBps" in c]
+    # The engine's layout (16-token pages, scattered); the page-size and page-run rows are the sweep's.
+    attention = [c for c in r["cases"] if "GBps" in c and c["block_size"] == r["shapes"]["block_size"]
+                 and not c.get("page_runs")]
     best = max(attention, key=lambda c: c["GBps"])
     evict = {c["kernel"]: c["time_us"] for c in r["cases"] if c["kernel"].startswith("evict")}
     return (f"{r['device']}: copy {r['copy_GBps']:.0f} GB/s; decode attention best {best['GBps']:.0f} GB/s "

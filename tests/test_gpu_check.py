@@ -121,9 +121,14 @@ def test_summary_figures(tmp_path):
                    "========= ERROR SUMMARY: 3 errors\n")
     assert figures.sanitizer(log) == "sanitizer: 3 errors; 6 of 6 runs match the reference"
     (tmp_path / "kernels-h100-2026-11-24.json").write_text(json.dumps({
-        "device": "NVIDIA H100", "copy_GBps": 3000.0,
-        "cases": [{"kernel": "varlenPagedAttention", "batch": 8, "kv_len": 4096, "kept_fraction": 0.5,
-                   "time_us": 10.0, "GBps": 1500.0, "speedup_vs_dense": 1.8},
+        "device": "NVIDIA H100", "copy_GBps": 3000.0, "shapes": {"block_size": 16},
+        "cases": [{"kernel": "varlenPagedAttention", "batch": 8, "kv_len": 4096, "kept_fraction": 0.5, "block_size": 16,
+                   "page_runs": False, "time_us": 10.0, "GBps": 1500.0, "speedup_vs_dense": 1.8},
+                  # the sweep's rows (another page size, pages in runs) are not the engine's layout
+                  {"kernel": "varlenPagedAttention", "batch": 8, "kv_len": 4096, "kept_fraction": 0.5, "block_size": 64,
+                   "page_runs": False, "time_us": 5.0, "GBps": 2900.0, "speedup_vs_dense": 3.6},
+                  {"kernel": "varlenPagedAttention", "batch": 8, "kv_len": 4096, "kept_fraction": 0.5, "block_size": 16,
+                   "page_runs": True, "time_us": 6.0, "GBps": 2500.0, "speedup_vs_dense": 3.0},
                   {"kernel": "evict_decode", "time_us": 4.25}]}))
     assert figures.kernels(tmp_path) == ("NVIDIA H100: copy 3000 GB/s; decode attention best 1500 GB/s (50% of copy; "
                                          "batch 8, kv 4096, kept 0.50); max speed-up vs dense 1.80x; "
