@@ -31,11 +31,15 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="prefill prompts in chunks of this many tokens, at most this many prompt tokens per step "
+                   "(decodes come on top; later chunks attend to the compressed cache of earlier ones); default: "
+                   "prompts prefilled whole; with build --engine tensorrt also the engine's limit (default 8192)")
 
 
 CONFIG_FLAGS = ("surrogate", "threshold", "window", "compress_decoding", "block_size", "device", "dtype",
                 "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_seqs", "kv_cache_mb", "tp",
-                "probe", "fast_max_new_tokens")
+                "probe", "fast_max_new_tokens", "max_num_tokens")
 
 
 def add_reasoning_flags(p: argparse.ArgumentParser) -> None:
@@ -134,8 +138,6 @@ def add_build(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="print every step with its paths and commands; run nothing")
     p.add_argument("--resume", action="store_true",
                    help="with --engine tensorrt: reuse the complete checkpoint, ONNX and engine already in OUT")
-    p.add_argument("--max-num-tokens", type=int, default=None,
-                   help="with --engine tensorrt: most packed tokens in one step, the prefill profile's maximum (default 8192)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="with --engine tensorrt: longest context (default: the model's max_position_embeddings)")
     p.add_argument("--plugin-lib", type=Path, default=None,
@@ -323,7 +325,7 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-BUILD_ENGINE_FLAGS = ("resume", "max_num_tokens", "max_seq_len", "plugin_lib")
+BUILD_ENGINE_FLAGS = ("resume", "max_seq_len", "plugin_lib")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -363,14 +365,12 @@ def run_build_tensorrt(args: argparse.Namespace, cfg, name: str) -> int:
     from kvzap_trt.trt import default_plugin_lib
     from kvzap_trt.trt.pipeline import EngineBuild, run
 
-    if args.max_num_tokens is not None and args.max_num_tokens < 1:
-        raise KvzapError(f"--max-num-tokens must be >= 1, got {args.max_num_tokens}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise KvzapError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
     if cfg.tp != 1:
         raise KvzapError(f"TensorRT engines are built for one GPU (tp 1); the config says tp {cfg.tp}")
     b = EngineBuild(cfg, (args.out or Path("build") / "engines" / name).resolve(), args.model_name,
-                    args.plugin_lib or default_plugin_lib(), args.max_num_tokens or 8192, args.max_seq_len,
+                    args.plugin_lib or default_plugin_lib(), cfg.max_num_tokens or 8192, args.max_seq_len,
                     args.resume, build_container_args(args))
     print(run(b, print, dry_run=args.dry_run))
     return 0

@@ -38,6 +38,10 @@ class RunConfig:
     compress_decoding: also evict tokens generated while decoding (kvpress `decoding=True`).
     block_size: tokens per cache block; one block belongs to one (layer, seq, kv_head).
     max_seqs, kv_cache_mb: what a server holds at once: sequence slots and the block pool.
+    max_num_tokens: prompts longer than this are prefilled in chunks of this many tokens, and a
+                step packs at most this many prompt tokens (decodes come on top); None: every
+                prompt is prefilled whole (kvpress's decisions exactly). A TensorRT engine's own
+                limit (`build --max-num-tokens`, default 8192) applies too.
     probe:      a difficulty probe (`kvzap-trt probe train`) for requests with reasoning "auto".
     fast_max_new_tokens: the generation budget of reasoning "fast" (None: the request's own).
     """
@@ -61,6 +65,7 @@ class RunConfig:
     # serving: sequence slots, and the KV block pool's size (the whole KV budget: kept and window pages)
     max_seqs: int = 32
     kv_cache_mb: float = 256.0
+    max_num_tokens: int | None = None
     # fast/slow reasoning (kvzap_trt/kvcoe/reasoning.py)
     probe: str | None = None
     fast_max_new_tokens: int | None = None
@@ -86,6 +91,8 @@ class RunConfig:
             raise KvzapError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_seqs < 1:
             raise KvzapError(f"max_seqs must be >= 1, got {self.max_seqs}")
+        if self.max_num_tokens is not None and self.max_num_tokens < 1:
+            raise KvzapError(f"max_num_tokens must be >= 1, got {self.max_num_tokens}")
         if not self.kv_cache_mb > 0:
             raise KvzapError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         if self.fast_max_new_tokens is not None and self.fast_max_new_tokens < 1:

@@ -9,6 +9,10 @@ Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, wind
     and again with splits from the uncompressed context (what the bound buys);
   - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers;
   - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer;
+  - chunked prefill attention (--chunks): a C-token chunk of one sequence over its compressed
+    cache, by the kernel's row-wise path (what a TensorRT engine runs) and by the torch executor's
+    gather + fused attention (ops/cached_chunks.py), against fused attention of the same C queries
+    over the uncompressed context: whether a tiled chunk kernel would pay, and at which C;
   - page size: decode attention at the largest batch and context with 32- and 64-token pages
     (--page-sizes) beside the 16-token pages of the rest (scattered 4 KiB pages against longer runs),
     and with 16-token pages laid out in one run per head (page "16r": what allocating pages in runs
@@ -212,6 +216,32 @@ def bench_prefill_evict(prompt: int) -> dict:
             "dense_prefill_attention_us": dense, "fraction_of_prefill_attention": t / dense}
 
 
+def bench_chunk_attention(chunk: int, context: int, kept_fraction: float) -> dict:
+    """One layer: a `chunk`-token prompt chunk of one sequence whose cache holds `context` tokens
+    (kept_fraction of those outside the window kept), three ways (module docstring)."""
+    cache, kept = attention_cache(1, context, kept_fraction)
+    lc = cache.layer(0)
+    q = torch.randn(chunk, HQ, D, device="cuda", dtype=DTYPE)
+    k_new, v_new = (torch.randn(chunk, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    host = [torch.tensor(v, dtype=torch.int32) for v in ([0, chunk], [0], [context])]  # cu_seqlens, slots, ctx
+
+    def attend(to_kernel: bool):
+        return lambda: cuda_kernels.paged_attention(q, k_new, v_new, *host, lc.k_pool, lc.v_pool, lc.block_table,
+                                                    lc.kept_len, lc.ring_table, W, D**-0.5, kept,
+                                                    chunks_to_kernel=to_kernel)
+
+    row_wise, gathered = time_us(attend(True), reps=20), time_us(attend(False), reps=20)
+    # Dense: the same queries over the uncompressed context + the chunk, causal within the chunk.
+    qd = q.transpose(0, 1)[None]  # [1, Hq, C, D]
+    kd, vd = (torch.randn(1, H, context + chunk, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    mask = torch.ones(chunk, context + chunk, dtype=torch.bool, device="cuda").tril(context)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    dense = time_us(lambda: sdpa(qd, kd, vd, attn_mask=mask, enable_gqa=True), reps=20)
+    return {"kernel": "chunk_attention", "batch": 1, "chunk": chunk, "kv_len": context, "kept_fraction": kept_fraction,
+            "time_us": row_wise, "time_us_gather_fused": gathered, "dense_time_us": dense,
+            "row_wise_vs_gather_fused": row_wise / gathered}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -219,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kept", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64],
                     help="page sizes compared at the largest batch and context (the rest use 16)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[512, 2048],
+                    help="prefill chunk sizes timed over the largest context at each kept fraction")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -237,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     for b, c, f, *layout in tqdm(grid, desc="decode attention", file=sys.stderr):
         cases.append(bench_decode_attention(b, c, f, dense_fn, *layout))
     cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True), bench_prefill_evict(32768)]
+    chunk_grid = [(c, max(args.contexts), f) for c in args.chunks for f in args.kept]
+    cases += [bench_chunk_attention(*g) for g in tqdm(chunk_grid, desc="chunk attention", file=sys.stderr)]
 
     print(f"{device}: copy {copy:.0f} GB/s; dense baseline: {baseline}")
     print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'page':>6}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}"
@@ -249,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f"{gbps:>8.0f}{100 * gbps / copy:>6.0f}%{r['dense_time_us']:>10.1f}{r['speedup_vs_dense']:>8.2f}x"
                  f"{r['time_us_splits_from_context']:>13.1f}"
                  if gbps else f"{'':>8}{'':>7}" + "".join(f"  {k}={v:.4g}" for k, v in r.items()
-                                                          if k in ("time_us_per_layer", "fraction_of_prefill_attention"))))
+                                                          if k in ("time_us_per_layer", "fraction_of_prefill_attention",
+                                                                   "chunk", "time_us_gather_fused", "dense_time_us"))))
 
     date = datetime.date.today().isoformat()
     slug = device.lower().replace("nvidia ", "").replace(" ", "-")

@@ -31,7 +31,7 @@ def test_dry_run_prints_every_step_and_writes_nothing(tmp_path, capsys):
     assert lines[1].endswith(f"--device cpu --out {out}/onnx")
     assert lines[2].startswith(f"3. engine: python: kvzap_trt.trt.build.build_engine({out}/onnx/model.onnx")
     assert "strongly typed network (types of the ONNX: bfloat16)" in lines[3] and "ALIASED_PLUGIN_IO_10_03" in lines[3]
-    assert "decode N 1..32 (opt 32)" in lines[3] and "prefill N 1..4096 (opt 2048)" in lines[3]
+    assert "decode N 1..32 (opt 32)" in lines[3] and "prefill N 1..4128 (opt 2048)" in lines[3]  # a chunk + 32 decodes
     assert lines[4].startswith(f"4. repository: write the Triton repository {out}/triton")
     if not CAN_BUILD:
         assert lines[5].startswith("this machine: lacks the tensorrt Python package")
@@ -52,8 +52,9 @@ def test_dry_run_of_the_pytorch_build(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--resume"], "--resume need --engine tensorrt"),
-    (["--max-num-tokens", "64"], "--max-num-tokens need --engine tensorrt"),
-    (["--engine", "tensorrt", "--max-num-tokens", "0"], "--max-num-tokens must be >= 1, got 0"),
+    (["--max-seq-len", "64"], "--max-seq-len need --engine tensorrt"),
+    (["--max-num-tokens", "0"], "max_num_tokens must be >= 1, got 0"),  # the scheduler's, for either engine
+    (["--engine", "tensorrt", "--max-num-tokens", "0"], "max_num_tokens must be >= 1, got 0"),
     (["--engine", "tensorrt", "--max-seq-len", "-3"], "--max-seq-len must be >= 1, got -3"),
     (["--engine", "onnx"], "argument --engine: invalid choice: 'onnx'"),
     (["--engine", "tensorrt", "--threshold", "nan"], "threshold must be a finite number"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -68,6 +69,22 @@ def test_onnx_executor_equals_torch_executor(tiny_dirs, family, surrogate, windo
                             for q in range(len(p), max(len(p), tokens - window)))
         assert evicted_in_prefill == (surrogate is not None and len(p) > window)
         assert evicted_later == (surrogate is not None and compress and tokens - window > len(p))
+
+
+def test_onnx_executor_equals_torch_executor_in_chunks(tiny_dirs):
+    # Prompts prefilled in 5-token chunks (max_num_tokens): rows of several new tokens over a
+    # compressed cache, beside decode rows, through the graph a TensorRT engine is built from.
+    torch_rt, onnx_rt = runtimes(tiny_dirs, "llama", "linear", 4, 4, 0.0, True)
+    torch_rt, onnx_rt = (Runtime(replace(rt.cfg, max_num_tokens=5), rt.loaded, rt.surrogate, rt.executor_name)
+                         for rt in (torch_rt, onnx_rt))
+    ps = prompts((19, 7, 12), seed=1)
+    sampling = torch_rt.sampling(max_new_tokens=6, stop_token_ids=())
+    want = torch_rt.generate(ps, sampling, positions=True)
+    got = onnx_rt.generate(ps, sampling, positions=True)
+    assert [(g.token_ids, g.kv) for g in got] == [(w.token_ids, w.kv) for w in want]
+    whole = Runtime(replace(torch_rt.cfg, max_num_tokens=None), torch_rt.loaded, torch_rt.surrogate).generate(
+        ps, sampling, positions=True)
+    assert [w.kv for w in want] != [w.kv for w in whole]  # the chunks really changed what was kept
 
 
 def test_executor_refuses_other_settings_and_the_cli_runs_an_export(tiny_dirs, tmp_path, capsys):

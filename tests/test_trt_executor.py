@@ -125,12 +125,12 @@ def test_profiles_cover_the_graph_and_pick_decode_or_prefill(exported):
             assert all(a <= o <= b for a, o, b in zip(lo, opt, hi)), name
             assert all(a == b == d for a, b, d in zip(lo, hi, inputs[name]) if isinstance(d, int)), name
     decode, prefill = (s for _, s in profiles)
-    assert decode["tokens"][2] == (4,) and prefill["tokens"][2] == (64,)
+    assert decode["tokens"][2] == (4,) and prefill["tokens"][2] == (64 + 4,)  # a 64-token chunk and 4 decodes
     assert decode["ring_table"][0][3] == decode["ring_table"][2][3] == spec.ring_pages  # fixed: W and bs are build settings
     assert decode["block_table"][2] == (3, 4, 4, spec.max_blocks_per_head)
     capacity = spec.max_blocks_per_head * spec.block_size + spec.window  # + N: the plugin's own bound
     assert decode["max_keys"][0] == (1,) and decode["max_keys"][2] == (capacity + 4,)
-    assert prefill["max_keys"][2] == (capacity + 64,)
+    assert prefill["max_keys"][2] == (capacity + 64 + 4,)
     error = torch.zeros(1, dtype=torch.int32)
     ins, outs, *_ = graph_io(path)
     picked = []
@@ -146,8 +146,8 @@ def test_profiles_cover_the_graph_and_pick_decode_or_prefill(exported):
                                                              spec.num_blocks))["decode"])
     with pytest.raises(KvzapError, match=r"tokens dim 0 is 2, outside the engine's range \[1, 1\]"):
         select_profile([one_seq], shapes)
-    with pytest.raises(KvzapError, match=r"tokens dim 0 is 65, outside the engine's range \[1, 64\]"):
-        select_profile([decode, prefill], {**shapes, "tokens": (65,)})
+    with pytest.raises(KvzapError, match=r"tokens dim 0 is 69, outside the engine's range \[1, 68\]"):
+        select_profile([decode, prefill], {**shapes, "tokens": (69,)})
     with pytest.raises(KvzapError, match="dimension 'mystery'"):
         profile_shapes({"x": ["mystery"]}, {})
 

@@ -156,8 +156,10 @@ class PagedKVCache:
             return torch.zeros(self.spec.num_layers, 0, self.spec.num_kv_heads, dtype=torch.long)
         return to_host(self.kept_len[:, slots]).long()
 
-    def blocks_needed_many(self, slots: list[int], new_tokens: int, kept: torch.Tensor | None = None) -> list[int]:
-        """Most blocks each of `slots` can take when each next writes `new_tokens` tokens.
+    def blocks_needed_many(self, slots: list[int], new_tokens: int | list[int],
+                           kept: torch.Tensor | None = None) -> list[int]:
+        """Most blocks each of `slots` can take when it next writes `new_tokens` tokens (one count
+        for all, or one per slot).
 
         Every token leaving a window is counted as kept: a head takes a block exactly when its
         kept length crosses a block boundary, or when its window reaches a new page (known from
@@ -168,12 +170,15 @@ class PagedKVCache:
             return []
         spec, W, bs = self.spec, self.spec.window, self.spec.block_size
         ctx = [self.ctx_len[s] for s in slots]
-        leaving = torch.tensor([max(0, c + new_tokens - W) - max(0, c - W) for c in ctx])  # [B]
+        new = [new_tokens] * len(slots) if isinstance(new_tokens, int) else list(new_tokens)
+        if len(new) != len(slots):
+            raise ValueError(f"{len(new)} token counts for {len(slots)} slots")
+        leaving = torch.tensor([max(0, c + n - W) - max(0, c - W) for c, n in zip(ctx, new)])  # [B]
         kept = self.read_kept(slots) if kept is None else kept  # [L, B, H]
         grown = kept + leaving[None, :, None]
         paged = (-(-grown // bs) - (-(-kept // bs))).sum((0, 2))  # ceil(grown/bs) - ceil(kept/bs), summed
         heads = spec.num_layers * spec.num_kv_heads
-        window = torch.tensor([heads * (spec.window_pages(c + new_tokens) - spec.window_pages(c)) for c in ctx])
+        window = torch.tensor([heads * (spec.window_pages(c + n) - spec.window_pages(c)) for c, n in zip(ctx, new)])
         return (paged + window).tolist()
 
     def blocks_held(self, slot: int) -> int:

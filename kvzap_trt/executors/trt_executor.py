@@ -175,6 +175,9 @@ class TrtExecutor:
             for p in range(self.engine.num_optimization_profiles)
         ]
         self.vocab = int(self.meta["model"]["vocab_size"])
+        # Prompt tokens a step may pack (the prefill profile holds them plus one per sequence):
+        # the engine's scheduler prefills longer prompts in chunks of this many.
+        self.max_num_tokens = int(self.meta["limits"]["max_num_tokens"])
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._empty = torch.zeros(1, dtype=torch.int32, device=self.device)  # the address of 0-element tensors

@@ -1,11 +1,10 @@
 """Chunked prefill over a cache: several new tokens of a sequence that already has a cache.
 
 Such a chunk's rows attend to the sequence's kept pages and window, and causally to each other.
-The row-wise decode kernel would re-read the whole cache once per row (T times); a tiled
-prefill kernel over ragged per-head pages is the real fix, but the engine does not chunk prompts
-today (a prompt is prefilled whole, ctx = 0, and takes the fused causal path of
-fresh_prompts.py), so chunks over a cache only come from direct op calls. They take this correct
-path: gather the sequence's cached K/V once (its kept pages, padded to the longest head, and its
+The engine makes them when it prefills a prompt in chunks (`max_num_tokens`; its first chunk,
+ctx = 0, takes the fused causal path of fresh_prompts.py). The row-wise decode kernel would
+re-read the whole cache once per row (T times); a tiled prefill kernel over ragged per-head
+pages is the real fix on a GPU (not written: no GPU has measured either). They take this path: gather the sequence's cached K/V once (its kept pages, padded to the longest head, and its
 window) and run PyTorch's fused scaled_dot_product_attention with a boolean mask for the ragged
 heads and the causal new tokens (the memory-efficient kernel on GPUs, the fused kernel on CPUs).
 Computed in float32 whatever the cache's dtype, rounded once to q's dtype, as the reference.

@@ -2,8 +2,15 @@
 
 Every `step()` runs one packed forward pass over the running sequences (one new token each) and
 the sequences admitted in this step (their whole prompt), then samples one token per sequence.
-Sequences join as slots and free blocks allow and leave as soon as they finish, returning their
-blocks. Admission counts exact worst cases from the cache's own state (a head can only need a
+With `max_num_tokens` = C, prompts are prefilled in chunks of C tokens (positions [0, C), [C, 2C),
+..., the same whatever else runs) and a step packs every running decode plus whole chunks of at
+most C prompt tokens in all: a long prompt no longer stalls every other sequence for its whole
+prefill, a step stays within a TensorRT engine's prefill profile, and a prompt whose
+uncompressed cache exceeds the pool can still be served when eviction keeps its cache small. A
+prompt's later chunks attend to the compressed cache of its earlier ones, as decoding does; a
+prompt of at most C tokens, and every prompt without a limit (the default), is prefilled whole
+and its decisions are kvpress's exactly. Sequences join as slots and free blocks allow and leave as
+soon as they finish, returning their blocks. Admission counts exact worst cases from the cache's own state (a head can only need a
 block when its last one is full and a token leaves its window), so what KVzap evicts is room
 for more sequences; when the running set outgrows the pool, the youngest are restarted later.
 Per layer the forward (an executor: `kvzap_trt/executors/`) scores the new tokens with the
@@ -62,6 +69,12 @@ class Request:
     reasoning_choice: str | None = None  # "fast" | "slow" once decided
     reasoning_p_slow: float | None = None  # the probe's P(slow), with reasoning "auto"
     generator: torch.Generator = field(default_factory=torch.Generator)
+    prefilled: int = 0  # prompt tokens in the cache; the prompt is done when it reaches len(prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of the prompt is still to be fed (a request that has not started counts too)."""
+        return self.prefilled < len(self.prompt_ids)
 
 
 @dataclass
@@ -84,7 +97,10 @@ class Engine:
         executor: Executor | None = None,
         record_embedding: bool | KVEmbedding = False,
         record_kv_coe: bool = False,
+        max_num_tokens: int | None = None,
     ):
+        """max_num_tokens: prompt chunk size and the most prompt tokens one step packs (None:
+        prompts prefilled whole); an executor with its own limit (a TensorRT engine's) lowers it."""
         self.model, self.cache, self.policy = model, cache, policy
         self.max_seq_len = max_seq_len
         self.record_positions = record_positions
@@ -96,6 +112,10 @@ class Engine:
         if record_kv_coe:
             check_layers(cache.spec.num_layers)
         self.executor = executor or TorchExecutor(model, policy.surrogate, policy.threshold, cache.device)
+        if max_num_tokens is not None and max_num_tokens < 1:
+            raise KvzapError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
+        limits = [n for n in (max_num_tokens, getattr(self.executor, "max_num_tokens", None)) if n is not None]
+        self.max_num_tokens: int | None = min(limits) if limits else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -134,11 +154,15 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise KvzapError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        need = self.cache.spec.prefill_blocks(len(prompt_ids))
+        # Prefilled in chunks with eviction, a prompt whose uncompressed cache exceeds the pool may
+        # still fit: only its first chunk's worst case is known to be needed.
+        first = len(prompt_ids)
+        if self.max_num_tokens is not None and self.policy.surrogate is not None:
+            first = min(first, self.max_num_tokens)
+        need = self.cache.spec.prefill_blocks(first)
         if need > self.cache.spec.num_blocks:
-            raise CacheFullError(
-                f"a {len(prompt_ids)}-token prompt may need {need} KV blocks; the pool has {self.cache.spec.num_blocks}"
-            )
+            what = f"a {len(prompt_ids)}-token prompt" if first == len(prompt_ids) else f"the first {first} tokens of the prompt"
+            raise CacheFullError(f"{what} may need {need} KV blocks; the pool has {self.cache.spec.num_blocks}")
 
     def abort(self, r: Request) -> None:
         """Drop a waiting or running request (client gone); its blocks return to the pool."""
@@ -167,67 +191,97 @@ class Engine:
         """
         self.cache.release(r.slot)
         self.running.remove(r)
-        r.slot, r.output_ids = None, []
+        r.slot, r.output_ids, r.prefilled = None, [], 0
         r.generator.manual_seed(r.sampling.seed)
         r.preemptions += 1
         self.waiting.appendleft(r)
 
-    def _schedule(self) -> list[Request]:
-        """Make the running set's next step fit in the free blocks, then admit what else fits.
+    def _chunk(self, r: Request) -> int:
+        """Tokens of `r`'s next prompt chunk: chunks are [0, C), [C, 2C), ... of the prompt
+        (C = max_num_tokens, the whole prompt without it), whatever else runs, so a request's
+        decisions never depend on the load (a preempted request restarts on the same chunks)."""
+        left = len(r.prompt_ids) - r.prefilled
+        return left if self.max_num_tokens is None else min(left, self.max_num_tokens)
 
-        Running sequences go first; when even their worst case does not fit, the youngest are
-        preempted. Waiting requests are admitted in arrival order while their prefill's worst
-        case fits. Returns the admitted requests. Two device reads (the running slots' kept
-        lengths, the free count); a preemption adds its release's and a fresh free count.
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """Choose this step's work: (request, new tokens) pairs that fit the free blocks and the
+        step's prompt-token budget (max_num_tokens; decodes come on top of it).
+
+        Running sequences go first: every decode (one token), then the next chunk of each prompt
+        still being prefilled (arrival order) while the budget holds it; when even their worst
+        case does not fit the free blocks, the youngest running requests are preempted. Waiting
+        requests are then admitted in arrival order while a slot, the budget and their first
+        chunk's worst case allow. Without a budget every prompt is prefilled whole in the step
+        that admits it. Two device reads (the running slots' kept lengths, the free count); a
+        preemption adds its release's and a fresh free count.
         """
         kept = self.cache.read_kept([r.slot for r in self.running])  # [L, B, H]
         # Kept tokens of the fullest head this step can see (admitted prompts have none): the bound
         # the attention kernel sizes its splits from, read here at no extra cost.
         self._max_kept = int(kept.max()) if kept.numel() else 0
-        needs = self.cache.blocks_needed_many([r.slot for r in self.running], 1, kept)
+        prompt_left = float("inf") if self.max_num_tokens is None else self.max_num_tokens
+        new = {}  # request_id -> new tokens this step
+        for r in sorted(self.running, key=lambda r: (r.prefilling, r.request_id)):
+            n = self._chunk(r) if r.prefilling else 1
+            if r.prefilling and n > prompt_left:
+                continue
+            new[r.request_id] = n
+            prompt_left -= n if r.prefilling else 0
+        needs = self.cache.blocks_needed_many([r.slot for r in self.running],
+                                              [new.get(r.request_id, 0) for r in self.running], kept)
         need = {r.request_id: n for r, n in zip(self.running, needs)}
         free = self.cache.allocator.num_free
         while len(self.running) > 1 and sum(need.values()) > free:
             victim = max(self.running, key=lambda r: r.request_id)
             need.pop(victim.request_id)
+            prompt_left += new.pop(victim.request_id, 0) if victim.prefilling else 0
             self._preempt(victim)
             free = self.cache.allocator.num_free
         if self.running and sum(need.values()) > free:
             (r,) = self.running  # alone and still too big: this pool can never finish it
-            r.error = f"the KV pool ({self.cache.spec.num_blocks} blocks) cannot hold this request past {len(r.output_ids)} tokens"
+            past = f"{r.prefilled} prompt tokens" if r.prefilling else f"{len(r.output_ids)} tokens"
+            r.error = f"the KV pool ({self.cache.spec.num_blocks} blocks) cannot hold this request past {past}"
             self.finish(r, "error")
             self._failed.append(r)
             need.clear()
+            new.clear()
+        work = [(r, new[r.request_id]) for r in self.running if r.request_id in new]
         budget = free - sum(need.values())
-        admitted = []
         while self.waiting and self.cache.free_slots:
-            cost = self.cache.spec.prefill_blocks(len(self.waiting[0].prompt_ids))
-            if cost > budget:
+            req = self.waiting[0]
+            n = self._chunk(req)
+            cost = self.cache.spec.prefill_blocks(n)
+            if n > prompt_left or cost > budget:
                 break
-            req = self.waiting.popleft()
+            self.waiting.popleft()
             req.slot = self.cache.add_sequence()
             budget -= cost
-            admitted.append(req)
-        return admitted
+            prompt_left -= n
+            self.running.append(req)
+            work.append((req, n))
+        return work
 
     def step(self) -> list[Request]:
         """One forward pass; returns the requests that finished in it (finish_reason "error" too)."""
         self._failed: list[Request] = []
-        prefills = self._schedule()
-        if not self.running and not prefills:
+        work = self._schedule()
+        if not work:
             return self._failed
-        batch = self.running + prefills
-        feeds = [[r.output_ids[-1]] for r in self.running] + [r.prompt_ids for r in prefills]
-        is_decode = [True] * len(self.running) + [False] * len(prefills)
+        batch = [r for r, _ in work]
+        feeds = [r.prompt_ids[r.prefilled:r.prefilled + n] if r.prefilling else [r.output_ids[-1]] for r, n in work]
+        is_decode = [not r.prefilling for r in batch]
         logits = self._forward(batch, feeds, is_decode)
-        for r in prefills:
-            if r.embed or self.record_embedding:
-                r.prefill_embedding = to_host(self.embedder(self.cache, r.slot))
-            if r.reasoning is not None:  # before its first token: forced ids and budget may change
-                r.reasoning.decide(r, self.cache)
-        self.running = batch
+        for r, n in work:
+            if r.prefilling:
+                r.prefilled += n
+                if not r.prefilling:
+                    self._prefilled(r)
+        # Rows that sample: decodes and prompts whose last chunk this was (a chunk's logits are unused).
+        rows = [i for i, r in enumerate(batch) if not r.prefilling]
+        sampled = [batch[i] for i in rows]
+        tokens = self._sample(sampled, logits if len(rows) == len(batch) else logits[rows]) if rows else []
         done = []
-        for r, token in zip(batch, self._sample(batch, logits)):
+        for r, token in zip(sampled, tokens):
             forcing = len(r.output_ids) < len(r.forced_ids)
             if forcing:
                 token = r.forced_ids[len(r.output_ids)]
@@ -243,6 +297,19 @@ class Engine:
         for r in done:
             self.finish(r)
         return self._failed + done
+
+    def _prefilled(self, r: Request) -> None:
+        """What follows the last chunk of `r`'s prompt, before its first token is sampled."""
+        if not self.policy.compress_decoding:
+            # kvpress decoding=False: after prefill nothing more is ever evicted, the prompt's
+            # window included: its tokens' scores become +inf (the window's pages are all held).
+            cache = self.cache
+            pages = cache.ring_table[:, r.slot, :, : cache.spec.window_pages(cache.ctx_len[r.slot])]
+            cache.score_pool[pages.long()] = float("inf")
+        if r.embed or self.record_embedding:
+            r.prefill_embedding = to_host(self.embedder(self.cache, r.slot))
+        if r.reasoning is not None:  # before its first token: forced ids and budget may change
+            r.reasoning.decide(r, self.cache)
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
         """logits: [B, V] on the cache's device -> one token id per request.
@@ -295,11 +362,6 @@ class Engine:
             max_kept=self._max_kept,
         )
         logits = self.executor.forward(step, cache)
-        for r, n, d in zip(batch, lens, is_decode):
+        for r, n in zip(batch, lens):
             cache.ctx_len[r.slot] += n
-            if not d and not policy.compress_decoding:
-                # kvpress decoding=False: after prefill nothing more is ever evicted, the prompt's
-                # window included: its tokens' scores become +inf (the window's pages are all held).
-                pages = cache.ring_table[:, r.slot, :, : cache.spec.window_pages(cache.ctx_len[r.slot])]
-                cache.score_pool[pages.long()] = float("inf")
         return logits

@@ -177,7 +177,8 @@ class Runtime:
         cache = self.make_cache(max(lens), len(prompts), num_blocks)
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
         engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions,
-                        executor=self.executor(), record_embedding=embedding, record_kv_coe=kv_coe)
+                        executor=self.executor(), record_embedding=embedding, record_kv_coe=kv_coe,
+                        max_num_tokens=self.cfg.max_num_tokens)
         plan = self.reasoning(reasoning)
         return engine, [engine.submit(p, sampling, reasoning=plan) for p in prompts]
 

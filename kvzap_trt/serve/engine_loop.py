@@ -103,7 +103,8 @@ class EngineLoop:
         num_blocks = int(cfg.kv_cache_mb * 2**20 // probe.block_bytes)
         cache = runtime.make_cache(max_seq_len, cfg.max_seqs, num_blocks)
         policy = EvictionPolicy(runtime.surrogate, cfg.threshold, cfg.compress_decoding)
-        return cls(runtime, Engine(runtime.loaded.model, cache, policy, max_seq_len, executor=runtime.executor()))
+        return cls(runtime, Engine(runtime.loaded.model, cache, policy, max_seq_len, executor=runtime.executor(),
+                                   max_num_tokens=cfg.max_num_tokens))
 
     # -- called from request threads --------------------------------------------------------
     def prepare(self, params: GenerationParams, prompt_ids: list[int] | None = None) -> list[int]:

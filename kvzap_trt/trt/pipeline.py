@@ -122,7 +122,7 @@ def describe_profiles(b: EngineBuild, limits: EngineLimits | None) -> str:
     if limits is None:  # before the ONNX step: what the model fixes is not known yet
         c = f"ceil({b.max_seq_len}/{cfg.block_size})" if b.max_seq_len else f"ceil(max_position_embeddings/{cfg.block_size})"
         return (f"profiles: decode N 1..{cfg.max_seqs} (opt {cfg.max_seqs}), B 1..{cfg.max_seqs}; prefill N 1.."
-                f"{b.max_num_tokens} (opt {min(b.max_num_tokens, 2048)}), B 1..{cfg.max_seqs}; cache: num_blocks 1..(the "
+                f"{b.max_num_tokens + cfg.max_seqs} (opt {min(b.max_num_tokens, 2048)}), B 1..{cfg.max_seqs}; cache: num_blocks 1..(the "
                 f"blocks of {cfg.kv_cache_mb:g} MiB), max_seqs 1..{cfg.max_seqs}, max_blocks_per_head 1..{c}, "
                 f"block_size {cfg.block_size}, ring_pages {math.ceil(cfg.window / cfg.block_size)}")
     parts = []

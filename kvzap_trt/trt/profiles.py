@@ -3,7 +3,7 @@
 The exported graph (`export/graph.py`) names its dynamic dimensions; each gets a range here:
 
     symbol               decode profile            prefill profile           why
-    num_tokens (N)       1 .. S  (opt S)           1 .. T  (opt min(T, 2048)) packed new tokens of a step
+    num_tokens (N)       1 .. S  (opt S)           1 .. T + S (opt min(T, 2048)) packed new tokens of a step
     batch (B)            1 .. S  (opt S)           1 .. S  (opt 1)           sequences in a step
     batch_plus_1         B + 1                     B + 1                     cu_seqlens
     num_blocks           1 .. P  (opt P)           same                      the block pool
@@ -11,19 +11,21 @@ The exported graph (`export/graph.py`) names its dynamic dimensions; each gets a
     max_seqs             1 .. S  (opt S)           same                      sequence slots of the cache
     max_blocks_per_head  1 .. ceil(C / bs)         same                      block table columns (C: context)
     ring_pages           ceil(W / bs) (fixed)      same                      window pages per head
-    max_keys (K)         1 .. Mbs + W + S          1 .. Mbs + W + T          the step's key bound, carried
+    max_keys (K)         1 .. Mbs + W + S          1 .. Mbs + W + T + S      the step's key bound, carried
                          (opt max)                 (opt max)                 in a shape (M bs = ceil(C / bs) bs)
 
-S = max_seqs, T = max_num_tokens, P = the pool's blocks (kv_cache_mb's worth), C = max_seq_len.
+S = max_seqs, T = max_num_tokens (prompt tokens of a step: a prefill chunk), P = the pool's blocks
+(kv_cache_mb's worth), C = max_seq_len. A step packs at most T prompt tokens and one token of every
+other running sequence (runtime/engine.py), hence T + S.
 
 Why two profiles: the attention plugin sizes its workspace from the profile's largest N
 (plugins/trt/kvzapVarlenPagedAttentionPlugin/README.md: `4 * Hq * (D + 1) * max(256 * 4 / H,
 N * ceil(max_keys / 4096))` bytes, max_keys = M * bs + W + N). For Qwen3-8B (Hq 32, D 128, H 8,
 C 40960, W 128) that is ~6 MB at N = 32 and ~1.6 GB at N = 8192; a decode step runs on the decode
 profile's execution context, whose device memory is sized for N <= S only, and TensorRT tunes
-its GEMMs for each profile's opt (a full decode batch; a 2k-token prefill chunk). The engine
-prefills whole prompts (runtime/engine.py), so T bounds the packed tokens of any step: a step
-beyond it is refused with a clear error (the scheduler has no per-step token budget yet).
+its GEMMs for each profile's opt (a full decode batch; a 2k-token prefill chunk). The engine's
+scheduler takes T from the engine (`TrtExecutor.max_num_tokens`): longer prompts are prefilled
+in chunks of T tokens, so no step exceeds the prefill profile.
 The cache dimensions only pass through the plugins (aliased I/O), so their wide ranges cost no
 memory inside the engine.
 """
@@ -40,7 +42,7 @@ Range = tuple[int, int, int]  # (min, opt, max)
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """What the engine must accept: max_seqs S, max_num_tokens T (packed tokens of a prefill step),
+    """What the engine must accept: max_seqs S, max_num_tokens T (prompt tokens of a step),
     max_seq_len C, block_size, window W, num_blocks P (the pool's largest size)."""
 
     max_seqs: int
@@ -81,7 +83,7 @@ def dim_ranges(limits: EngineLimits) -> dict[str, dict[str, Range]]:
 
     return {
         "decode": {"num_tokens": (1, S, S), **batch(S), **cache, **keys(S)},
-        "prefill": {"num_tokens": (1, min(T, 2048), T), **batch(1), **cache, **keys(T)},
+        "prefill": {"num_tokens": (1, min(T, 2048), T + S), **batch(1), **cache, **keys(T + S)},
     }
 
 
