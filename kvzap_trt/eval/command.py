@@ -50,6 +50,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--min-full-accuracy", type=float, default=0.0,
                    help="run KVzap and baselines only where the full cache scores at least this %% (default: 0)")
     p.add_argument("--batch", type=int, default=8, help="samples per continuous batch (default: 8)")
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="prefill contexts in chunks of this many tokens, later chunks over the compressed earlier "
+                   "ones (default: whole, as kvpress): what chunked prefill costs in accuracy")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--out", type=Path, default=None, help="report directory (default: build/eval/<model>)")
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
             raise KvzapError(f"{flag} must be >= 1, got {value}")
     if not args.lengths or min(args.lengths) < 1:
         raise KvzapError(f"--lengths must be positive, got {args.lengths}")
-    cfg = resolve_config(args.model, window=args.window, device=args.device, dtype=args.dtype)
+    cfg = resolve_config(args.model, window=args.window, device=args.device, dtype=args.dtype,
+                         max_num_tokens=args.max_num_tokens)
     specs = args.surrogate or ([cfg.surrogate] if cfg.surrogate and args.thresholds else [])
     if args.thresholds and not specs:
         raise KvzapError(f"--thresholds needs a surrogate: {cfg.preset or cfg.model} has none, pass --surrogate")
@@ -99,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         "samples": args.samples, "seed": args.seed, "window": cfg.window,
         "min_full_accuracy": args.min_full_accuracy, "decoding": "compressed (kvpress decoding=True)",
         "question": "fed after the context's prefill, over the compressed cache",
+        "prefill": "whole" if cfg.max_num_tokens is None else f"in chunks of {cfg.max_num_tokens} tokens",
     }
     out = args.out or Path("build/eval") / name
 
