@@ -168,3 +168,41 @@ def test_runtime_and_config_carry_max_num_tokens(runtime):
     assert (got.token_ids, got.kv["positions"]) == expected[:2]
     with pytest.raises(KvzapError, match="max_num_tokens must be >= 1"):
         replace(runtime.cfg, max_num_tokens=0).validate()
+
+
+def test_a_preempted_prompt_waits_for_the_room_it_had(runtime):
+    # A decodes for long while B's 300-token prompt is prefilled in 32-token chunks; the pool
+    # fills and B, the youngest, is preempted. Re-admitted as soon as its first chunk fits, B
+    # would be preempted again and again (65 restarts here before the fix); it waits until the
+    # blocks it held are free, restarts once, and both outputs equal a roomy pool's.
+    a, b = prompts([40, 300], seed=11)
+
+    def serve(num_blocks):
+        engine = engine_for(runtime, 32, num_blocks=num_blocks, max_seqs=2)
+        log = StepLog(engine)
+        reqs = [engine.submit(a, SamplingParams(max_new_tokens=200)), engine.submit(b, SamplingParams(max_new_tokens=5))]
+        engine.run()
+        return reqs, sum(n for step in log.steps for n in step.values())
+
+    (ra, rb), fed = serve(250)
+    assert ra.finish_reason == rb.finish_reason == "length"
+    assert rb.preemptions == 1 and ra.preemptions == 0
+    assert fed < 40 + 2 * 300 + 199 + 4 + 32  # one restart of B's prompt at most, none of A's
+    roomy, _ = serve(4000)
+    assert outputs([ra, rb]) == outputs(roomy)
+
+
+def test_kv_coe_of_a_prompt_that_failed_part_way_is_none(runtime):
+    # The pool cannot hold even the compressed 400-token prompt: it fails alone past 96 prompt
+    # tokens. KV-CoE scores an answer after a whole prompt, so its score is None, and the other
+    # request is unharmed (the step used to raise and take every request down with it).
+    (p,) = prompts([400], seed=7)
+    engine = engine_for(runtime, 32, num_blocks=120, max_seqs=2)
+    engine.record_kv_coe = True
+    big = engine.submit(p, SamplingParams(max_new_tokens=4), kv_coe=True)
+    small = engine.submit(prompts([5], seed=1)[0], SamplingParams(max_new_tokens=4), kv_coe=True)
+    engine.run()
+    assert big.finish_reason == "error" and "past 96 prompt tokens" in big.error
+    assert big.kv_coe_score is None and big.kv_coe_features is None
+    assert small.finish_reason == "length" and small.kv_coe_features is not None
+    assert engine.cache.allocator.num_free == 120

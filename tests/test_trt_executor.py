@@ -28,6 +28,7 @@ from kvzap_trt.trt.profiles import (
     engine_profiles,
     graph_inputs,
     profile_shapes,
+    prompt_tokens_per_step,
     select_profile,
 )
 
@@ -131,6 +132,13 @@ def test_profiles_cover_the_graph_and_pick_decode_or_prefill(exported):
     capacity = spec.max_blocks_per_head * spec.block_size + spec.window  # + N: the plugin's own bound
     assert decode["max_keys"][0] == (1,) and decode["max_keys"][2] == (capacity + 4,)
     assert prefill["max_keys"][2] == (capacity + 64 + 4,)
+    # The scheduler's chunk, read back from the profiles: T; T - S for an engine whose prefill
+    # profile stops at T; none for one that cannot hold a chunk beside a full batch.
+    assert prompt_tokens_per_step([decode, prefill]) == 64
+    short = {**prefill, "tokens": (prefill["tokens"][0], prefill["tokens"][1], (64,))}
+    assert prompt_tokens_per_step([decode, short]) == 60
+    with pytest.raises(KvzapError, match="no prompt token beside a full batch"):
+        prompt_tokens_per_step([decode])
     error = torch.zeros(1, dtype=torch.int32)
     ins, outs, *_ = graph_io(path)
     picked = []

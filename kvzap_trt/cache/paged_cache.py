@@ -135,16 +135,19 @@ class PagedKVCache:
         self.ctx_len[slot] = 0
         return slot
 
-    def release(self, slot: int) -> None:
-        """Return every block of `slot` (kept and window pages) to the pool and free the slot."""
+    def release(self, slot: int) -> int:
+        """Return every block of `slot` (kept and window pages) to the pool and free the slot;
+        returns how many blocks it held."""
         tables = (self.block_table[:, slot], self.ring_table[:, slot])  # [L, H, M], [L, H, R]
         held = to_host(torch.cat([t.flatten() for t in tables]))  # a device mask would sync anyway
-        self.allocator.push(held[held >= 0])
+        held = held[held >= 0]
+        self.allocator.push(held)
         for t in tables:
             t.fill_(-1)
         self.kept_len[:, slot] = 0
         self.ctx_len[slot] = 0
         self.free_slots.append(slot)
+        return held.numel()
 
     def blocks_needed(self, slot: int, new_tokens: int) -> int:
         """Most blocks `slot` can take when it next writes `new_tokens` tokens (all leavers kept)."""

@@ -33,7 +33,7 @@ from kvzap_trt.export import check_cache_shape, check_policy
 from kvzap_trt.export.plugins import CACHE_TENSORS, cache_tensors, step_max_keys
 from kvzap_trt.ops.cuda_kernels import raise_kernel_error
 from kvzap_trt.trt import ENGINE_FILE, ENGINE_META, default_plugin_lib, import_tensorrt, load_plugin_library
-from kvzap_trt.trt.profiles import select_profile
+from kvzap_trt.trt.profiles import prompt_tokens_per_step, select_profile
 
 if TYPE_CHECKING:
     from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
@@ -175,9 +175,9 @@ class TrtExecutor:
             for p in range(self.engine.num_optimization_profiles)
         ]
         self.vocab = int(self.meta["model"]["vocab_size"])
-        # Prompt tokens a step may pack (the prefill profile holds them plus one per sequence):
-        # the engine's scheduler prefills longer prompts in chunks of this many.
-        self.max_num_tokens = int(self.meta["limits"]["max_num_tokens"])
+        # Prompt tokens a step may pack beside every decode, read from the engine's own profiles
+        # (not from the build's settings): the scheduler prefills longer prompts in such chunks.
+        self.max_num_tokens = prompt_tokens_per_step(self.profiles)
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._empty = torch.zeros(1, dtype=torch.int32, device=self.device)  # the address of 0-element tensors

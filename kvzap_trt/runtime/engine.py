@@ -1,7 +1,7 @@
 """Continuous batching over the KVzap cache, one executor running the forward (PyTorch by default).
 
 Every `step()` runs one packed forward pass over the running sequences (one new token each) and
-the sequences admitted in this step (their whole prompt), then samples one token per sequence.
+the sequences admitted in this step (their prompt), then samples one token per sequence.
 With `max_num_tokens` = C, prompts are prefilled in chunks of C tokens (positions [0, C), [C, 2C),
 ..., the same whatever else runs) and a step packs every running decode plus whole chunks of at
 most C prompt tokens in all: a long prompt no longer stalls every other sequence for its whole
@@ -70,6 +70,10 @@ class Request:
     reasoning_p_slow: float | None = None  # the probe's P(slow), with reasoning "auto"
     generator: torch.Generator = field(default_factory=torch.Generator)
     prefilled: int = 0  # prompt tokens in the cache; the prompt is done when it reaches len(prompt_ids)
+    # Blocks it held plus those its next step needed when it was last preempted: it is admitted
+    # again only when that many are free, so a prompt whose chunks outgrew the pool is not restarted
+    # in the very step that preempted it (only to be preempted again, its work thrown away).
+    restart_blocks: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -182,14 +186,15 @@ class Engine:
             self.step()
 
     # -- one step ---------------------------------------------------------------------------
-    def _preempt(self, r: Request) -> None:
-        """Restart `r` from its prompt later: release its blocks, forget its tokens.
+    def _preempt(self, r: Request, need: int) -> None:
+        """Restart `r` from its prompt later: release its blocks, forget its tokens. need: the
+        blocks its next step would have taken.
 
         A restart recomputes exactly what an uninterrupted run computes (same prompt, same
         seed), so a preempted request's output is unchanged; `preemptions` lets a streaming
         front end skip the tokens it already sent.
         """
-        self.cache.release(r.slot)
+        r.restart_blocks = self.cache.release(r.slot) + need
         self.running.remove(r)
         r.slot, r.output_ids, r.prefilled = None, [], 0
         r.generator.manual_seed(r.sampling.seed)
@@ -233,24 +238,28 @@ class Engine:
         free = self.cache.allocator.num_free
         while len(self.running) > 1 and sum(need.values()) > free:
             victim = max(self.running, key=lambda r: r.request_id)
-            need.pop(victim.request_id)
             prompt_left += new.pop(victim.request_id, 0) if victim.prefilling else 0
-            self._preempt(victim)
+            self._preempt(victim, need.pop(victim.request_id))
             free = self.cache.allocator.num_free
         if self.running and sum(need.values()) > free:
             (r,) = self.running  # alone and still too big: this pool can never finish it
             past = f"{r.prefilled} prompt tokens" if r.prefilling else f"{len(r.output_ids)} tokens"
             r.error = f"the KV pool ({self.cache.spec.num_blocks} blocks) cannot hold this request past {past}"
+            prompt_left += new.get(r.request_id, 0) if r.prefilling else 0
             self.finish(r, "error")
             self._failed.append(r)
             need.clear()
             new.clear()
+            free = self.cache.allocator.num_free
         work = [(r, new[r.request_id]) for r in self.running if r.request_id in new]
         budget = free - sum(need.values())
         while self.waiting and self.cache.free_slots:
             req = self.waiting[0]
             n = self._chunk(req)
-            cost = self.cache.spec.prefill_blocks(n)
+            # Worst case of its first chunk; without eviction the whole prompt's (exact: nothing
+            # will make room); after a preemption, at least what it held then (capped at the pool).
+            cost = self.cache.spec.prefill_blocks(n if self.policy.surrogate is not None else len(req.prompt_ids))
+            cost = max(cost, min(req.restart_blocks, self.cache.spec.num_blocks))
             if n > prompt_left or cost > budget:
                 break
             self.waiting.popleft()
@@ -334,8 +343,9 @@ class Engine:
             same = r.prefill_embedding is not None and self.cache.ctx_len[r.slot] == len(r.prompt_ids)
             r.embedding = r.prefill_embedding if same else to_host(self.embedder(self.cache, r.slot))
         if r.kv_coe or self.record_kv_coe:
-            r.kv_coe_features = kv_coe(self.cache, r.slot, len(r.prompt_ids))  # one device read
-            r.kv_coe_score = r.kv_coe_features[SCORE]
+            if self.cache.ctx_len[r.slot] >= len(r.prompt_ids):  # not for a prompt that failed part-way
+                r.kv_coe_features = kv_coe(self.cache, r.slot, len(r.prompt_ids))  # one device read
+                r.kv_coe_score = r.kv_coe_features[SCORE]
         r.finished = True
         self.cache.release(r.slot)
         self.running.remove(r)

@@ -24,8 +24,8 @@ N * ceil(max_keys / 4096))` bytes, max_keys = M * bs + W + N). For Qwen3-8B (Hq 
 C 40960, W 128) that is ~6 MB at N = 32 and ~1.6 GB at N = 8192; a decode step runs on the decode
 profile's execution context, whose device memory is sized for N <= S only, and TensorRT tunes
 its GEMMs for each profile's opt (a full decode batch; a 2k-token prefill chunk). The engine's
-scheduler takes T from the engine (`TrtExecutor.max_num_tokens`): longer prompts are prefilled
-in chunks of T tokens, so no step exceeds the prefill profile.
+scheduler takes T from the engine's profiles (`prompt_tokens_per_step`): longer prompts are
+prefilled in chunks of T tokens, so no step exceeds the prefill profile.
 The cache dimensions only pass through the plugins (aliased I/O), so their wide ranges cost no
 memory inside the engine.
 """
@@ -115,6 +115,18 @@ def profile_shapes(inputs: dict[str, list[int | str]], ranges: dict[str, Range])
 def engine_profiles(inputs: dict[str, list[int | str]], limits: EngineLimits) -> list[tuple[str, dict]]:
     """[(profile name, {input: (min, opt, max)})] in the engine's profile order (decode first)."""
     return [(name, profile_shapes(inputs, r)) for name, r in dim_ranges(limits).items()]
+
+
+def prompt_tokens_per_step(profiles: list[dict[str, tuple[tuple, tuple, tuple]]]) -> int:
+    """The scheduler's max_num_tokens for an engine with these profiles ({input: (min, opt, max)
+    shapes}, as the engine reports them): the most packed tokens a profile takes less one token
+    for each sequence it takes, so a step of a full chunk beside every decode always fits. T for
+    an engine built here (prefill N up to T + S); also right for one whose profile stops at T."""
+    best = max(p["tokens"][2][0] - p["seq_slots"][2][0] for p in profiles)
+    if best < 1:
+        raise KvzapError("the engine's profiles take no prompt token beside a full batch of decodes "
+                         "(rebuild it with a larger --max-num-tokens)")
+    return best
 
 
 def select_profile(profiles: list[dict[str, tuple[tuple, tuple, tuple]]], shapes: dict[str, tuple]) -> int:
