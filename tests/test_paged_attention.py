@@ -266,6 +266,40 @@ def test_fresh_prompts_take_fused_attention_and_match_reference():
     assert (out - REFERENCE.paged_attention(*args)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_chunks_split_in_two_parts_equal_the_masked_call(monkeypatch, dtype):
+    """On the CPU a chunk over a cache is attended in two unmasked parts merged by log-sum-exp
+    (cached_chunks.py); the single masked call it replaced, on ragged heads (one keeps nothing
+    outside the window), a window not yet full, no window, and a long chunk, gives the same."""
+    from kvzap_trt.ops import cached_chunks, cpu_fast
+
+    assert cached_chunks._FLASH_CPU is not None  # this PyTorch has it: the split path is the one tested
+    H, G, D = 2, 3, 16
+    for window, spec in ((8, [(300, 40), (3, 9)]), (0, [(50, 4)]), (128, [(100, 70)])):
+        cache = make_cache(H=H, D=D, W=window, bs=16, dtype=dtype, seed=window)
+        g = torch.Generator().manual_seed(window)
+        seqs = [random_seq(cache, c + n, g, dead_head=0 if i == 0 else None) for i, (c, n) in enumerate(spec)]
+        write_chunk(cache, seqs, [c for c, _ in spec], 0.2)
+        k, v, _, cu, slots, ctx = chunk_args(cache, seqs, [n for _, n in spec])
+        q = torch.randn(int(cu[-1]), H * G, D, generator=g).to(dtype)
+        lc = cache.layer(0)
+        args = (q, k, v, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table, window,
+                D**-0.5)
+        calls = []
+        split_attention = cached_chunks._split_attention
+        monkeypatch.setattr(cached_chunks, "_split_attention",
+                            lambda *a, calls=calls, f=split_attention: calls.append(1) or f(*a))
+        split = cpu_fast.paged_attention(*args)
+        assert len(calls) == len(spec)  # every sequence here is a chunk over a cache
+        monkeypatch.undo()
+        monkeypatch.setattr(cached_chunks, "_FLASH_CPU", None)
+        masked = cpu_fast.paged_attention(*args)
+        monkeypatch.undo()
+        assert (split.float() - masked.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 2**-8)
+        assert (split.float() - REFERENCE.paged_attention(*args).float()).abs().max() <= (
+            1e-5 if dtype == torch.float32 else 2**-8)
+
+
 @pytest.mark.gpu
 def test_cuda_ops_on_a_side_stream_equal_the_default_stream():
     """Prefill then three decode steps (attention, then evict) under `with torch.cuda.stream(s)`.
