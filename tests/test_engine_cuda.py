@@ -151,3 +151,35 @@ def test_tiny_bf16_cuda_engine_decides_as_reference_engine(tmp_path, monkeypatch
     ref = run_engine(rt, prompts, 12, "reference", monkeypatch)
     got = run_engine(rt, prompts, 12, "cuda", monkeypatch)
     assert_same_run(rt, prompts, ref, got, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunks_to_kernel", [False, True], ids=["chunks-fused", "chunks-kernel"])
+def test_tiny_fp32_chunked_prefill_cuda_engine_equals_reference_engine(tmp_path, monkeypatch, chunks_to_kernel):
+    """Prompts prefilled in 24-token chunks (max_num_tokens) beside decodes: chunks over a
+    compressed cache through PyTorch's fused attention with a mask (the torch executor's route)
+    or through the kernel's row-wise path (a TensorRT engine's), against the references on the
+    same GPU. fp32: identical tokens and kept positions (a score within fp32 rounding of tau
+    would fail this; see the module docstring)."""
+    import functools
+
+    from kvzap_trt.ops import cuda_kernels, dispatch
+
+    model_dir = build_tiny("llama", tmp_path / "tiny", head_dim=64)
+    cfg = RunConfig(model=str(model_dir), surrogate="random:mlp:3", threshold=0.0, window=16, block_size=8,
+                    dtype="float32", device="cuda", max_num_tokens=24).validate()
+    rt = Runtime.from_config(cfg)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (300, 41, 150, 17)]
+    if chunks_to_kernel:
+        monkeypatch.setattr(dispatch.CUDA, "paged_attention",
+                            functools.partial(cuda_kernels.paged_attention, chunks_to_kernel=True))
+
+    def run(choice: str):
+        monkeypatch.setenv("KVZAP_TRT_OPS", choice)
+        out = rt.generate(prompts, rt.sampling(max_new_tokens=10, stop_token_ids=()), positions=True)
+        return [(r.token_ids, r.kv["positions"]) for r in out]
+
+    got, ref = run("cuda"), run("reference")
+    assert got == ref
+    assert any(len(heads) < 300 + 9 for heads in ref[0][1][0])  # something was evicted
