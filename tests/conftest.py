@@ -18,6 +18,18 @@ def _skip_gpu_tests_without_device(request):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_runtime(tiny_dirs):
+    """A Runtime of the tiny Llama with a seeded random MLP surrogate at tau 0 (it evicts about
+    half), window 16, 8-token blocks, 10 new tokens."""
+    from kvzap_trt.config import RunConfig
+    from kvzap_trt.runtime.generate import Runtime
+
+    cfg = RunConfig(model=str(tiny_dirs["llama"]), surrogate="random:mlp:3", threshold=0.0, window=16,
+                    max_new_tokens=10, block_size=8).validate()
+    return Runtime.from_config(cfg)
+
+
+@pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{"llama": dir, "qwen3": dir} of tiny random HF models (no tokenizer)."""
     root = tmp_path_factory.mktemp("tiny")

@@ -6,26 +6,22 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
 
-from kvzap_trt.config import RunConfig
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.ops import dispatch
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.runtime.sampler import SamplingParams
+from tests.tiny_models import random_prompts
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_dirs):
-    cfg = RunConfig(model=str(tiny_dirs["llama"]), surrogate="random:mlp:3", threshold=0.0, window=16,
-                    max_new_tokens=10, block_size=8).validate()
-    return Runtime.from_config(cfg)
+@pytest.fixture
+def runtime(tiny_llama_runtime):
+    return tiny_llama_runtime
 
 
 def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 160, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(lengths, seed)
 
 
 class StepLog:

@@ -20,6 +20,7 @@ from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.export.plugins import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
 from kvzap_trt.runtime.generate import Runtime
+from tests.tiny_models import random_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 READMES = {"KvzapVarlenPagedAttention": REPO / "plugins/trt/kvzapVarlenPagedAttentionPlugin/README.md",
@@ -46,8 +47,7 @@ def runtimes(tiny_dirs, family, surrogate, window, block, tau, compress, executo
 
 
 def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 160, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(lengths, seed)
 
 
 @pytest.mark.parametrize("family,surrogate,window,block,lengths,new,tau,compress", CASES,

@@ -8,18 +8,16 @@ import torch
 from kvzap_trt.config import RunConfig
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.runtime.sampler import SamplingParams, sample
+from tests.tiny_models import random_prompts
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_dirs):
-    cfg = RunConfig(model=str(tiny_dirs["llama"]), surrogate="random:mlp:3", threshold=0.0, window=16,
-                    max_new_tokens=10, block_size=8).validate()
-    return Runtime.from_config(cfg)
+@pytest.fixture
+def runtime(tiny_llama_runtime):
+    return tiny_llama_runtime
 
 
 def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 160, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(lengths, seed)
 
 
 def test_batch_of_uneven_prompts_equals_one_by_one(runtime):

@@ -33,3 +33,9 @@ def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
                 p.add_(0.2 * torch.randn_like(p))
     model.eval().save_pretrained(out)
     return out
+
+
+def random_prompts(lengths, seed: int = 0, vocab: int = TINY["vocab_size"]) -> list[list[int]]:
+    """Prompts of the given lengths, token ids drawn uniformly from the tiny vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
