@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 import time
 
@@ -80,6 +82,22 @@ def test_concurrent_jobs_equal_sequential_generate_and_stream_adds_up(runtime):
         assert any(c.events[-1].compression_ratio > 0 for c in got)  # eviction really happened
         time.sleep(0.2)
         assert loop.engine.cache.allocator.num_free == total and loop.metrics.running == 0
+    finally:
+        loop.stop()
+
+
+def test_served_in_chunks_equals_generate_in_chunks(runtime):
+    # max_num_tokens reaches the served engine: 8-token chunks over these prompts' compressed
+    # caches, decodes beside them, the same text as the offline runtime with the same setting.
+    chunked = Runtime(dataclasses.replace(runtime.cfg, max_num_tokens=8), runtime.loaded, runtime.surrogate)
+    loop = EngineLoop.from_runtime(chunked).start()
+    try:
+        assert loop.engine.max_num_tokens == 8
+        params = [GenerationParams(p, max_tokens=10, stream=True) for p in PROMPTS]
+        got = run_jobs(loop, params)
+        for p, c in zip(params, got):
+            want = chunked.generate([chunked.encode(p.prompt)], chunked.sampling(max_new_tokens=10))[0]
+            assert c.text == want.text and c.events[-1].kv_bytes == want.kv["bytes_allocated"]
     finally:
         loop.stop()
 
