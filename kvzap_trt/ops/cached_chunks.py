@@ -3,19 +3,19 @@
 Such a chunk's rows attend to the sequence's kept pages and window, and causally to each other.
 The engine makes them when it prefills a prompt in chunks (`max_num_tokens`; its first chunk,
 ctx = 0, takes the fused causal path of fresh_prompts.py). The row-wise decode kernel would
-re-read the whole cache once per row (T times); a tiled prefill kernel over ragged per-head
-pages is the real fix on a GPU (not written: no GPU has measured either). They take this path: gather the sequence's cached K/V once (its kept pages, padded to the longest head, and its
-window) and run PyTorch's fused scaled_dot_product_attention with a boolean mask for the ragged
-heads and the causal new tokens (the memory-efficient kernel on GPUs, the fused kernel on CPUs).
+re-read the whole cache once per row (T times); a tiled prefill kernel over ragged per-head pages
+is the real fix on a GPU (not written: no GPU has measured either). Both fast paths (CPU and CUDA)
+route chunks here instead; the reference does not use it. The sequence's cached K/V are gathered
+once (its kept pages, padded to the longest head, and its window), then:
+  - on CUDA, one call of PyTorch's fused scaled_dot_product_attention (the memory-efficient
+    kernel) with a boolean mask for the ragged heads and the causal new tokens;
+  - on the CPU, whose fused kernel runs 3-5x slower per key with a mask (at a 2048-token chunk the
+    masked call was two thirds of the step), two unmasked parts merged by their log-sum-exp: per
+    kv head, its query group over that head's own cached keys (exact lengths: no padding, no
+    mask), and all heads over the chunk's own tokens with `is_causal`. Both come from PyTorch's
+    CPU flash kernel, whose private entry point returns the log-sum-exp; where it is missing, the
+    masked call serves.
 Computed in float32 whatever the cache's dtype, rounded once to q's dtype, as the reference.
-Both fast paths (CPU and CUDA) route chunks here; the reference does not use it.
-
-On the CPU a boolean mask makes PyTorch's fused attention 3-5x slower per key than its unmasked
-and causal forms, and at a 2048-token chunk the masked call was two thirds of the step. So there
-the chunk is attended in two unmasked parts merged by their log-sum-exp: per kv head, its query
-group over that head's own cached keys (exact lengths: no padding, no mask), and all heads over
-the chunk's own tokens with `is_causal`. Both come from PyTorch's CPU flash kernel, whose private
-entry point returns the log-sum-exp; where it is missing, the masked call serves.
 """
 
 from __future__ import annotations

@@ -215,10 +215,11 @@ class Engine:
         Running sequences go first: every decode (one token), then the next chunk of each prompt
         still being prefilled (arrival order) while the budget holds it; when even their worst
         case does not fit the free blocks, the youngest running requests are preempted. Waiting
-        requests are then admitted in arrival order while a slot, the budget and their first
-        chunk's worst case allow. Without a budget every prompt is prefilled whole in the step
-        that admits it. Two device reads (the running slots' kept lengths, the free count); a
-        preemption adds its release's and a fresh free count.
+        requests are then admitted in arrival order while a slot, the budget and the free blocks
+        allow (their first chunk's worst case; without eviction their whole prompt's; after a
+        preemption at least what they held then). Without a budget every prompt is prefilled
+        whole in the step that admits it. Two device reads (the running slots' kept lengths, the
+        free count); a preemption or a failure adds a release's and a fresh free count.
         """
         kept = self.cache.read_kept([r.slot for r in self.running])  # [L, B, H]
         # Kept tokens of the fullest head this step can see (admitted prompts have none): the bound
