@@ -264,7 +264,7 @@ class Engine:
             if n > prompt_left or cost > budget:
                 break
             self.waiting.popleft()
-            req.slot = self.cache.add_sequence()
+            req.slot, req.restart_blocks = self.cache.add_sequence(), 0
             budget -= cost
             prompt_left -= n
             self.running.append(req)
