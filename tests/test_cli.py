@@ -46,6 +46,30 @@ def test_json_contract_without_tokenizer(tiny_dirs, ids_file, capsys):
     assert out["config"]["threshold"] == 0.0 and out["config"]["window"] == 8
 
 
+def test_generate_max_num_tokens_prefills_in_chunks(tiny_dirs, ids_file, capsys):
+    # --max-num-tokens reaches the engine (config field, recorded in the output's config): the
+    # kept positions equal the Runtime's with the same setting and differ from the whole prefill's.
+    from dataclasses import replace
+
+    from kvzap_trt.config import resolve_config
+    from kvzap_trt.runtime.generate import Runtime
+
+    prompt = [(7 * i) % 160 for i in range(50)]
+    base = ["generate", "--model", str(tiny_dirs["qwen3"]), "--surrogate", "random:linear:0", "--threshold", "0",
+            "--window", "8", "--prompt-ids-file", ids_file(prompt), "--max-new-tokens", "6", "--json", "--positions"]
+    chunked = run_json(capsys, [*base, "--max-num-tokens", "16"])
+    whole = run_json(capsys, base)
+    assert chunked["config"]["max_num_tokens"] == 16 and whole["config"]["max_num_tokens"] is None
+    cfg = resolve_config(str(tiny_dirs["qwen3"]), surrogate="random:linear:0", threshold=0.0, window=8,
+                         max_new_tokens=6)
+    rt = Runtime.from_config(replace(cfg, max_num_tokens=16))
+    want = rt.generate([prompt], positions=True)[0]
+    assert (chunked["token_ids"], chunked["kv"]["positions"]) == (want.token_ids, want.kv["positions"])
+    assert chunked["kv"]["positions"] != whole["kv"]["positions"]
+    assert main([*base, "--max-num-tokens", "0"]) == 2
+    assert "max_num_tokens must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_positions_only_on_request(tiny_dirs, ids_file, capsys):
     out = run_json(capsys, ["generate", "--model", str(tiny_dirs["llama"]), "--surrogate", "random:mlp:1",
                             "--prompt-ids-file", ids_file([1, 2, 3]), "--max-new-tokens", "2", "--json"])
