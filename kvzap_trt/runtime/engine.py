@@ -9,9 +9,10 @@ prefill, a step stays within a TensorRT engine's prefill profile, and a prompt w
 uncompressed cache exceeds the pool can still be served when eviction keeps its cache small. A
 prompt's later chunks attend to the compressed cache of its earlier ones, as decoding does; a
 prompt of at most C tokens, and every prompt without a limit (the default), is prefilled whole
-and its decisions are kvpress's exactly. Sequences join as slots and free blocks allow and leave as
-soon as they finish, returning their blocks. Admission counts exact worst cases from the cache's own state (a head can only need a
-block when its last one is full and a token leaves its window), so what KVzap evicts is room
+and its decisions are kvpress's exactly. Sequences join as slots and free blocks allow and leave
+as soon as they finish, returning their blocks. Admission counts exact worst cases from the
+cache's own state (a head can only need a block when its last one is full and a token leaves
+its window), so what KVzap evicts is room
 for more sequences; when the running set outgrows the pool, the youngest are restarted later.
 Per layer the forward (an executor: `kvzap_trt/executors/`) scores the new tokens with the
 surrogate and attends over kept pages + window + new tokens; eviction follows the layer's
@@ -158,11 +159,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise KvzapError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        # Prefilled in chunks with eviction, a prompt whose uncompressed cache exceeds the pool may
-        # still fit: only its first chunk's worst case is known to be needed.
-        first = len(prompt_ids)
-        if self.max_num_tokens is not None and self.policy.surrogate is not None:
-            first = min(first, self.max_num_tokens)
+        first = self._first_step_tokens(len(prompt_ids))
         need = self.cache.spec.prefill_blocks(first)
         if need > self.cache.spec.num_blocks:
             what = f"a {len(prompt_ids)}-token prompt" if first == len(prompt_ids) else f"the first {first} tokens of the prompt"
@@ -200,6 +197,14 @@ class Engine:
         r.generator.manual_seed(r.sampling.seed)
         r.preemptions += 1
         self.waiting.appendleft(r)
+
+    def _first_step_tokens(self, prompt_tokens: int) -> int:
+        """Prompt tokens whose worst case admitting a prompt must cover: its first chunk's with
+        eviction (a prompt whose uncompressed cache exceeds the pool may still fit), the whole
+        prompt's without (exact: nothing will make room)."""
+        if self.max_num_tokens is None or self.policy.surrogate is None:
+            return prompt_tokens
+        return min(prompt_tokens, self.max_num_tokens)
 
     def _chunk(self, r: Request) -> int:
         """Tokens of `r`'s next prompt chunk: chunks are [0, C), [C, 2C), ... of the prompt
@@ -257,9 +262,8 @@ class Engine:
         while self.waiting and self.cache.free_slots:
             req = self.waiting[0]
             n = self._chunk(req)
-            # Worst case of its first chunk; without eviction the whole prompt's (exact: nothing
-            # will make room); after a preemption, at least what it held then (capped at the pool).
-            cost = self.cache.spec.prefill_blocks(n if self.policy.surrogate is not None else len(req.prompt_ids))
+            # After a preemption, at least what it held then (capped at the pool).
+            cost = self.cache.spec.prefill_blocks(self._first_step_tokens(len(req.prompt_ids)))
             cost = max(cost, min(req.restart_blocks, self.cache.spec.num_blocks))
             if n > prompt_left or cost > budget:
                 break
