@@ -11,8 +11,16 @@ TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random `llama` (Llama-3 RoPE scaling) or `qwen3` model to `out`; returns `out`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """Save a random `llama` (Llama-3 RoPE scaling), `qwen3` or `mistral` (a sliding window:
+    pass sliding_window=) model to `out`; returns `out`."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     kw = {**TINY, **overrides}
@@ -24,6 +32,8 @@ def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     elif family == "qwen3":
         cfg = Qwen3Config(tie_word_embeddings=True, **kw)
         model = Qwen3ForCausalLM(cfg)
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(tie_word_embeddings=False, **kw))
     else:
         raise ValueError(family)
     # Random init leaves norm gains at 1; perturb them so the tests see them applied.

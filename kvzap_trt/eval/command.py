@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise KvzapError(f"model {cfg.model} has no tokenizer: eval writes its prompts as text")
     limit = rt.loaded.config.max_position_embeddings
     if max(args.lengths) > limit:
-        raise KvzapError(f"--lengths {max(args.lengths)} exceeds the model's context of {limit} tokens")
+        raise KvzapError(f"--lengths {max(args.lengths)} exceeds the model's context of {limit} tokens"
+                         f"{rt.loaded.config.context_note}")
     name = cfg.preset or Path(cfg.model).name
     surrogates = {Path(s).name if Path(s).expanduser().is_dir() else s: load_surrogate(s, rt.loaded.config, name)
                   for s in specs}

@@ -170,7 +170,7 @@ class Runtime:
         max_seq_len = m.max_position_embeddings
         for p in prompts:
             if len(p) > max_seq_len:
-                raise KvzapError(f"prompt has {len(p)} tokens, the model's maximum is {max_seq_len}")
+                raise KvzapError(f"prompt has {len(p)} tokens, the model's maximum is {max_seq_len}{m.context_note}")
         lens = [min(len(p) + sampling.max_new_tokens, max_seq_len) for p in prompts]
         heads = m.num_layers * m.num_kv_heads
         num_blocks = sum(heads * (math.ceil(n / self.cfg.block_size) + 1) for n in lens)

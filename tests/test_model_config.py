@@ -1,0 +1,67 @@
+"""Which HF configs have a sliding window, and why it caps the context: kvzap-trt attends to every
+kept token, which equals a sliding-window model's attention only while the context fits the window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvzap_trt.errors import KvzapError
+from kvzap_trt.models.config import ModelConfig
+from tests.test_transformer import assert_same_logits, dense_causal_attend, hf_logits
+from tests.tiny_models import build_tiny
+
+BASE = dict(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=32768)
+
+
+@pytest.mark.parametrize("hf,window", [
+    ({"model_type": "llama"}, None),
+    ({"model_type": "llama", "sliding_window": 4096}, None),  # not a Llama field: transformers ignores it
+    ({"model_type": "mistral", "sliding_window": 4096}, 4096),  # Mistral-7B-v0.1
+    ({"model_type": "mistral", "sliding_window": None}, None),  # v0.2 on
+    ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False}, None),  # Qwen2.5's configs
+    ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 2}, 4096),
+    ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 4}, None),
+    ({"model_type": "qwen3", "sliding_window": 1024, "use_sliding_window": True,
+      "layer_types": ["full_attention"] * 3 + ["sliding_attention"]}, 1024),
+    ({"model_type": "qwen3", "sliding_window": None, "use_sliding_window": False, "max_window_layers": 36}, None),
+])
+def test_sliding_window_caps_the_context(hf, window):
+    cfg = ModelConfig.from_hf({**BASE, **hf})
+    assert cfg.sliding_window == window
+    assert cfg.max_position_embeddings == (32768 if window is None else window)
+    assert ("sliding window" in cfg.context_note) == (window is not None)
+
+
+def test_window_wider_than_the_context_changes_nothing():
+    cfg = ModelConfig.from_hf({**BASE, "max_position_embeddings": 2048, "model_type": "mistral", "sliding_window": 4096})
+    assert cfg.max_position_embeddings == 2048 and cfg.context_note == ""
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory):
+    return build_tiny("mistral", tmp_path_factory.mktemp("mistral") / "m", sliding_window=24)
+
+
+def test_mistral_equals_transformers_up_to_its_window_and_not_past_it(mistral_dir):
+    ids = torch.randint(0, 160, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert_same_logits(mistral_dir, ids[:24])  # the whole context inside the window: exact
+    from kvzap_trt.models.loading import load_model
+
+    ours = load_model(mistral_dir).model(torch.tensor(ids), torch.arange(40), dense_causal_attend)
+    theirs = hf_logits(mistral_dir, ids)
+    assert torch.allclose(ours[:24], theirs[:24], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours[24:], theirs[24:], atol=1e-2)  # past it, full attention is another model
+
+
+def test_runtime_refuses_a_prompt_past_the_window_and_says_why(mistral_dir):
+    from kvzap_trt.config import RunConfig
+    from kvzap_trt.runtime.generate import Runtime
+
+    rt = Runtime.from_config(RunConfig(model=str(mistral_dir), window=4, max_new_tokens=2, block_size=8).validate())
+    assert rt.loaded.config.max_position_embeddings == 24
+    out = rt.generate([[1] * 20])  # fits: runs
+    assert len(out[0].token_ids) == 2
+    with pytest.raises(KvzapError, match=r"25 tokens, the model's maximum is 24 \(the model's 24-token sliding window"):
+        rt.generate([[1] * 25])
