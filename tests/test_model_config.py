@@ -65,3 +65,14 @@ def test_runtime_refuses_a_prompt_past_the_window_and_says_why(mistral_dir):
     assert len(out[0].token_ids) == 2
     with pytest.raises(KvzapError, match=r"25 tokens, the model's maximum is 24 \(the model's 24-token sliding window"):
         rt.generate([[1] * 25])
+
+
+def test_a_checkpoint_with_tensors_the_forward_lacks_is_refused(tmp_path):
+    """Llama with attention_bias has an o_proj bias (and mlp_bias MLP biases) that this forward
+    does not model (3 layers x 4 here): refused by name rather than silently dropped."""
+    from kvzap_trt.models.loading import load_model
+
+    d = build_tiny("llama", tmp_path / "m", attention_bias=True, mlp_bias=True)
+    with pytest.raises(KvzapError, match=r"has 12 tensors this llama forward has no place for, e\.g\. "
+                                         r"layers\.0\.mlp\.down_proj\.bias"):
+        load_model(d)

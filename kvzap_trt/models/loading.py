@@ -145,6 +145,10 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str = "
     missing = sorted(set(expected) - set(state))
     if missing:
         raise KvzapError(f"{what} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    unused = sorted(set(state) - set(expected))  # e.g. o_proj or MLP biases: dropping them is another model
+    if unused:
+        raise KvzapError(f"{what} has {len(unused)} tensors this {cfg.family} forward has no place for, e.g. "
+                         f"{', '.join(unused[:3])}: a variant of the architecture kvzap-trt does not implement")
     for name, t in state.items():
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):
             raise KvzapError(f"{what} tensor {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
