@@ -76,3 +76,9 @@ def test_a_checkpoint_with_tensors_the_forward_lacks_is_refused(tmp_path):
     with pytest.raises(KvzapError, match=r"has 12 tensors this llama forward has no place for, e\.g\. "
                                          r"layers\.0\.mlp\.down_proj\.bias"):
         load_model(d)
+
+
+def test_an_activation_other_than_silu_is_refused():
+    with pytest.raises(KvzapError, match="unsupported MLP activation hidden_act='gelu'; supported: silu"):
+        ModelConfig.from_hf({**BASE, "model_type": "llama", "hidden_act": "gelu"})
+    assert ModelConfig.from_hf({**BASE, "model_type": "llama", "hidden_act": "silu"}).family == "llama"

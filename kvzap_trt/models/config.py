@@ -66,6 +66,9 @@ class ModelConfig:
             raise KvzapError(
                 f"unsupported architecture {family!r}; supported: {', '.join(sorted(FAMILIES))}"
             )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise KvzapError(f"unsupported MLP activation hidden_act={act!r}; supported: silu")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
