@@ -97,7 +97,7 @@ def bad_input_cases(tiny, tmp):
         (m + ok + ["--threshold", "inf"], "threshold must be a finite number, got inf"),
         (m + ok + ["--window", "-3"], "window must be >= 0"),
         (["--model", "qwen4-1b"] + ok, "unknown preset 'qwen4-1b'"),
-        (m + ["--prompt-ids-file", str(tmp / "long.json")], "prompt has 1025 tokens, the model's maximum is 1024"),
+        (m + ["--prompt-ids-file", str(tmp / "long.json")], "prompt has 1025 tokens, the maximum is 1024"),
         (["--model", str(tiny), "--surrogate", str(tmp / "two-heads")] + ok, "has 2 kv heads but model"),
         (m + ["--prompt-ids-file", str(tmp / "missing.json")], "cannot read prompt ids file"),
         (m + ["--prompt-ids-file", str(tmp / "bad.json")], "must hold a JSON list of integers"),

@@ -63,7 +63,7 @@ def test_runtime_refuses_a_prompt_past_the_window_and_says_why(mistral_dir):
     assert rt.loaded.config.max_position_embeddings == 24
     out = rt.generate([[1] * 20])  # fits: runs
     assert len(out[0].token_ids) == 2
-    with pytest.raises(KvzapError, match=r"25 tokens, the model's maximum is 24 \(the model's 24-token sliding window"):
+    with pytest.raises(KvzapError, match=r"25 tokens, the maximum is 24 \(the model's 24-token sliding window"):
         rt.generate([[1] * 25])
 
 

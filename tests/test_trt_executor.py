@@ -4,6 +4,7 @@ clear errors) against a real exported graph and real engine steps; the rest is m
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -23,7 +24,9 @@ from kvzap_trt.export import check_policy, load_exported
 from kvzap_trt.export.plugins import CACHE_TENSORS, step_max_keys
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.trt.profiles import (
+    CacheBounds,
     EngineLimits,
+    cache_bounds,
     dim_ranges,
     engine_profiles,
     graph_inputs,
@@ -158,6 +161,43 @@ def test_profiles_cover_the_graph_and_pick_decode_or_prefill(exported):
         select_profile([decode, prefill], {**shapes, "tokens": (69,)})
     with pytest.raises(KvzapError, match="dimension 'mystery'"):
         profile_shapes({"x": ["mystery"]}, {})
+
+
+def test_cache_bounds_read_back_from_the_profiles_are_the_build_limits(exported):
+    rt, path, steps, cache = exported
+    limits = EngineLimits(max_seqs=3, max_num_tokens=64, max_seq_len=30, block_size=4, window=6, num_blocks=500)
+    bounds = cache_bounds([s for _, s in engine_profiles(graph_inputs(path), limits)])
+    assert bounds == CacheBounds(num_blocks=500, max_seqs=3, max_blocks_per_head=8, block_size=4)
+    assert bounds.max_seq_len == 32  # 30 rounded up to whole blocks: what the block table holds
+
+
+def test_runtimes_size_their_cache_within_an_engines_bounds(exported):
+    """What `generate --executor tensorrt` and serving do with an engine's bounds (`cache_bounds`,
+    a TrtExecutor attribute), shown with the PyTorch executor carrying bounds: a pool sized for
+    every prompt uncompressed is cut to the engine's, prompts beyond its slots wait their turn,
+    sequences past its context are refused saying why, and a server asking for more than the
+    engine holds is refused at start."""
+    from kvzap_trt.executors.torch_executor import TorchExecutor
+    from kvzap_trt.serve.engine_loop import EngineLoop
+
+    rt = Runtime.from_config(exported[0].cfg)
+    prompts = [[3, 5, 7, 11, 13, 17, 19, 23, 29], [2, 4, 6], [8, 9, 10, 11]]
+    want = [r.token_ids for r in rt.generate(prompts)]
+    spec = rt.start(prompts)[0].cache.spec
+    ex = TorchExecutor(rt.loaded.model, rt.surrogate, rt.cfg.threshold, "cpu")
+    ex.cache_bounds = CacheBounds(num_blocks=spec.num_blocks // 2, max_seqs=2, max_blocks_per_head=4, block_size=4)
+    rt.executor = lambda: ex
+    engine, reqs = rt.start(prompts)
+    assert (engine.cache.spec.num_blocks, engine.cache.spec.max_seqs) == (spec.num_blocks // 2, 2)
+    engine.run()
+    assert [r.output_ids for r in reqs] == want  # the same tokens, two slots and half the pool
+    assert rt.context_limit()[0] == 16
+    with pytest.raises(KvzapError, match=r"prompt has 17 tokens, the maximum is 16 \(the engine's: it was built "
+                                         r"for 16-token sequences\)"):
+        rt.start([[1] * 17])
+    rt.cfg = dataclasses.replace(rt.cfg, max_seqs=4)
+    with pytest.raises(KvzapError, match=r"--max-seqs 4 exceed the engine's \d+ blocks and 2 slots"):
+        EngineLoop.from_runtime(rt)
 
 
 def test_check_cache_and_policy(exported):

@@ -9,7 +9,8 @@ Per step (`forward`):
   3. `select_profile` picks the first optimisation profile holding every input shape (decode,
      then prefill: trt/profiles.py); each profile has its own execution context, whose device
      memory is sized for that profile alone;
-  4. input shapes and addresses are set, `execute_async_v3` runs on the current CUDA stream;
+  4. input shapes and addresses are set, `execute_async_v3` runs on the executor's own CUDA
+     stream, ordered after the caller's and before the caller's next work;
   5. the error flag (zeroed before the step, OR-ed by every plugin) is read once:
      CacheFullError / KernelBoundError as `cuda_kernels.raise_kernel_error` raises them.
 The engine, its scheduler and its `PagedKVCache` are those of the other executors.
@@ -21,6 +22,8 @@ Steps 1-3 are pure functions, tested on CPU against the exported graph's names
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,12 +35,14 @@ from kvzap_trt.executors import StepInputs
 from kvzap_trt.export import check_cache_shape, check_policy
 from kvzap_trt.export.plugins import CACHE_TENSORS, cache_tensors, step_max_keys
 from kvzap_trt.ops.cuda_kernels import raise_kernel_error
-from kvzap_trt.trt import ENGINE_FILE, ENGINE_META, default_plugin_lib, import_tensorrt, load_plugin_library
-from kvzap_trt.trt.profiles import prompt_tokens_per_step, select_profile
+from kvzap_trt.trt import ENGINE_FILE, ENGINE_META, default_plugin_lib, import_tensorrt, load_plugin_library, trt_logger
+from kvzap_trt.trt.profiles import cache_bounds, prompt_tokens_per_step, select_profile
 
 if TYPE_CHECKING:
     from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
     from kvzap_trt.surrogate import Surrogate
+
+log = logging.getLogger(__name__)
 
 # The step's own inputs and their types in the graph (export/graph.py); the rest are CACHE_TENSORS.
 STEP_INPUTS = {"tokens": torch.int64, "positions": torch.int64, "never_evict": torch.bool, "logits_at": torch.int64,
@@ -154,13 +159,14 @@ class TrtExecutor:
         with); window, threshold, surrogate: what the engine runs with, checked against the build."""
         self.trt = trt = import_tensorrt()
         plan, self.meta = read_engine_meta(engine)
+        self.path = plan
         check_policy(self.meta, plan, window, threshold, surrogate)
         if torch.device(device).type != "cuda" or not torch.cuda.is_available():
             raise KvzapError("the TensorRT executor needs a CUDA GPU and --device cuda")
         lib = Path(plugin_lib) if plugin_lib else (default_plugin_lib() if default_plugin_lib().is_file()
                                                    else Path(self.meta.get("plugin_lib") or default_plugin_lib()))
         load_plugin_library(trt, lib)
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = trt_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
@@ -178,11 +184,31 @@ class TrtExecutor:
         # Prompt tokens a step may pack beside every decode, read from the engine's own profiles
         # (not from the build's settings): the scheduler prefills longer prompts in such chunks.
         self.max_num_tokens = prompt_tokens_per_step(self.profiles)
+        # The largest pool, slot count and context the profiles take: runtimes size caches within it.
+        self.cache_bounds = cache_bounds(self.profiles)
+        self.device_memory_bytes = self._check_device_memory()
         self.device = torch.device("cuda", torch.cuda.current_device())
+        # The engine's own stream: enqueueV3 on the legacy default stream costs extra device syncs.
+        self.stream = torch.cuda.Stream(self.device)
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._empty = torch.zeros(1, dtype=torch.int32, device=self.device)  # the address of 0-element tensors
         self._contexts: dict[int, object] = {}
-        self.path = plan
+
+    def _check_device_memory(self) -> list[int] | None:
+        """The engine's own device memory per profile (activations, workspaces), where TensorRT
+        reports it. The cache only passes through the plugins, aliased, so this should be far
+        below the pool's size; a profile reserving a pool's worth suggests TensorRT copies the
+        cache at the network's ends (it may, for aliased I/O): logged, since the engine still runs."""
+        per_profile = getattr(self.engine, "get_device_memory_size_for_profile_v2", None)
+        if per_profile is None:
+            return None
+        sizes = [int(per_profile(p)) for p in range(len(self.profiles))]
+        k_pool = math.prod(self.profiles[0]["k_pool"][2]) * torch.empty(0, dtype=self.dtypes["k_pool"]).element_size()
+        if max(sizes) >= k_pool:
+            log.warning("TensorRT reserves %.2f GiB for a profile of %s, as much as its K pool (%.2f GiB): it may "
+                        "copy the cache instead of updating it in place (plugins/README.md, 'TensorRT plugins')",
+                        max(sizes) / 2**30, self.path, k_pool / 2**30)
+        return sizes
 
     def _torch_dtype(self, dt) -> torch.dtype:
         name = str(dt).rsplit(".", 1)[-1].lower()
@@ -194,7 +220,11 @@ class TrtExecutor:
     def _context(self, profile: int, stream: int):
         if profile not in self._contexts:
             ctx = _create_context(self.trt, self.engine)
-            if ctx is None or not ctx.set_optimization_profile_async(profile, stream):
+            try:  # the binding raises RuntimeError where the C++ call returns false
+                ok = ctx is not None and ctx.set_optimization_profile_async(profile, stream)
+            except RuntimeError as e:
+                raise KvzapError(f"TensorRT could not select profile {profile} for an execution context: {e}") from None
+            if not ok:
                 raise KvzapError(f"TensorRT could not create an execution context for profile {profile}")
             self._contexts[profile] = ctx
         return self._contexts[profile]
@@ -209,15 +239,18 @@ class TrtExecutor:
         logits = torch.empty((step.seq_slots.numel(), self.vocab), dtype=torch.float32, device=cache.device)
         inputs, outputs = binding_plan(self.input_names, self.output_names, tensors, logits)
         check_bindings(self.dtypes, {**inputs, **outputs})
-        stream = torch.cuda.current_stream(cache.device).cuda_stream
+        current = torch.cuda.current_stream(cache.device)
+        self.stream.wait_stream(current)  # the feeds and the zeroed flag were written on it
+        stream = self.stream.cuda_stream
         ctx = self._context(select_profile(self.profiles, {n: tuple(t.shape) for n, t in inputs.items()}), stream)
         for name, t in inputs.items():
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise KvzapError(f"TensorRT refused the shape {tuple(t.shape)} of {name}")
-            ctx.set_tensor_address(name, self._address(t))
-        for name, t in outputs.items():
-            ctx.set_tensor_address(name, self._address(t))
+        for name, t in {**inputs, **outputs}.items():
+            if not ctx.set_tensor_address(name, self._address(t)):
+                raise KvzapError(f"TensorRT refused the address of {name} (not 256-byte aligned?)")
         if not ctx.execute_async_v3(stream):
             raise KvzapError("TensorRT's execute_async_v3 failed (see its log)")
+        current.wait_stream(self.stream)  # logits and the cache are read on the caller's stream
         raise_kernel_error(int(to_host(self.error)[0]))  # the step's one read of the flag (a sync)
         return logits

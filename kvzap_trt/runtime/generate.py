@@ -151,6 +151,15 @@ class Runtime:
             self._fast_slow = FastSlow.from_runtime(self)
         return self._fast_slow.plan(mode)
 
+    def context_limit(self) -> tuple[int, str]:
+        """(the longest sequence, prompt and output, this runtime serves; why, for messages): the
+        model's context, or a TensorRT engine's where it was built for less (`--max-seq-len`)."""
+        m = self.loaded.config
+        bounds = getattr(self.executor(), "cache_bounds", None)
+        if bounds is not None and bounds.max_seq_len < m.max_position_embeddings:
+            return bounds.max_seq_len, f" (the engine's: it was built for {bounds.max_seq_len}-token sequences)"
+        return m.max_position_embeddings, m.context_note
+
     def make_cache(self, max_seq_len: int, max_seqs: int, num_blocks: int) -> PagedKVCache:
         m = self.loaded.config
         spec = CacheSpec(m.num_layers, m.num_kv_heads, m.head_dim, self.cfg.window, self.cfg.block_size,
@@ -167,17 +176,21 @@ class Runtime:
         """
         sampling = sampling or self.sampling()
         m = self.loaded.config
-        max_seq_len = m.max_position_embeddings
+        max_seq_len, why = self.context_limit()
         for p in prompts:
             if len(p) > max_seq_len:
-                raise KvzapError(f"prompt has {len(p)} tokens, the model's maximum is {max_seq_len}{m.context_note}")
+                raise KvzapError(f"prompt has {len(p)} tokens, the maximum is {max_seq_len}{why}")
         lens = [min(len(p) + sampling.max_new_tokens, max_seq_len) for p in prompts]
         heads = m.num_layers * m.num_kv_heads
         num_blocks = sum(heads * (math.ceil(n / self.cfg.block_size) + 1) for n in lens)
-        cache = self.make_cache(max(lens), len(prompts), num_blocks)
+        max_seqs, executor = len(prompts), self.executor()
+        bounds = getattr(executor, "cache_bounds", None)
+        if bounds is not None:  # an engine's pool and slots: eviction or queueing handles the rest
+            num_blocks, max_seqs = min(num_blocks, bounds.num_blocks), min(max_seqs, bounds.max_seqs)
+        cache = self.make_cache(max(lens), max_seqs, num_blocks)
         policy = EvictionPolicy(self.surrogate, self.cfg.threshold, self.cfg.compress_decoding)
         engine = Engine(self.loaded.model, cache, policy, max_seq_len, record_positions=positions,
-                        executor=self.executor(), record_embedding=embedding, record_kv_coe=kv_coe,
+                        executor=executor, record_embedding=embedding, record_kv_coe=kv_coe,
                         max_num_tokens=self.cfg.max_num_tokens)
         plan = self.reasoning(reasoning)
         return engine, [engine.submit(p, sampling, reasoning=plan) for p in prompts]

@@ -97,10 +97,15 @@ class EngineLoop:
     @classmethod
     def from_runtime(cls, runtime: Runtime) -> "EngineLoop":
         """A KV pool of `kv_cache_mb` and `max_seqs` sequence slots, as the config says."""
-        cfg, m = runtime.cfg, runtime.loaded.config
-        max_seq_len = m.max_position_embeddings
+        cfg = runtime.cfg
+        max_seq_len, _ = runtime.context_limit()
         probe = runtime.make_cache(max_seq_len, 1, 1).spec
         num_blocks = int(cfg.kv_cache_mb * 2**20 // probe.block_bytes)
+        bounds = getattr(runtime.executor(), "cache_bounds", None)
+        if bounds is not None and (num_blocks > bounds.num_blocks or cfg.max_seqs > bounds.max_seqs):
+            raise KvzapError(f"--kv-cache-mb {cfg.kv_cache_mb:g} ({num_blocks} blocks) and --max-seqs {cfg.max_seqs} "
+                             f"exceed the engine's {bounds.num_blocks} blocks and {bounds.max_seqs} slots: serve with "
+                             "the values it was built with, or less")
         cache = runtime.make_cache(max_seq_len, cfg.max_seqs, num_blocks)
         policy = EvictionPolicy(runtime.surrogate, cfg.threshold, cfg.compress_decoding)
         return cls(runtime, Engine(runtime.loaded.model, cache, policy, max_seq_len, executor=runtime.executor(),

@@ -36,14 +36,33 @@ def import_tensorrt():
     return tensorrt
 
 
+_LOGGERS: dict[int, object] = {}
+
+
+def trt_logger(trt):
+    """The process's one TensorRT logger (warnings and errors): TensorRT warns when builders and
+    runtimes of one process are given different loggers."""
+    if id(trt) not in _LOGGERS:
+        _LOGGERS[id(trt)] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[id(trt)]
+
+
 def load_plugin_library(trt, path: Path) -> None:
-    """Register the kvzap plugin creators (KvzapVarlenPagedAttention, KvzapEvict) with TensorRT."""
+    """Register the kvzap plugin creators (KvzapVarlenPagedAttention, KvzapEvict) with TensorRT,
+    once per process: `IPluginRegistry::loadLibrary` fails when a creator of the library is
+    registered already (a build then a run, a second executor), so a registered KvzapEvict
+    creator means done, whichever library or mechanism registered it."""
+    from kvzap_trt.export.plugins import EVICT, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
     path = Path(path)
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(EVICT.name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+        return
     if not path.is_file():
         raise KvzapError(f"the kvzap TensorRT plugin library {path} does not exist: build it with "
                          "`cmake -S plugins -B build/plugins -DKVZAP_TRT_PLUGINS=ON -DTENSORRT_ROOT=<TensorRT dir> && "
                          "cmake --build build/plugins --target kvzap_trt_plugins` (plugins/README.md)")
-    if trt.get_plugin_registry().load_library(str(path.resolve())) is None:
+    if registry.load_library(str(path.resolve())) is None:
         raise KvzapError(f"TensorRT could not load the plugin library {path} (see TensorRT's log)")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from kvzap_trt.atomic import atomic_dir
 from kvzap_trt.errors import KvzapError
-from kvzap_trt.trt import ENGINE_FILE, ENGINE_META, import_tensorrt, load_plugin_library
+from kvzap_trt.trt import ENGINE_FILE, ENGINE_META, import_tensorrt, load_plugin_library, trt_logger
 from kvzap_trt.trt.profiles import EngineLimits, engine_profiles, graph_inputs
 
 
@@ -30,7 +30,7 @@ def build_engine(onnx_path: Path, plugin_lib: Path, out: Path, limits: EngineLim
     trt = import_tensorrt()
     onnx_path, out = Path(onnx_path), Path(out)
     profiles = engine_profiles(graph_inputs(onnx_path), limits)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     load_plugin_library(trt, plugin_lib)
     builder = trt.Builder(logger)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # implied in TensorRT 11
@@ -45,13 +45,14 @@ def build_engine(onnx_path: Path, plugin_lib: Path, out: Path, limits: EngineLim
 
     config = builder.create_builder_config()
     aliased = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
-    if aliased is not None:  # a preview feature in 10.x; TensorRT versions that dropped the flag have it on
-        config.set_preview_feature(aliased, True)
-    for _, shapes in profiles:
+    if aliased is not None:  # 10.3 up to 11.1 at least; a later TensorRT that drops the flag should have it on,
+        config.set_preview_feature(aliased, True)  # and the plugins refuse to run where outputs are not their inputs
+    for name_p, shapes in profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            raise KvzapError(f"TensorRT refused the {name_p} optimisation profile (see its log)")
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise KvzapError(f"TensorRT could not build an engine from {onnx_path} (see TensorRT's log above)")

@@ -6,10 +6,11 @@ The exported graph (`export/graph.py`) names its dynamic dimensions; each gets a
     num_tokens (N)       1 .. S  (opt S)           1 .. T + S (opt min(T, 2048)) packed new tokens of a step
     batch (B)            1 .. S  (opt S)           1 .. S  (opt 1)           sequences in a step
     batch_plus_1         B + 1                     B + 1                     cu_seqlens
-    num_blocks           1 .. P  (opt P)           same                      the block pool
+    num_blocks           1 .. P  (opt min(P, 256)) same                      the block pool
     block_size           bs (fixed)                same                      a build setting of the cache
     max_seqs             1 .. S  (opt S)           same                      sequence slots of the cache
     max_blocks_per_head  1 .. ceil(C / bs)         same                      block table columns (C: context)
+                         (opt min(that, 256))
     ring_pages           ceil(W / bs) (fixed)      same                      window pages per head
     max_keys (K)         1 .. Mbs + W + S          1 .. Mbs + W + T + S      the step's key bound, carried
                          (opt max)                 (opt max)                 in a shape (M bs = ceil(C / bs) bs)
@@ -27,7 +28,9 @@ its GEMMs for each profile's opt (a full decode batch; a 2k-token prefill chunk)
 scheduler takes T from the engine's profiles (`prompt_tokens_per_step`): longer prompts are
 prefilled in chunks of T tokens, so no step exceeds the prefill profile.
 The cache dimensions only pass through the plugins (aliased I/O), so their wide ranges cost no
-memory inside the engine.
+memory inside the engine. Their opt values are small on purpose: the builder configures and may
+time the plugins at opt shapes, on inputs it allocates itself, and a pool-sized opt (tens of GB
+for an 8B model) would be allocated for that; no kernel's choice depends on them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 from kvzap_trt.errors import KvzapError
 
 Range = tuple[int, int, int]  # (min, opt, max)
+CACHE_OPT = 256  # opt of num_blocks and max_blocks_per_head (module docstring)
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,12 @@ class EngineLimits:
 def dim_ranges(limits: EngineLimits) -> dict[str, dict[str, Range]]:
     """{"decode": {symbol: range}, "prefill": {...}}: the table of the module docstring."""
     S, T, bs = limits.max_seqs, limits.max_num_tokens, limits.block_size
+    M = -(-limits.max_seq_len // bs)
     cache = {
-        "num_blocks": (1, limits.num_blocks, limits.num_blocks),
+        "num_blocks": (1, min(limits.num_blocks, CACHE_OPT), limits.num_blocks),
         "block_size": (bs, bs, bs),
         "max_seqs": (1, S, S),
-        "max_blocks_per_head": (1, -(-limits.max_seq_len // bs), -(-limits.max_seq_len // bs)),
+        "max_blocks_per_head": (1, min(M, CACHE_OPT), M),
         "ring_pages": (-(-limits.window // bs),) * 3,
     }
 
@@ -127,6 +132,31 @@ def prompt_tokens_per_step(profiles: list[dict[str, tuple[tuple, tuple, tuple]]]
         raise KvzapError("the engine's profiles take no prompt token beside a full batch of decodes "
                          "(rebuild it with a larger --max-num-tokens)")
     return best
+
+
+@dataclass(frozen=True)
+class CacheBounds:
+    """The largest cache every profile of an engine takes: pool blocks (k_pool dim 0), sequence
+    slots (block_table dim 1), block table columns (dim 3) and the tokens those columns hold."""
+
+    num_blocks: int
+    max_seqs: int
+    max_blocks_per_head: int
+    block_size: int
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_blocks_per_head * self.block_size
+
+
+def cache_bounds(profiles: list[dict[str, tuple[tuple, tuple, tuple]]]) -> CacheBounds:
+    """CacheBounds of an engine with these profiles ({input: (min, opt, max) shapes}, as the
+    engine reports them): a cache past any of them matches no profile, so every step would fail."""
+
+    def most(name: str, dim: int) -> int:
+        return min(p[name][2][dim] for p in profiles)
+
+    return CacheBounds(most("k_pool", 0), most("block_table", 1), most("block_table", 3), most("k_pool", 1))
 
 
 def select_profile(profiles: list[dict[str, tuple[tuple, tuple, tuple]]], shapes: dict[str, tuple]) -> int:

@@ -35,11 +35,15 @@ public:
     using Traits = PluginTraits;
     using Fields = typename Traits::Fields;
 
-    explicit KvzapPluginBase(Fields const& fields) : mFields(fields) {}
-    // A copy starts unattached and unresolved: attachToContext / onShapeChange fill those in.
+    explicit KvzapPluginBase(Fields const& fields, nvinfer1::TensorRTPhase phase = nvinfer1::TensorRTPhase::kRUNTIME)
+        : mFields(fields), mPhase(phase) {}
+    // A copy (clone, attachToContext) is fully initialised, as TensorRT requires of a clone: the
+    // fields, the phase and what the last onShapeChange resolved (shapes and dtype only, so valid
+    // for the copy too). The error recorder is attachToContext's to set.
     KvzapPluginBase(KvzapPluginBase const& other)
         : nvinfer1::IPluginV3(), nvinfer1::IPluginV3OneCore(), nvinfer1::IPluginV3OneBuildV2(),
-          nvinfer1::IPluginV3OneRuntime(), mFields(other.mFields) {}
+          nvinfer1::IPluginV3OneRuntime(), mFields(other.mFields), mDims(other.mDims), mDtype(other.mDtype),
+          mPhase(other.mPhase) {}
     KvzapPluginBase& operator=(KvzapPluginBase const&) = delete;
     ~KvzapPluginBase() override = default;
 
@@ -178,16 +182,31 @@ protected:
     // may throw (the call then stays unresolved).
     virtual void onShapesAccepted() {}
 
-    // For enqueue: throws unless the last onShapeChange succeeded for this K/V dtype.
-    void requireResolved(nvinfer1::PluginTensorDesc const* inputDesc) const {
+    // For enqueue, before any launch: throws unless the last onShapeChange succeeded for this K/V
+    // dtype; false when the call must do nothing: a plugin of the build phase, which TensorRT may
+    // enqueue to time it on inputs of its own making, whose block ids and slots index nothing real
+    // (the kernels would read and write wherever they point). Engines run plugins of the runtime
+    // phase (createPlugin(kRUNTIME) at deserialization), and a single-tactic plugin has nothing
+    // to tune. Then throws unless every aliased output is its input's memory: the kernels update
+    // the cache through the inputs, so an output elsewhere (aliasing off: the engine was built
+    // without the ALIASED_PLUGIN_IO_10_03 preview feature) would hand on a stale cache.
+    bool readyToLaunch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs,
+                       void* const* outputs) const {
         if (mDtype < 0 || static_cast<int32_t>(inputDesc[Traits::kDtypeInput].type) != mDtype)
             throw InvalidArgument("enqueue before a successful onShapeChange");
+        if (mPhase == nvinfer1::TensorRTPhase::kBUILD) return false;
+        Shape shapes[Traits::kNbInputs];
+        for (int32_t i = 0; i < Traits::kNbInputs; ++i) shapes[i] = toShape(inputDesc[i].dims);
+        std::string const problem = aliasingProblem(Traits::io(), shapes, inputs, outputs);
+        if (!problem.empty()) throw InvalidArgument(problem);
+        return true;
     }
 
     Fields mFields;
     nvinfer1::IErrorRecorder* mRecorder = nullptr;  // the execution context's, from attachToContext
     CallDims mDims;                                 // from the last onShapeChange
     int32_t mDtype = -1;                            // K/V DataType of mDims, -1: not resolved
+    nvinfer1::TensorRTPhase mPhase;                 // createPlugin's: kBUILD objects never launch
 
 private:
     Derived const& self() const { return static_cast<Derived const&>(*this); }
@@ -232,13 +251,13 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return &mFC; }
 
     nvinfer1::IPluginV3* createPlugin(char const* /*name*/, nvinfer1::PluginFieldCollection const* fc,
-                                      nvinfer1::TensorRTPhase /*phase*/) noexcept override {
+                                      nvinfer1::TensorRTPhase phase) noexcept override {
         try {
             std::vector<Field> const fields = toFields(fc);
             typename Traits::Fields parsed;
             std::string const problem = Traits::parseFields(fields.data(), static_cast<int32_t>(fields.size()), parsed);
             if (!problem.empty()) throw InvalidArgument(problem);
-            return std::make_unique<Plugin>(parsed).release();
+            return std::make_unique<Plugin>(parsed, phase).release();
         } catch (std::exception const& e) {
             reportException(nullptr, mWhere.c_str(), e);
         }

@@ -280,6 +280,22 @@ bool supportsDtype(PluginIo const& io, int32_t pos, int32_t dtype, int32_t dataD
     return false;
 }
 
+std::string aliasingProblem(PluginIo const& io, Shape const* inputShapes, void const* const* inputs,
+                            void* const* outputs) {
+    for (size_t o = 0; o < io.outputs.size(); ++o) {
+        int32_t const a = io.outputs[o].aliasedInput;
+        if (a < 0 || outputs[o] == inputs[a]) continue;
+        Shape const& s = inputShapes[a];
+        int64_t volume = 1;
+        for (int32_t i = 0; i < s.nbDims; ++i) volume *= s.d[i];
+        if (volume == 0) continue;
+        return std::string("output ") + io.outputs[o].name + " is not the memory of its input " + io.inputs[a].name +
+               ": aliased plugin I/O is off (build the engine with the ALIASED_PLUGIN_IO_10_03 preview feature), "
+               "so the cache updates would be lost";
+    }
+    return "";
+}
+
 std::string checkAttentionShapes(Shape const* in, int32_t nbInputs, AttentionFields const& f, int32_t dtype,
                                  CallDims& dims) {
     using namespace attn;

@@ -103,6 +103,12 @@ struct Shape {
     int64_t d[kMAX_RANK] = {};
 };
 
+// enqueue's aliasing check without TensorRT: "" when every aliased output of a call with these
+// input shapes and pointers is its input's memory (zero-element tensors excepted: their addresses
+// mean nothing), else a message naming the first output that is not.
+std::string aliasingProblem(PluginIo const& io, Shape const* inputShapes, void const* const* inputs,
+                            void* const* outputs);
+
 // The dimensions of one call, resolved from the input shapes.
 struct CallDims {
     int64_t N = 0;   // packed rows (new tokens of the batch)

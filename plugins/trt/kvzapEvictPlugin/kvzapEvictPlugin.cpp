@@ -18,11 +18,11 @@ using namespace nvinfer1;
 namespace kvzap_trt {
 
 int32_t KvzapEvictPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
-                                  void const* const* inputs, void* const* /*outputs*/, void* /*workspace*/,
+                                  void const* const* inputs, void* const* outputs, void* /*workspace*/,
                                   cudaStream_t stream) noexcept {
     try {
         using namespace evict;
-        requireResolved(inputDesc);
+        if (!readyToLaunch(inputDesc, inputs, outputs)) return 0;
         CallDims const& d = mDims;
         // The aliased outputs are these inputs' memory (as in NVIDIA's aliased_io_plugin sample):
         // the kernels update them in place. One layer: pointers at layer `layer`; all: at layer 0.

@@ -43,7 +43,7 @@ int32_t KvzapVarlenPagedAttentionPlugin::enqueue(PluginTensorDesc const* inputDe
                                                  cudaStream_t stream) noexcept {
     try {
         using namespace attn;
-        requireResolved(inputDesc);
+        if (!readyToLaunch(inputDesc, inputs, outputs)) return 0;
         CallDims const& d = mDims;
         kvzapDtype const dtype = toKernelDtype(inputDesc[kQ].type);
         int32_t const split = attentionSplit(d, dtype, mNumSms, mSm);

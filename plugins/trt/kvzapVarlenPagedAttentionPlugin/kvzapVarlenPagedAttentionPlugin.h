@@ -30,8 +30,9 @@ class KvzapVarlenPagedAttentionPlugin
     : public KvzapPluginBase<KvzapVarlenPagedAttentionPlugin, KvzapVarlenPagedAttentionTraits> {
 public:
     using KvzapPluginBase::KvzapPluginBase;
-    // A copy starts unresolved (KvzapPluginBase) and queries the device again in onShapeChange.
-    KvzapVarlenPagedAttentionPlugin(KvzapVarlenPagedAttentionPlugin const& other) : KvzapPluginBase(other) {}
+    // A copy keeps what its original resolved (KvzapPluginBase), the device's SMs included.
+    KvzapVarlenPagedAttentionPlugin(KvzapVarlenPagedAttentionPlugin const& other)
+        : KvzapPluginBase(other), mNumSms(other.mNumSms), mSm(other.mSm) {}
 
     // IPluginV3OneBuildV2
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -46,7 +47,7 @@ protected:
     void onShapesAccepted() override;  // queries the device once (mNumSms, mSm)
 
 private:
-    int32_t mNumSms = 0, mSm = 0;  // the device, queried in onShapeChange
+    int32_t mNumSms = 0, mSm = 0;  // the device, queried in the first accepted onShapeChange
 };
 
 using KvzapVarlenPagedAttentionPluginCreator = KvzapPluginCreator<KvzapVarlenPagedAttentionPlugin>;

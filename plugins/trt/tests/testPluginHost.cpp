@@ -193,6 +193,34 @@ void testIo() {
     CHECK(e.outputs.size() == evict::kNB_INPUTS - evict::kK_POOL && e.outputs.front().aliasedInput == evict::kK_POOL,
           "evict outputs: inputs k_pool.. in order");
     for (auto const& o : e.outputs) CHECK(o.aliasedInput >= evict::kK_POOL, "evict output %s not aliased", o.name);
+
+    // enqueue's aliasing check: every aliased output must be its input's memory, but for empty tensors.
+    std::vector<char> memory(evict::kNB_INPUTS);
+    std::vector<void const*> ins(evict::kNB_INPUTS);
+    std::vector<void*> outs(evict::kNB_OUTPUTS);
+    std::vector<Shape> shapes(evict::kNB_INPUTS);
+    for (int32_t i = 0; i < evict::kNB_INPUTS; ++i) {
+        ins[i] = &memory[i];
+        shapes[i].nbDims = 1;
+        shapes[i].d[0] = 3;
+    }
+    for (int32_t o = 0; o < evict::kNB_OUTPUTS; ++o) outs[o] = const_cast<void*>(ins[e.outputs[o].aliasedInput]);
+    CHECK(aliasingProblem(e, shapes.data(), ins.data(), outs.data()).empty(), "in place refused");
+    char elsewhere = 0;
+    outs[evict::kKEPT_LEN - evict::kK_POOL] = &elsewhere;
+    std::string const why = aliasingProblem(e, shapes.data(), ins.data(), outs.data());
+    CHECK(contains(why, "output kept_len_out is not the memory of its input kept_len") &&
+              contains(why, "ALIASED_PLUGIN_IO_10_03"),
+          "%s", why.c_str());
+    shapes[evict::kKEPT_LEN].d[0] = 0;  // an empty tensor's address means nothing
+    CHECK(aliasingProblem(e, shapes.data(), ins.data(), outs.data()).empty(), "empty tensor refused");
+    std::vector<void const*> ains(attn::kNB_INPUTS);
+    std::vector<void*> aouts(attn::kNB_OUTPUTS);
+    std::vector<Shape> ashapes(attn::kNB_INPUTS, shapes[0]);
+    for (int32_t i = 0; i < attn::kNB_INPUTS; ++i) ains[i] = &memory[i];
+    for (int32_t o = 0; o < attn::kNB_OUTPUTS; ++o)
+        aouts[o] = a.outputs[o].aliasedInput < 0 ? &elsewhere : const_cast<void*>(ains[a.outputs[o].aliasedInput]);
+    CHECK(aliasingProblem(a, ashapes.data(), ains.data(), aouts.data()).empty(), "attention's out is not aliased");
 }
 
 // ---------------------------------------------------------------- shapes
