@@ -5,7 +5,8 @@ with the CMake-built libkvzap_kernels.so for the split heuristic and workspace s
 with. The CMake option stays off by default and refuses to run without TensorRT headers.
 
 What needs TensorRT skips where it is absent (nothing here fakes it): compiling the plugin shells
-needs its headers (TENSORRT_ROOT=<dir with include/NvInferRuntime.h>, as in NGC images), loading
+and driving the built library through TensorRT's interface classes (testPluginInterfaces.cpp)
+need its headers (TENSORRT_ROOT=<dir with include/NvInferRuntime.h>, as in NGC images), loading
 the library into TensorRT's registry needs the `tensorrt` Python package too."""
 
 from __future__ import annotations
@@ -147,3 +148,21 @@ def test_tensorrt_registry_loads_both_creators(plugin_library):
         wrong_type = trt.PluginFieldCollection([
             trt.PluginField("layer", np.array([0.0], np.float32), trt.PluginFieldType.FLOAT32)])
         assert creator.create_plugin(name, wrong_type, trt.TensorRTPhase.BUILD) is None
+
+
+def test_plugins_through_tensorrt_interfaces(plugin_library, tmp_path):
+    """plugins/trt/tests/testPluginInterfaces.cpp: the library dlopen-ed and driven through
+    TensorRT's own interface classes as the registry, parser and builder call it (creators,
+    fields, onShapeChange again with unchanged shapes, clones keeping their resolved shapes,
+    build-phase objects never launching, enqueue refusing outputs that are not their inputs'
+    memory). Needs TensorRT's headers only; launches nothing."""
+    exe = tmp_path / "testPluginInterfaces"
+    made = subprocess.run(
+        [cxx(), "-std=c++17", "-Wall", "-Wextra", "-Werror", "-isystem", str(tensorrt_include()),
+         *[flag.replace("-I", "-isystem", 1) for flag in cuda_includes(nvcc())],
+         str(TRT / "tests" / "testPluginInterfaces.cpp"), "-ldl", "-o", str(exe)],
+        capture_output=True, text=True,
+    )
+    assert made.returncode == 0, made.stderr[-4000:]
+    run = subprocess.run([str(exe), str(plugin_library)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "0 failed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]

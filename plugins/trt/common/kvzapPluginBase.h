@@ -14,6 +14,7 @@
 
 #include <NvInferRuntime.h>
 
+#include <array>
 #include <exception>
 #include <memory>
 #include <string>
@@ -42,8 +43,8 @@ public:
     // for the copy too). The error recorder is attachToContext's to set.
     KvzapPluginBase(KvzapPluginBase const& other)
         : nvinfer1::IPluginV3(), nvinfer1::IPluginV3OneCore(), nvinfer1::IPluginV3OneBuildV2(),
-          nvinfer1::IPluginV3OneRuntime(), mFields(other.mFields), mDims(other.mDims), mDtype(other.mDtype),
-          mPhase(other.mPhase) {}
+          nvinfer1::IPluginV3OneRuntime(), mFields(other.mFields), mDims(other.mDims), mShapes(other.mShapes),
+          mDtype(other.mDtype), mPhase(other.mPhase) {}
     KvzapPluginBase& operator=(KvzapPluginBase const&) = delete;
     ~KvzapPluginBase() override = default;
 
@@ -139,13 +140,19 @@ public:
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::PluginTensorDesc const* /*out*/, int32_t /*nbOutputs*/) noexcept override {
         try {
-            mDtype = -1;
-            std::vector<Shape> shapes;
-            for (int32_t i = 0; i < nbInputs; ++i) shapes.push_back(toShape(in[i].dims));
+            // TensorRT calls this whenever an input's shape or address changes, so every step (the
+            // step's inputs are fresh tensors): shapes equal to the last accepted ones return at once.
+            std::array<Shape, Traits::kNbInputs> shapes{};
             int32_t const dtype = nbInputs > 0 ? static_cast<int32_t>(in[Traits::kDtypeInput].type) : -1;
+            if (nbInputs == Traits::kNbInputs) {
+                for (int32_t i = 0; i < nbInputs; ++i) shapes[i] = toShape(in[i].dims);
+                if (mDtype >= 0 && dtype == mDtype && sameShapes(shapes, mShapes)) return 0;
+            }
+            mDtype = -1;
             std::string const problem = Traits::checkShapes(shapes.data(), nbInputs, mFields, dtype, mDims);
             if (!problem.empty()) throw InvalidArgument(problem);
             onShapesAccepted();
+            mShapes = shapes;
             mDtype = dtype;
             return 0;
         } catch (std::exception const& e) {
@@ -205,11 +212,21 @@ protected:
     Fields mFields;
     nvinfer1::IErrorRecorder* mRecorder = nullptr;  // the execution context's, from attachToContext
     CallDims mDims;                                 // from the last onShapeChange
+    std::array<Shape, Traits::kNbInputs> mShapes{};  // the input shapes mDims was resolved from
     int32_t mDtype = -1;                            // K/V DataType of mDims, -1: not resolved
     nvinfer1::TensorRTPhase mPhase;                 // createPlugin's: kBUILD objects never launch
 
 private:
     Derived const& self() const { return static_cast<Derived const&>(*this); }
+
+    static bool sameShapes(std::array<Shape, Traits::kNbInputs> const& a, std::array<Shape, Traits::kNbInputs> const& b) {
+        for (int32_t i = 0; i < Traits::kNbInputs; ++i) {
+            if (a[i].nbDims != b[i].nbDims) return false;
+            for (int32_t k = 0; k < a[i].nbDims; ++k)
+                if (a[i].d[k] != b[i].d[k]) return false;
+        }
+        return true;
+    }
 
     static void requireIoCounts(int32_t nbInputs, int32_t nbOutputs) {
         if (nbInputs != Traits::kNbInputs || nbOutputs != Traits::kNbOutputs)
