@@ -160,8 +160,9 @@ __device__ bool took_blocks(const Head<T>& v, int old_len, int n_keep) {
 }
 
 // Copy the kept leavers of [from, to) to page slots first_dst, first_dst + 1, ... in order, with
-// their positions and scores. A slot whose page is missing (-1, or past the table: its head
-// failed to take blocks) is skipped.
+// their positions and scores. Callers reach it only for heads that took their blocks (the fused
+// kernel returns after a failed take_blocks, the copy kernel checks took_blocks); a slot whose
+// page is missing (-1, or past the table) is still skipped, as a guard that never fires then.
 template <typename T>
 __device__ void copy_kept(const kvzapEvictParams& p, const Head<T>& v, int from, int to, int first_dst, int* scratch) {
     constexpr int VEC = Vec16<T>::VEC;
@@ -240,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) evict_fused_kernel(const kvzapEvictP
     if (!take_blocks(p, v, n_keep)) return;
     copy_kept(p, v, v.lo, v.hi, old_len, scratch);
     if (threadIdx.x == 0) p.kept_len[v.index] = old_len + n_keep;
-    write_window(p, v);  // copy_kept ends with a barrier
+    write_window(p, v);  // after a barrier: copy_kept's last one, or take_blocks' with no leavers
 }
 
 // Decode: every sequence brings at most one token (max_new_tokens == 1), so a head has at most
