@@ -12,23 +12,11 @@
 
 #include "kvzapPluginHost.h"
 #include "kvzap_kernels.h"
+#include "testCheck.h"
 
 using namespace kvzap_trt;
 
 namespace {
-
-int gFailures = 0, gChecks = 0;
-
-#define CHECK(cond, ...)                                                            \
-    do {                                                                            \
-        ++gChecks;                                                                  \
-        if (!(cond)) {                                                              \
-            ++gFailures;                                                            \
-            std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);             \
-            std::printf(__VA_ARGS__);                                               \
-            std::printf("\n");                                                      \
-        }                                                                           \
-    } while (0)
 
 bool contains(std::string const& s, char const* part) { return s.find(part) != std::string::npos; }
 

@@ -14,22 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "testCheck.h"
+
 using namespace nvinfer1;
 
 namespace {
-
-int gFailures = 0, gChecks = 0;
-
-#define CHECK(cond, ...)                                                \
-    do {                                                                \
-        ++gChecks;                                                      \
-        if (!(cond)) {                                                  \
-            ++gFailures;                                                \
-            std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            std::printf(__VA_ARGS__);                                   \
-            std::printf("\n");                                          \
-        }                                                               \
-    } while (0)
 
 // What the plugins report through the logger TensorRT hands the library (setLoggerFinder).
 struct Logger : ILogger {
