@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -134,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [torch.randint(0, args.vocab, (prompt_len,), generator=g).tolist() for _ in range(args.requests)]
     tau = threshold_for(model, surrogate, prompts[0][: min(prompt_len, 4096)], args.evict, args.device)
 
-    heads = args.layers * args.kv_heads
-    per_request = heads * math.ceil((args.context - args.window) / args.block_size)
-    spec = CacheSpec(args.layers, args.kv_heads, args.head_dim, args.window, args.block_size,
-                     args.dense_seqs * per_request, args.requests, args.context, dtype)
+    # A dense request at full context holds its kept pages and its window pages: --dense-seqs of them fit.
+    shape = (args.layers, args.kv_heads, args.head_dim, args.window, args.block_size)
+    per_request = CacheSpec(*shape, 1, 1, args.context, dtype).prefill_blocks(args.context)
+    spec = CacheSpec(*shape, args.dense_seqs * per_request, args.requests, args.context, dtype)
     rows = [run(model, spec, args.device, EvictionPolicy(None, tau, True), prompts, args.new_tokens, "dense"),
             run(model, spec, args.device, EvictionPolicy(surrogate, tau, True), prompts, args.new_tokens, "kvzap")]
     dense, kvzap = rows

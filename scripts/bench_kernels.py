@@ -190,7 +190,11 @@ def time_evict_us(cache: PagedKVCache, args: tuple, reps: int) -> float:
         reset()
         torch.ops.kvzap_trt.evict_append(*args)
 
-    return max(0.0, time_us(run, reps) - time_us(reset, reps))
+    t = max(0.0, time_us(run, reps) - time_us(reset, reps))
+    error = int(args[15].item())  # OR-ed by every call: a failing evict would time as a fast no-op
+    if error:
+        raise RuntimeError(f"evict_append set error bits {error} while timed (1 pool exhausted, 2 table full, 4 bound)")
+    return t
 
 
 def bench_decode_evict(batch: int, layered: bool) -> dict:

@@ -29,7 +29,10 @@ def junit(path: Path) -> str:
 def sanitizer(path: Path) -> str:
     """compute-sanitizer's error summary and the driver's own verdict from one log."""
     text = path.read_text(errors="replace")
-    found = re.findall(r"ERROR SUMMARY: (\d+) errors?", text)
+    # memcheck, initcheck, synccheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: N hazards
+    # displayed (E errors, W warnings)"
+    found = re.findall(r"(?:ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?)", text)
+    found = [a or b for a, b in found]
     verdict = re.findall(r"sanitize_kernels: (\d+ of \d+) runs match", text)
     parts = [f"sanitizer: {found[-1]} errors" if found else "sanitizer: no summary",
              f"{verdict[-1]} runs match the reference" if verdict else "driver did not finish"]

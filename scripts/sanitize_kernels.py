@@ -141,7 +141,9 @@ def attention_check(kept: list[list[int]], new: list[int], device: str, ops, dty
     lc = cache.layer(0)
     tensors = (q, k_new, v_new, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table)
     out = torch.full_like(q, float("nan"))
-    kw = dict(split_size=40, out=out) if ops is CUDA else {}
+    # chunks_to_kernel: chunks over a cache through the kernel's row-wise path (a TensorRT engine's),
+    # not cached_chunks.py's PyTorch attention, so the sanitizer sees the kernel on every case.
+    kw = dict(split_size=40, out=out, chunks_to_kernel=True) if ops is CUDA else {}
     result = ops.paged_attention(*tensors[:3], cu, slot_t, ctx, *tensors[3:], W, D**-0.5, **kw)
     f32 = [t.cpu().float() if t.is_floating_point() else t.cpu() for t in tensors]
     truth = REFERENCE.paged_attention(*f32[:3], cu, slot_t, ctx, *f32[3:], W, D**-0.5)

@@ -184,21 +184,24 @@ GPU_CASES = {
 }
 
 
+# Chunks over a cache go through cached_chunks.py or the kernel's row-wise path: only the
+# chunked-prefill case has any, so only it runs both ways.
+GPU_ROUTES = [pytest.param(c, False, id=c) for c in GPU_CASES] + [
+    pytest.param("chunked-prefill", True, id="chunked-prefill-kernel")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES)
+@pytest.mark.parametrize("case,chunks_to_kernel", GPU_ROUTES)
 @pytest.mark.parametrize("block_size", [1, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim,q_heads", [(128, 32), (64, 24)])
 @pytest.mark.parametrize("split_size", [0, 256])
-@pytest.mark.parametrize("chunks_to_kernel", [False, True], ids=["chunks-gathered", "chunks-kernel"])
 def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype, head_dim, q_heads, split_size,
                                                          chunks_to_kernel):
     """Qwen3-8B-like groups (32 q / 8 kv, D=128) and a G=3 one (D=64); ragged kept lengths; the
     launcher's split and a forced small one (many splits, log-sum-exp merge); chunks over a cache
     through cached_chunks.py and through the kernel's row-wise path; output poisoned."""
     lengths, new = GPU_CASES[case]
-    if chunks_to_kernel and case != "chunked-prefill":
-        pytest.skip("only the chunked-prefill case has chunks over a cache")
     H, W = 8, 128
     cache = make_cache(H=H, D=head_dim, W=W, bs=block_size, num_blocks=60000 // block_size + 3000, max_seqs=len(new),
                        max_seq_len=33000, dtype=dtype, seed=block_size, device="cuda")
