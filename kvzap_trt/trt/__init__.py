@@ -7,6 +7,7 @@ profiles, the binding plan, the pipeline up to the ONNX) runs on a machine witho
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -36,15 +37,11 @@ def import_tensorrt():
     return tensorrt
 
 
-_LOGGERS: dict[int, object] = {}
-
-
+@functools.cache
 def trt_logger(trt):
     """The process's one TensorRT logger (warnings and errors): TensorRT warns when builders and
     runtimes of one process are given different loggers."""
-    if id(trt) not in _LOGGERS:
-        _LOGGERS[id(trt)] = trt.Logger(trt.Logger.WARNING)
-    return _LOGGERS[id(trt)]
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def load_plugin_library(trt, path: Path) -> None:

@@ -47,12 +47,12 @@ def build_engine(onnx_path: Path, plugin_lib: Path, out: Path, limits: EngineLim
     aliased = getattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03", None)
     if aliased is not None:  # 10.3 up to 11.1 at least; a later TensorRT that drops the flag should have it on,
         config.set_preview_feature(aliased, True)  # and the plugins refuse to run where outputs are not their inputs
-    for name_p, shapes in profiles:
+    for profile_name, shapes in profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         if config.add_optimization_profile(profile) < 0:
-            raise KvzapError(f"TensorRT refused the {name_p} optimisation profile (see its log)")
+            raise KvzapError(f"TensorRT refused the {profile_name} optimisation profile (see its log)")
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise KvzapError(f"TensorRT could not build an engine from {onnx_path} (see TensorRT's log above)")
