@@ -9,12 +9,13 @@ import torch
 from kvzap_trt.errors import KvzapError
 
 
-def read_safetensors_dir(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """All tensors of `path/*.safetensors` by name; `what` names the directory in errors."""
+def read_safetensors_dir(path: Path, what: str, files: list[Path] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of `files` (default: every `path/*.safetensors`) by name; `what` names the
+    directory in errors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = sorted(Path(path).glob("*.safetensors")) if files is None else files
     if not files:
         raise KvzapError(f"{what} directory {path} has no .safetensors files")
     tensors: dict[str, torch.Tensor] = {}

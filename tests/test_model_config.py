@@ -82,3 +82,36 @@ def test_an_activation_other_than_silu_is_refused():
     with pytest.raises(KvzapError, match="unsupported MLP activation hidden_act='gelu'; supported: silu"):
         ModelConfig.from_hf({**BASE, "model_type": "llama", "hidden_act": "gelu"})
     assert ModelConfig.from_hf({**BASE, "model_type": "llama", "hidden_act": "silu"}).family == "llama"
+
+
+def test_weights_are_read_as_transformers_picks_them(tmp_path):
+    """A consolidated.safetensors in another naming beside the HF weights (mistralai's repositories
+    ship one) is not the model: the index's shards, or model.safetensors, are."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from kvzap_trt.models.loading import load_model, model_weight_files
+
+    d = build_tiny("llama", tmp_path / "m")
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2), "tok_embeddings.weight": torch.zeros(2, 2)},
+              d / "consolidated.safetensors")
+    assert model_weight_files(d) == [d / "model.safetensors"]
+    want = load_model(d).model.state_dict()["layers.0.self_attn.q_proj.weight"]
+    # Sharded: the index names the shards; a file it does not name is ignored.
+    state = load_file(d / "model.safetensors")
+    names = sorted(state)
+    half = len(names) // 2
+    parts = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for f, keys in parts.items():
+        save_file({k: state[k].contiguous() for k in keys}, d / f)
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in parts.items() for k in keys}}))
+    assert model_weight_files(d) == [d / f for f in sorted(parts)]
+    assert torch.equal(load_model(d).model.state_dict()["layers.0.self_attn.q_proj.weight"], want)
+    # Neither: every file, so a stray one is refused by name rather than ignored.
+    (d / "model.safetensors.index.json").unlink()
+    assert model_weight_files(d) is None
+    with pytest.raises(KvzapError, match="tensors this llama forward has no place for"):
+        load_model(d)

@@ -169,6 +169,11 @@ def test_cache_bounds_read_back_from_the_profiles_are_the_build_limits(exported)
     bounds = cache_bounds([s for _, s in engine_profiles(graph_inputs(path), limits)])
     assert bounds == CacheBounds(num_blocks=500, max_seqs=3, max_blocks_per_head=8, block_size=4)
     assert bounds.max_seq_len == 32  # 30 rounded up to whole blocks: what the block table holds
+    # opt of the pool and the block table is small (the builder may allocate inputs at opt)
+    big = EngineLimits(max_seqs=3, max_num_tokens=64, max_seq_len=40960, block_size=16, window=128, num_blocks=90000)
+    for _, shapes in engine_profiles(graph_inputs(path), big):
+        assert shapes["k_pool"][1][0] == 256 and shapes["k_pool"][2][0] == 90000
+        assert shapes["block_table"][1][3] == 256 and shapes["block_table"][2][3] == 2560
 
 
 def test_runtimes_size_their_cache_within_an_engines_bounds(exported):
@@ -192,8 +197,8 @@ def test_runtimes_size_their_cache_within_an_engines_bounds(exported):
     engine.run()
     assert [r.output_ids for r in reqs] == want  # the same tokens, two slots and half the pool
     assert rt.context_limit()[0] == 16
-    with pytest.raises(KvzapError, match=r"prompt has 17 tokens, the maximum is 16 \(the engine's: it was built "
-                                         r"for 16-token sequences\)"):
+    with pytest.raises(KvzapError, match=r"prompt has 17 tokens, the maximum is 16 \(the engine's: its block tables "
+                                         r"hold 16 tokens\)"):
         rt.start([[1] * 17])
     rt.cfg = dataclasses.replace(rt.cfg, max_seqs=4)
     with pytest.raises(KvzapError, match=r"--max-seqs 4 exceed the engine's \d+ blocks and 2 slots"):

@@ -16,11 +16,12 @@ FAMILIES = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
 def sliding_window_of(hf: dict[str, Any]) -> int | None:
     """The sliding window transformers applies to some layer of this HF config, else None.
 
-    Mistral: `sliding_window` on every layer (null: none; Mistral-7B-v0.1 has 4096). Qwen2 and
-    Qwen3: only with `use_sliding_window`, on the layers `layer_types` marks "sliding_attention"
-    (without it, those from `max_window_layers` on). Llama: none.
+    Mistral: `sliding_window` on every layer (null: none; absent: 4096, transformers' default;
+    Mistral-7B-v0.1 has 4096). Qwen2 and Qwen3: only with `use_sliding_window`, on the layers
+    `layer_types` marks "sliding_attention" (without it, those from `max_window_layers` on).
+    Llama: none.
     """
-    family, window = hf.get("model_type"), hf.get("sliding_window")
+    family, window = hf.get("model_type"), hf.get("sliding_window", 4096)  # transformers' default
     if family == "mistral":
         return window
     if family in ("qwen2", "qwen3") and window is not None and hf.get("use_sliding_window"):
@@ -67,7 +68,7 @@ class ModelConfig:
                 f"unsupported architecture {family!r}; supported: {', '.join(sorted(FAMILIES))}"
             )
         act = hf.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # one function in transformers' ACT2FN
             raise KvzapError(f"unsupported MLP activation hidden_act={act!r}; supported: silu")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))

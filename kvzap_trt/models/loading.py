@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -22,7 +23,11 @@ from kvzap_trt.models.tokenizer import FastTokenizer
 from kvzap_trt.models.transformer import Transformer, rope_inv_freq
 from kvzap_trt.tensor_files import read_safetensors_dir
 
-HUB_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenizer*", "special_tokens_map.json"]
+# The transformers-format weights only: some repositories (mistralai's) also ship a
+# consolidated.safetensors in their own naming, as large again.
+HUB_MODEL_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                   "tokenizer*", "special_tokens_map.json"]
+WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -105,9 +110,27 @@ def resolve_model_dir(spec: str) -> Path:
     raise KvzapError(f"model {spec!r} is not a preset, a model directory, a .gguf file or a Hugging Face id")
 
 
+def model_weight_files(model_dir: Path) -> list[Path] | None:
+    """The safetensors files holding a HF directory's weights, as transformers picks them: the
+    shards its model.safetensors.index.json names, else model.safetensors; None (every
+    *.safetensors) when it has neither. Other files beside them are not the model's (mistralai's
+    consolidated.safetensors holds the same weights in Mistral's own naming)."""
+    model_dir = Path(model_dir)
+    index = model_dir / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise KvzapError(f"cannot read {index}: {e}") from None
+        return [model_dir / f for f in shards]
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
 def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the directory's safetensors files, HF names with the `model.` prefix removed."""
-    return {k.removeprefix("model."): t for k, t in read_safetensors_dir(model_dir, "model").items()}
+    """The directory's weights (`model_weight_files`), HF names with the `model.` prefix removed."""
+    tensors = read_safetensors_dir(model_dir, "model", model_weight_files(model_dir))
+    return {k.removeprefix("model."): t for k, t in tensors.items()}
 
 
 @dataclass

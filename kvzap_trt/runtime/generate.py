@@ -157,7 +157,7 @@ class Runtime:
         m = self.loaded.config
         bounds = getattr(self.executor(), "cache_bounds", None)
         if bounds is not None and bounds.max_seq_len < m.max_position_embeddings:
-            return bounds.max_seq_len, f" (the engine's: it was built for {bounds.max_seq_len}-token sequences)"
+            return bounds.max_seq_len, f" (the engine's: its block tables hold {bounds.max_seq_len} tokens)"
         return m.max_position_embeddings, m.context_note
 
     def make_cache(self, max_seq_len: int, max_seqs: int, num_blocks: int) -> PagedKVCache:

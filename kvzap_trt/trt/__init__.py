@@ -44,23 +44,24 @@ def trt_logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
+_LOADED: set[Path] = set()  # plugin libraries this process has registered
+
+
 def load_plugin_library(trt, path: Path) -> None:
     """Register the kvzap plugin creators (KvzapVarlenPagedAttention, KvzapEvict) with TensorRT,
-    once per process: `IPluginRegistry::loadLibrary` fails when a creator of the library is
-    registered already (a build then a run, a second executor), so a registered KvzapEvict
-    creator means done, whichever library or mechanism registered it."""
-    from kvzap_trt.export.plugins import EVICT, PLUGIN_NAMESPACE, PLUGIN_VERSION
-
+    once per process and library: `IPluginRegistry::loadLibrary` fails when a creator of the
+    library is registered already (a build then a run, a second executor). (Asking the registry
+    for the creator first would log an error on every first load.)"""
     path = Path(path)
-    registry = trt.get_plugin_registry()
-    if registry.get_creator(EVICT.name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+    if path.resolve() in _LOADED:
         return
     if not path.is_file():
         raise KvzapError(f"the kvzap TensorRT plugin library {path} does not exist: build it with "
                          "`cmake -S plugins -B build/plugins -DKVZAP_TRT_PLUGINS=ON -DTENSORRT_ROOT=<TensorRT dir> && "
                          "cmake --build build/plugins --target kvzap_trt_plugins` (plugins/README.md)")
-    if registry.load_library(str(path.resolve())) is None:
+    if trt.get_plugin_registry().load_library(str(path.resolve())) is None:
         raise KvzapError(f"TensorRT could not load the plugin library {path} (see TensorRT's log)")
+    _LOADED.add(path.resolve())
 
 
 def missing_for_engine(plugin_lib: Path) -> list[str]:
