@@ -42,7 +42,8 @@ typedef enum { KVZAP_FLOAT32 = 0, KVZAP_FLOAT16 = 1, KVZAP_BFLOAT16 = 2 } kvzapD
 //   POOL_EXHAUSTED    fewer free blocks than a head's new kept and window pages need
 //   BLOCK_TABLE_FULL  a head needs more than max_blocks_per_head blocks
 //   BOUND_EXCEEDED    a bound the host passed is below the real value: kvzapEvict's max_new_tokens
-//                     (below some T_b) or kvzapVarlenPagedAttention's max_keys (below some row's keys)
+//                     (below some T_b) or kvzapVarlenPagedAttention's max_keys (so low that some row
+//                     has more keys than its ceil(max_keys / split_size) splits cover)
 // Must match ERR_* in kvzap_trt/ops/cuda_kernels.py.
 enum { KVZAP_ERR_POOL_EXHAUSTED = 1, KVZAP_ERR_BLOCK_TABLE_FULL = 2, KVZAP_ERR_BOUND_EXCEEDED = 4 };
 

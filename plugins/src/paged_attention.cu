@@ -50,7 +50,8 @@ constexpr int kMmaBlocksPerSm = 2;
 #define KVZAP_SM 90  // the host pass parses the attribute but does not use it
 #endif
 
-// A split past its row's keys: an empty partial (nothing to write with a single split).
+// A split past its row's keys: an empty partial. Split 0 always has keys, so a single split never
+// gets here; the early return is a guard.
 template <int D>
 __device__ __forceinline__ void write_empty_partial(const kvzapAttentionParams& p, int n, int h, int split) {
     const int Hq = p.num_q_heads, G = Hq / p.num_kv_heads, num_splits = gridDim.z;
