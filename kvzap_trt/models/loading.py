@@ -23,11 +23,11 @@ from kvzap_trt.models.tokenizer import FastTokenizer
 from kvzap_trt.models.transformer import Transformer, rope_inv_freq
 from kvzap_trt.tensor_files import read_safetensors_dir
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
 # The transformers-format weights only: some repositories (mistralai's) also ship a
 # consolidated.safetensors in their own naming, as large again.
-HUB_MODEL_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+HUB_MODEL_FILES = ["config.json", "generation_config.json", "model*.safetensors", WEIGHTS_INDEX,
                    "tokenizer*", "special_tokens_map.json"]
-WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
