@@ -18,6 +18,7 @@ from kvzap_trt.models.loading import load_model, load_state_dict
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.surrogate import random_surrogate, save_surrogate
 from tests.test_transformer import dense_causal_attend, hf_logits
+from tests.tiny_models import build_tiny
 
 
 def convert_cli(model_dir, surrogate, out, tp, *extra):
@@ -158,7 +159,10 @@ def bad_cases(tiny_dirs, surrogates, tmp_path):
     m = ModelConfig.from_dir(tiny_dirs["llama"])
     save_surrogate(random_surrogate("linear", m.num_layers, m.hidden_size, 2), tmp_path / "other")
     llama, sur = tiny_dirs["llama"], surrogates["llama"]
+    biased = build_tiny("llama", tmp_path / "biased", attention_bias=True)  # o_proj has a bias too
     return [
+        ((biased, sur, 1), "model has 3 tensors this llama checkpoint has no place for, e.g. "
+                           "layers.0.self_attn.o_proj.bias"),
         ((gpt2, sur, 1), "unsupported architecture 'gpt2'"),
         ((broken, sur, 1), "model lacks tensor layers.1.mlp.up_proj.weight"),
         ((misshapen, sur, 1), "layers.0.self_attn.o_proj.weight has shape (64, 32), its config implies (64, 128)"),
@@ -193,3 +197,19 @@ def test_full_disk_leaves_no_checkpoint(tiny_dirs, surrogates, tmp_path, monkeyp
                  "--out", str(tmp_path / "out" / "ckpt"), "--tp", "2"])
     assert code == 2 and "no space left on the device" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_weights_beside_the_model_and_the_sliding_window(tiny_dirs, surrogates, tmp_path):
+    """convert reads the weights transformers would (a consolidated.safetensors in Mistral's naming
+    beside them is not the model), and a Qwen3 sliding window that capped the context still says so
+    when the checkpoint is read back."""
+    qwen = build_tiny("qwen3", tmp_path / "qwen", use_sliding_window=True, sliding_window=256, max_window_layers=1)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, qwen / "consolidated.safetensors")
+    ckpt = convert_cli(qwen, surrogates["qwen3"], tmp_path / "ckpt", 2, "--dtype", "float32")
+    back = read_checkpoint(ckpt).model_config
+    source = ModelConfig.from_dir(qwen)
+    assert source.sliding_window == 256 and source.max_position_embeddings == 256
+    assert back.sliding_window == 256 and back.max_position_embeddings == 256
+    assert back.context_note == source.context_note != ""
+    plain = read_checkpoint(convert_cli(tiny_dirs["qwen3"], surrogates["qwen3"], tmp_path / "plain", 1)).model_config
+    assert plain.sliding_window is None and plain.context_note == ""

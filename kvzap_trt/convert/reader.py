@@ -7,7 +7,7 @@ heads are dropped, the padded vocabulary trimmed, the fused qkv split into q, k 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ def model_config_from_checkpoint(c: dict[str, Any]) -> ModelConfig:
     if c["architecture"] not in FAMILY_OF:
         raise KvzapError(f"checkpoint architecture {c['architecture']!r} is not supported; supported: {', '.join(FAMILY_OF)}")
     rope = {"rope_theta": c["rotary_base"], **(c.get("rotary_scaling") or {"rope_type": "default"})}
-    return ModelConfig.from_hf({
+    m = ModelConfig.from_hf({
         "model_type": FAMILY_OF[c["architecture"]], "vocab_size": c["vocab_size"], "hidden_size": c["hidden_size"],
         "intermediate_size": c["intermediate_size"], "num_hidden_layers": c["num_hidden_layers"],
         "num_attention_heads": c["num_attention_heads"], "num_key_value_heads": c["num_key_value_heads"],
@@ -41,6 +41,8 @@ def model_config_from_checkpoint(c: dict[str, Any]) -> ModelConfig:
         "max_position_embeddings": c["max_position_embeddings"], "tie_word_embeddings": c["tie_word_embeddings"],
         "attention_bias": c["attn_bias"], "eos_token_id": c.get("kvzap", {}).get("eos_token_ids") or None,
     })
+    # max_position_embeddings was written capped at the sliding window, if any; the window says why.
+    return replace(m, sliding_window=c.get("kvzap", {}).get("sliding_window"))
 
 
 @dataclass

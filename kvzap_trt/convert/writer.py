@@ -29,19 +29,27 @@ from kvzap_trt.convert import layout as L
 from kvzap_trt.convert.safetensors_stream import StreamingSafetensorsWriter
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.models.config import ModelConfig
-from kvzap_trt.models.loading import TORCH_DTYPES, resolve_model_dir
+from kvzap_trt.models.loading import TORCH_DTYPES, model_weight_files, resolve_model_dir
 from kvzap_trt.surrogate import Surrogate, load_surrogate
 
 
 class SourceTensors:
-    """Lazy access to a HF directory's tensors by our names (`model.` prefix removed)."""
+    """Lazy access to a HF directory's tensors by our names (`model.` prefix removed), from the
+    files transformers would read (`model_weight_files`). Remembers which names were asked for, so
+    the converter can refuse tensors it has no place for (`unplaced`)."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        self.handles, self.where = [], {}
-        for f in sorted(Path(model_dir).glob("*.safetensors")):
-            h = safe_open(f, framework="pt")
+        files = model_weight_files(model_dir) or sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise KvzapError(f"model directory {model_dir} has no .safetensors files")
+        self.handles, self.where, self.asked = [], {}, set()
+        for f in files:
+            try:
+                h = safe_open(f, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise KvzapError(f"cannot read model weights {f}: {e}") from None
             self.handles.append(h)
             for k in h.keys():
                 self.where[k.removeprefix("model.")] = (h, k)
@@ -49,6 +57,7 @@ class SourceTensors:
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.where:
             raise KvzapError(f"model lacks tensor {name}")
+        self.asked.add(name)
         h, k = self.where[name]
         return tuple(h.get_slice(k).get_shape())
 
@@ -60,6 +69,10 @@ class SourceTensors:
         self.check(name, expected)
         h, k = self.where[name]
         return h.get_tensor(k)
+
+    def unplaced(self, ignored: set[str]) -> list[str]:
+        """Names never asked for, other than `ignored` and RoPE buffers, sorted."""
+        return sorted(n for n in self.where if n not in self.asked and n not in ignored and "rotary_emb" not in n)
 
 
 @dataclass
@@ -125,6 +138,12 @@ def plan_items(m: ModelConfig, src: SourceTensors, s: Surrogate, tp: int) -> lis
         return [L.shard(w, 0, tp, r) for r in ranks]
 
     items.append(Item(L.GLOBAL_RULES["lm_head.weight"].trt, (vocab_p // tp, d), lm_head))
+    # A tensor with no place in the checkpoint (Llama's o_proj bias with attention_bias, MLP biases)
+    # is another model: refuse it, as loading does, rather than drop it.
+    unplaced = src.unplaced({"lm_head.weight"} if m.tie_word_embeddings else set())
+    if unplaced:
+        raise KvzapError(f"model has {len(unplaced)} tensors this {m.family} checkpoint has no place for, e.g. "
+                         f"{', '.join(unplaced[:3])}: a variant of the architecture kvzap-trt does not implement")
     return items
 
 
@@ -168,6 +187,9 @@ def checkpoint_config(m: ModelConfig, s: Surrogate, cfg: RunConfig, tp: int, dty
         "input": "output of input_layernorm (the hidden state entering attention)",
         "tensors": {"fc": L.KVZAP_FC, "proj": L.KVZAP_PROJ},
         "eos_token_ids": m.eos_token_ids,
+        # The model's sliding window (Qwen3 with use_sliding_window), which capped
+        # max_position_embeddings above: kept so a reader can say why the context stops there.
+        "sliding_window": m.sliding_window,
         "source_model": cfg.model,
         "source_surrogate": cfg.surrogate,
     }
