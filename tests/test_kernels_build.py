@@ -139,6 +139,26 @@ def test_kernels_without_cuda_fail_clearly(monkeypatch):
         ops("cuda")
 
 
+def test_a_failed_load_is_remembered(monkeypatch):
+    """One build attempt per process: the second call raises the first call's error without
+    trying again (a failing nvcc build takes minutes, and every GPU test asks)."""
+    attempts = []
+
+    def failing_build():
+        attempts.append(1)
+        raise RuntimeError("Error building extension 'kvzap_trt_ops'")
+
+    cuda_kernels._load_once.cache_clear()
+    monkeypatch.setattr(cuda_kernels, "_register", failing_build)
+    try:
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="Error building extension"):
+                cuda_kernels.load()
+        assert len(attempts) == 1
+    finally:
+        cuda_kernels._load_once.cache_clear()
+
+
 def test_split_heuristic_fills_one_wave(cmake_build):
     """The launcher's host logic, called through the C ABI (libcudart loads without a GPU)."""
     import ctypes

@@ -53,9 +53,25 @@ def gencode_flags(capability: tuple[int, int]) -> list[str]:
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
-@functools.cache
 def load() -> None:
-    """Register torch.ops.kvzap_trt.* (compiling on first use); KvzapError says why it cannot."""
+    """Register torch.ops.kvzap_trt.* (compiling on first use); KvzapError says why it cannot.
+    One attempt per process: a failure is remembered and raised again (a failing nvcc build takes
+    minutes, and every GPU test and op call asks)."""
+    error = _load_once()
+    if error is not None:
+        raise error
+
+
+@functools.cache
+def _load_once() -> Exception | None:
+    try:
+        _register()
+    except Exception as e:  # a compiler or CUDA error as much as a KvzapError
+        return e
+    return None
+
+
+def _register() -> None:
     if not torch.cuda.is_available() or torch.version.cuda is None:
         raise KvzapError("the kvzap-trt CUDA kernels need a CUDA build of PyTorch and a CUDA device")
     prebuilt = os.environ.get("KVZAP_TRT_TORCH_OPS")
