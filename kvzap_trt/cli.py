@@ -238,7 +238,8 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--openai-port", type=int, default=None,
-                   help="also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) "
+                   help="also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions, "
+                   "/v1/embeddings) "
                    "on this port of --host, on the same engine and KV pool as Triton (default: off, no OpenAI port)")
     p.add_argument("--verbose", action="store_true", help="show tritonserver's log")
     add_reasoning_flags(p)

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Static report of the attention kernel's hot loop from its sm_90a SASS (no GPU needed).
 
-For every instance attention_kernel<T, D, G> in libkvzap_kernels.so: the hot loop (the backward
-branch whose body holds the most FFMA: the per-key loop), its SASS instructions, the K/V bytes one
-warp moves per trip (TY keys x kUnroll x D x 2 tensors x elem bytes, as in paged_attention.cu),
-instructions per KiB moved, registers, stack (spills) and the resident blocks per SM the
-registers allow. Prints a table and writes bench/results/kernel-static-<date>.json keyed
+For every instance in libkvzap_kernels.so of attention_kernel<T, D, G> (fp32, CUDA cores) and
+attention_mma_kernel<T, D> (bf16 / fp16, tensor cores; reported once per group size 1, 2, 4, 8,
+which all run it): the hot loop (the backward branch whose body holds the most FFMA, or HMMA for
+the tensor-core kernel: the per-key loop), its SASS instructions, the K/V bytes one warp moves
+per trip (fp32: TY keys x kUnroll x D x 2 tensors x elem bytes; mma: 16-key tiles counted from
+the loop's HMMA), instructions per KiB moved, registers, stack (spills) and the resident blocks
+per SM the registers allow. Prints a table and writes bench/results/kernel-static-<date>.json keyed
 `attention.<dtype>_d<D>_g<G>`.
 
     cmake -S plugins -B build/plugins -DCMAKE_CUDA_ARCHITECTURES=90a && cmake --build build/plugins -j
