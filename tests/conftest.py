@@ -31,9 +31,10 @@ def tiny_llama_runtime(tiny_dirs):
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """{"llama": dir, "qwen3": dir} of tiny random HF models (no tokenizer)."""
+    """{"llama": dir, "qwen3": dir, "qwen2": dir} of tiny random HF models (no tokenizer; Qwen2's
+    q/k/v biases random)."""
     root = tmp_path_factory.mktemp("tiny")
-    return {f: build_tiny(f, root / f) for f in ("llama", "qwen3")}
+    return {f: build_tiny(f, root / f) for f in ("llama", "qwen3", "qwen2")}
 
 
 @pytest.fixture(scope="session")

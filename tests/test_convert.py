@@ -28,10 +28,16 @@ def convert_cli(model_dir, surrogate, out, tp, *extra):
 
 
 @pytest.fixture(scope="module")
-def surrogates(tiny_dirs, tmp_path_factory):
+def model_dirs(tiny_dirs, tmp_path_factory):
+    """The shared tiny models and a Mistral (a 4096-token window, past its 1024 positions)."""
+    return {**tiny_dirs, "mistral": build_tiny("mistral", tmp_path_factory.mktemp("mistral") / "m")}
+
+
+@pytest.fixture(scope="module")
+def surrogates(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("sur")
     out = {}
-    for family, d in tiny_dirs.items():
+    for family, d in model_dirs.items():
         m = ModelConfig.from_dir(d)
         kind = "mlp" if family == "qwen3" else "linear"
         out[family] = save_surrogate(random_surrogate(kind, m.num_layers, m.hidden_size, m.num_kv_heads, 4),
@@ -39,14 +45,17 @@ def surrogates(tiny_dirs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "mistral"])
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])  # 8 > the 4 kv heads: kv heads are replicated
-def test_round_trip(tiny_dirs, surrogates, tmp_path, family, tp):
-    model_dir = tiny_dirs[family]
+def test_round_trip(model_dirs, surrogates, tmp_path, family, tp):
+    model_dir = model_dirs[family]
     ckpt = convert_cli(model_dir, surrogates[family], tmp_path / "ckpt", tp, "--dtype", "float32")
 
-    # 1. The tensors read back exactly, surrogate included.
+    # 1. The tensors read back exactly, surrogate included, and the model's family and window.
     back = read_checkpoint(ckpt)
+    source = ModelConfig.from_dir(model_dir)
+    assert (back.model_config.family, back.model_config.sliding_window) == (family, source.sliding_window)
+    assert back.model_config.max_position_embeddings == source.max_position_embeddings
     hf = load_state_dict(model_dir)
     if back.model_config.tie_word_embeddings:
         hf.pop("lm_head.weight", None)

@@ -41,7 +41,7 @@ def nonzero_surrogate(kind: str, seed: int) -> Surrogate:
     return Surrogate(r(3, 8, 64), r(3, 8), r(3, 4, 8), r(3, 4))
 
 
-@pytest.mark.parametrize("family,kind", [("llama", "linear"), ("qwen3", "mlp")])
+@pytest.mark.parametrize("family,kind", [("llama", "linear"), ("qwen3", "mlp"), ("qwen2", "linear")])
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_every_rank_holds_its_heads(tiny_dirs, tmp_path, family, kind, tp):
     s = nonzero_surrogate(kind, seed=tp)
@@ -62,6 +62,11 @@ def test_every_rank_holds_its_heads(tiny_dirs, tmp_path, family, kind, tp):
             assert torch.equal(qkv[: q_heads * D], q[r * q_heads * D : (r + 1) * q_heads * D]), (r, i, "q")
             assert torch.equal(qkv[q_heads * D : (q_heads + len(kv)) * D], rows(k, kv, D)), (r, i, "k")
             assert torch.equal(qkv[(q_heads + len(kv)) * D :], rows(v, kv, D)), (r, i, "v")
+            assert (a + "qkv.bias" in t) == (family == "qwen2")
+            if family == "qwen2":  # the biases are cut as the weights' rows
+                bq, bk, bv = (hf[f"layers.{i}.self_attn.{p}_proj.bias"] for p in "qkv")
+                want = torch.cat([bq[r * q_heads * D : (r + 1) * q_heads * D], rows(bk, kv, D), rows(bv, kv, D)])
+                assert torch.equal(t[a + "qkv.bias"], want), (r, i, "bias")
             cut = slice(r * 128 // tp, (r + 1) * 128 // tp)  # o_proj's input and the MLP are both 128 wide
             assert torch.equal(t[a + "dense.weight"], hf[f"layers.{i}.self_attn.o_proj.weight"][:, cut])
             m = f"transformer.layers.{i}.mlp."

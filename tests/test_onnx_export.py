@@ -35,6 +35,7 @@ CASES = [
     ("qwen3", "linear", 40, 16, (13,), 6, 0.0, True),  # nothing leaves the window
     ("qwen3", "mlp", 5, 4, (14, 11), 6, 0.0, False),  # kvpress decoding=False
     ("llama", None, 4, 4, (12, 6), 5, 0.0, True),  # dense: no surrogate, nothing evicted
+    ("qwen2", "linear", 4, 4, (15, 9), 6, 0.0, True),  # q/k/v biases
 ]
 
 

@@ -11,13 +11,15 @@ TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random `llama` (Llama-3 RoPE scaling), `qwen3` or `mistral` (a sliding window:
-    pass sliding_window=) model to `out`; returns `out`."""
+    """Save a random `llama` (Llama-3 RoPE scaling), `qwen3`, `qwen2` (q/k/v biases) or `mistral`
+    (a sliding window: pass sliding_window=) model to `out`; returns `out`."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
     )
@@ -32,14 +34,16 @@ def build_tiny(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     elif family == "qwen3":
         cfg = Qwen3Config(tie_word_embeddings=True, **kw)
         model = Qwen3ForCausalLM(cfg)
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **kw))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(tie_word_embeddings=False, **kw))
     else:
         raise ValueError(family)
-    # Random init leaves norm gains at 1; perturb them so the tests see them applied.
+    # Random init leaves norm gains at 1 and biases at 0; perturb them so the tests see them applied.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith("bias"):
                 p.add_(0.2 * torch.randn_like(p))
     model.eval().save_pretrained(out)
     return out

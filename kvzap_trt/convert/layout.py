@@ -44,7 +44,10 @@ QKV = "transformer.layers.{}.attention.qkv.{}"  # weight | bias
 # The surrogate: linear -> kvzap.proj only; MLP -> kvzap.fc (replicated) then kvzap.proj.
 KVZAP_FC = "transformer.layers.{}.attention.kvzap.fc.{}"
 KVZAP_PROJ = "transformer.layers.{}.attention.kvzap.proj.{}"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# family -> TensorRT-LLM's architecture name (its MODEL_MAP: Mistral runs LLaMAForCausalLM,
+# Qwen2 and Qwen3 QWenForCausalLM with `qwen_type`); every one takes the names above.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 def check_tp(tp: int, num_heads: int, num_kv_heads: int) -> None:

@@ -33,6 +33,7 @@ def model_config_from_checkpoint(c: dict[str, Any]) -> ModelConfig:
     if c["architecture"] not in FAMILY_OF:
         raise KvzapError(f"checkpoint architecture {c['architecture']!r} is not supported; supported: {', '.join(FAMILY_OF)}")
     rope = {"rope_theta": c["rotary_base"], **(c.get("rotary_scaling") or {"rope_type": "default"})}
+    window = c.get("kvzap", {}).get("sliding_window")
     m = ModelConfig.from_hf({
         "model_type": FAMILY_OF[c["architecture"]], "vocab_size": c["vocab_size"], "hidden_size": c["hidden_size"],
         "intermediate_size": c["intermediate_size"], "num_hidden_layers": c["num_hidden_layers"],
@@ -40,9 +41,10 @@ def model_config_from_checkpoint(c: dict[str, Any]) -> ModelConfig:
         "head_dim": c["head_size"], "rms_norm_eps": c["norm_epsilon"], "rope_parameters": rope,
         "max_position_embeddings": c["max_position_embeddings"], "tie_word_embeddings": c["tie_word_embeddings"],
         "attention_bias": c["attn_bias"], "eos_token_id": c.get("kvzap", {}).get("eos_token_ids") or None,
+        "sliding_window": window,  # explicit: a Mistral config without the key means transformers' 4096
     })
     # max_position_embeddings was written capped at the sliding window, if any; the window says why.
-    return replace(m, sliding_window=c.get("kvzap", {}).get("sliding_window"))
+    return replace(m, sliding_window=window)
 
 
 @dataclass

@@ -173,8 +173,8 @@ def checkpoint_config(m: ModelConfig, s: Surrogate, cfg: RunConfig, tp: int, dty
         "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
-    if m.family == "qwen3":
-        c["qwen_type"] = "qwen3"
+    if m.family in ("qwen2", "qwen3"):
+        c["qwen_type"] = m.family
     c["kvzap"] = {
         "kind": s.kind,
         "hidden_dim": s.hidden_dim,
