@@ -104,7 +104,7 @@ def add_export(sub: Any) -> None:
     p = sub.add_parser(
         "export",
         help="export the model with KVzap as an ONNX graph (the input of a TensorRT engine build)",
-        description="Write OUT/model.onnx: the Llama/Qwen3 forward with the KVzap surrogate as ordinary ops and "
+        description="Write OUT/model.onnx: the Llama/Mistral/Qwen2/Qwen3 forward with the KVzap surrogate as ordinary ops and "
         "per layer a KvzapVarlenPagedAttention and a KvzapEvict node (the TensorRT plugins; domain kvzap_trt), "
         "the cache and the batch description as graph inputs, the updated cache as outputs, window and "
         "threshold as plugin fields. Weights go to OUT/model.onnx.data past 2 GB. Checked with onnx.checker; "
@@ -151,7 +151,7 @@ def add_convert(sub: Any) -> None:
         "convert",
         help="fold a KVzap surrogate into a TensorRT-LLM checkpoint",
         description="Write a TensorRT-LLM 1.x checkpoint (config.json with a kvzap section, "
-        "rank{N}.safetensors, manifest.json) for a Llama or Qwen3 model with its KVzap surrogate, "
+        "rank{N}.safetensors, manifest.json) for a Llama, Mistral, Qwen2 or Qwen3 model with its KVzap surrogate, "
         "sharded for tensor parallelism, tensor by tensor. `kvzap-trt generate --model OUT` runs it.",
     )
     add_config_flags(p)
