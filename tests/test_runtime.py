@@ -20,15 +20,19 @@ def prompts(lengths, seed=0):
     return random_prompts(lengths, seed)
 
 
-def test_batch_of_uneven_prompts_equals_one_by_one(runtime):
+@pytest.mark.parametrize("temperature", [0.0, 1.5])  # sampled: each request draws from its own generator
+def test_batch_of_uneven_prompts_equals_one_by_one(runtime, temperature):
     ps = prompts([5, 40, 90, 17])
-    sp = runtime.sampling(stop_token_ids=())
+    sp = runtime.sampling(temperature=temperature, seed=3, stop_token_ids=())
     together = runtime.generate(ps, sp, positions=True)
     for p, got in zip(ps, together):
         alone = runtime.generate([p], sp, positions=True)[0]
         assert got.token_ids == alone.token_ids
         assert got.kv == alone.kv
     assert any(r.kv["compression_ratio"] > 0 for r in together)
+    if temperature:  # it really sampled
+        greedy = runtime.generate(ps, runtime.sampling(stop_token_ids=()))
+        assert [r.token_ids for r in together] != [r.token_ids for r in greedy]
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(runtime):
@@ -135,23 +139,29 @@ def test_sampler_cuts():
     assert seen_k == {0, 1, 2}
 
 
-def run_engine(runtime, ps, num_blocks, max_seqs, max_new=12):
+def run_engine(runtime, ps, num_blocks, max_seqs, max_new=12, temperature=0.0):
+    """Requests i = 0.. with seed i (sampled when temperature > 0), run to the end."""
     from kvzap_trt.runtime.engine import Engine, EvictionPolicy
 
     cache = runtime.make_cache(max_seq_len=256, max_seqs=max_seqs, num_blocks=num_blocks)
     engine = Engine(runtime.loaded.model, cache, EvictionPolicy(runtime.surrogate, 0.0), 1024)
-    reqs = [engine.submit(p, SamplingParams(max_new_tokens=max_new)) for p in ps]
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=i))
+            for i, p in enumerate(ps)]
     engine.run()
     assert cache.allocator.num_free == num_blocks
     return reqs
 
 
-def test_preemption_under_a_tight_pool_keeps_outputs(runtime):
+@pytest.mark.parametrize("temperature", [0.0, 1.5])  # sampled: a restart reseeds its request's generator
+def test_preemption_under_a_tight_pool_keeps_outputs(runtime, temperature):
     ps = prompts([70, 90, 60, 80], seed=4)
-    roomy = run_engine(runtime, ps, num_blocks=4000, max_seqs=4, max_new=40)
-    tight = run_engine(runtime, ps, num_blocks=180, max_seqs=4, max_new=40)
+    roomy = run_engine(runtime, ps, num_blocks=4000, max_seqs=4, max_new=40, temperature=temperature)
+    tight = run_engine(runtime, ps, num_blocks=180, max_seqs=4, max_new=40, temperature=temperature)
     assert [r.output_ids for r in tight] == [r.output_ids for r in roomy]
     assert sum(r.preemptions for r in tight) > 0  # the pool really was too small for all at once
+    if temperature:  # and the first request alone (seed 0 too), in a pool of its own, gives the same tokens
+        (alone,) = run_engine(runtime, ps[:1], num_blocks=4000, max_seqs=1, max_new=40, temperature=temperature)
+        assert alone.output_ids == roomy[0].output_ids
 
 
 def test_exact_step_bound_is_never_exceeded(runtime):
