@@ -11,7 +11,7 @@ import pytest
 
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.generate import Runtime
-from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
+from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job, streamable
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
 
 PROMPTS = [
@@ -152,3 +152,14 @@ def test_refusals(runtime):
     need = int(str(refused.value).split(" may need ")[1].split()[0])
     assert need > cache.allocator.num_free
     assert small.prepare(GenerationParams(PROMPTS[0], max_tokens=5))  # a prompt that fits is accepted
+
+
+@pytest.mark.parametrize("text, stop, want", [
+    ("xab", ["bcd"], "xa"),                 # "b" may begin "bcd": held back
+    ("xab", ["zzz"], "xab"),                # nothing to hold
+    ("hello wor", ["world", "or"], "hello "),  # the longest prefix any stop word could still complete
+    ("ab\ufffd", [], "ab"),                 # half a UTF-8 character waits for its other bytes
+    ("ab\ufffd", ["b?"], "a"),              # both: the character, then a stop word's first letter
+])
+def test_streamable_holds_back_what_could_still_become_a_stop_word(text, stop, want):
+    assert streamable(text, stop) == want

@@ -94,10 +94,16 @@ def test_stream_deltas_join_to_the_unstreamed_text(client):
                                                         temperature=0).choices[0].text
 
 
-def test_stop_sequences_cut_stream_and_answer_alike(client):
+def test_stop_sequences_cut_stream_and_answer_alike(client, runtime):
     free = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=0).choices[0].text
-    words = free.split()
-    stop = [" " + words[2], "zzz"]  # a stop word that spans tokens when streamed
+    # A stop word straddling two tokens (2 characters of each side of a token boundary, first seen
+    # there): the stream must hold back the first half until the second shows it is the stop word.
+    ids = runtime.generate([runtime.encode(PROMPTS[1])], runtime.sampling(max_new_tokens=20))[0].token_ids
+    bounds = [len(runtime.tokenizer.decode(ids[:k])) for k in range(1, len(ids))]
+    assert runtime.tokenizer.decode(ids) == free
+    b = next(b for b in bounds[2:] if b >= 2 and free.find(free[b - 2 : b + 2]) == b - 2
+             and len(free[b - 2 : b + 2]) == 4 and bounds.count(b) == 1)
+    stop = [free[b - 2 : b + 2], "zzz"]
     cut = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=0, stop=stop)
     assert cut.choices[0].text == free[: free.find(stop[0])] and cut.choices[0].finish_reason == "stop"
     streamed = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=0, stop=stop,
