@@ -4,6 +4,7 @@ prompts evict). Answers are checked against `Runtime.generate`, the CLI's path."
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -152,35 +153,110 @@ def test_16_concurrent_streams_equal_sequential_runs(client, served):
     assert wait_idle(served[0]) and served[0].engine.cache.allocator.num_used == 0
 
 
-BAD = [  # (endpoint, body, status, text in the message)
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
-    ("chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
-    ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}, 400, "context limit"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
-    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text content"),
-    ("completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("completions", {"model": MODEL, "prompt": ""}, 400, "prompt is empty"),
-    ("completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
-    ("completions", {"model": MODEL, "prompt": [1, 2, 10**9], "max_tokens": 2}, 400, "token"),
-    ("completions", {"model": MODEL, "prompt": PROMPTS[2] * 40, "max_tokens": 4}, 400, "KV blocks; the pool has"),
-    ("completions", {"prompt": "hi"}, 400, "model"),
+HI = [{"role": "user", "content": "hi"}]
+# (endpoint, body, status, text in the message, param: the field at fault, code: OpenAI's where it has one).
+# SmolLM2's context is 8192 positions and its vocabulary 49152 tokens (its config.json).
+BAD = [
+    ("chat/completions", {"model": MODEL, "messages": HI, "n": 2}, 400, "n must be 1", "n", None),
+    ("chat/completions", {"model": "gpt-4o", "messages": HI}, 404, "The model 'gpt-4o' does not exist", "model",
+     "model_not_found"),
+    ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages: ", "messages", None),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role: ",
+     "messages.0.role", None),
+    ("chat/completions", {"model": MODEL, "messages": HI, "temperature": -1}, 400, "temperature: ", "temperature", None),
+    ("chat/completions", {"model": MODEL, "messages": HI, "top_p": 1.5}, 400, "top_p: ", "top_p", None),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": "many"}, 400, "max_tokens: ", "max_tokens", None),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens: ", "max_tokens", None),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 3, "max_completion_tokens": 4}, 400,
+     "max_tokens and max_completion_tokens disagree", "max_tokens", None),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 9000}, 400,
+     "+ max_tokens (9000) exceeds the context limit of 8192", "messages", "context_length_exceeded"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "logprobs": True}, 400, "logprobs is not supported", "logprobs",
+     "unsupported_parameter"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "only text content parts are supported, got type 'image_url'", "messages", None),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400,
+     "stop takes at most 4 sequences, got 5", "stop", None),
+    ("completions", {"model": MODEL, "prompt": ""}, 400, "prompt is empty", "prompt", None),
+    ("completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one string or one list of token ids per request",
+     "prompt", None),
+    ("completions", {"model": MODEL, "prompt": [1, 2, 10**9], "max_tokens": 2}, 400,
+     "prompt token id 1000000000 is outside the vocabulary [0, 49152)", "prompt", None),
+    ("completions", {"model": MODEL, "prompt": PROMPTS[2] * 40, "max_tokens": 4}, 400, "KV blocks; the pool has",
+     "prompt", "kv_pool_exhausted"),
+    ("completions", {"prompt": "hi"}, 400, "model: ", "model", None),
 ]
 
 
-@pytest.mark.parametrize("endpoint,body,status,message", BAD, ids=[f"{e}-{i}" for i, (e, *_) in enumerate(BAD)])
-def test_bad_input_gets_openai_errors_and_the_server_stays_ready(served, client, endpoint, body, status, message):
+@pytest.mark.parametrize("endpoint,body,status,message,param,code", BAD, ids=[f"{e}-{i}" for i, (e, *_) in enumerate(BAD)])
+def test_bad_input_gets_openai_errors_and_the_server_stays_ready(served, client, endpoint, body, status, message,
+                                                                 param, code):
     url = served[1].url
     r = httpx.post(f"{url}/{endpoint}", json=body, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert message in err["message"] and set(err) == {"message", "type", "param", "code"}
-    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, temperature=0).choices[0].text is not None
+    assert message in err["message"], err
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, code), err
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, temperature=0).choices[0].text != ""
+
+
+@pytest.fixture
+def small_pool(runtime):
+    """A second server on the same weights whose pool holds 200 blocks (16 tokens of one head
+    each): a 10-token prompt fits (a window page per head: 90 blocks), a long answer does not."""
+    import dataclasses
+
+    spec = runtime.make_cache(1, 1, 1).spec
+    rt = Runtime(dataclasses.replace(runtime.cfg, kv_cache_mb=200 * spec.block_bytes / 2**20), runtime.loaded,
+                 runtime.surrogate)
+    loop = EngineLoop.from_runtime(rt).start()
+    server = OpenAIServer(loop, MODEL).start()
+    yield loop, server
+    server.stop()
+    loop.stop()
+
+
+def sse_data(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data:").strip() for line in response.text.splitlines() if line.startswith("data:")]
+
+
+def test_engine_errors_mid_answer_reach_the_client(small_pool, monkeypatch):
+    """A request the pool cannot finish: 400 kv_pool_exhausted, also as a stream's last event; an
+    exception inside a step: 500 server_error for the request in flight, and the server goes on."""
+    loop, server = small_pool
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0}
+    r = httpx.post(f"{server.url}/completions", json=body, timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "cannot hold this request past" in err["message"] and err["code"] == "kv_pool_exhausted", err
+    events = sse_data(httpx.post(f"{server.url}/completions", json={**body, "stream": True}, timeout=120))
+    last = json.loads(events[-1])
+    assert "[DONE]" not in events and last["error"]["code"] == "kv_pool_exhausted", events[-3:]
+    assert wait_idle(loop) and loop.engine.cache.allocator.num_used == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the forward")
+
+    monkeypatch.setattr(loop.engine.executor, "forward", broken)
+    r = httpx.post(f"{server.url}/completions", json={**body, "max_tokens": 3}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert "a bug in the forward" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert wait_idle(loop) and loop.engine.cache.allocator.num_used == 0
+    r = httpx.post(f"{server.url}/completions", json={**body, "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+
+def test_a_developer_message_is_a_system_message(client):
+    """OpenAI's newer name for the system role: the same prompt through the chat template."""
+    def answer(role):
+        return client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
+            {"role": role, "content": "Answer in French."}, {"role": "user", "content": "Name a color."}],
+        ).choices[0].message.content
+
+    plain = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Name a color."}]).choices[0].message.content
+    assert answer("developer") == answer("system") != plain
 
 
 def test_malformed_json_and_the_openai_client_error(served, client):

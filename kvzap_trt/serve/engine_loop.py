@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from kvzap_trt.errors import KvzapError
+from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
 from kvzap_trt.runtime.generate import Runtime
@@ -121,10 +121,12 @@ class EngineLoop:
             raise BadRequest("text_input has no tokens")
         if len(ids) + params.max_tokens > limit:
             raise BadRequest(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit of {limit}"
-            )
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit of {limit}",
+                code="context_length_exceeded")
         try:
             self.engine.validate_prompt(ids)
+        except CacheFullError as e:  # the whole pool cannot take the prompt's first chunk
+            raise BadRequest(str(e), code="kv_pool_exhausted") from None
         except KvzapError as e:
             raise BadRequest(str(e)) from None
         return ids

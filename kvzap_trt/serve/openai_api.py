@@ -18,7 +18,11 @@ What is served (FastAPI, uvicorn, sse-starlette):
   "auto" needs the server's --probe); the answer then carries `reasoning`: {"requested", "used",
   "p_slow"} (streams: on the last chunk).
 - Errors: OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, 400 for bad input
-  (malformed JSON and wrongly typed fields included), 404 for an unknown model.
+  (malformed JSON and wrongly typed fields included; `param` the field at fault), 404 for an
+  unknown model (`model_not_found`). Codes: `context_length_exceeded` (prompt + max_tokens past
+  the context), `kv_pool_exhausted` (the pool cannot take the prompt, or cannot hold the answer
+  past some token: then also as a stream's last event), `unsupported_parameter`; 500
+  `server_error` when a step fails (every request in flight gets it; the server goes on).
 - `"kv_coe": true` (an extra body field; `extra_body` in the openai client) on chat/completions:
   each choice carries `kv_coe_score`, the answer's KV-CoE self-evaluation (kvzap_trt/kvcoe/coe.py;
   higher: more likely right; null where undefined), in the last chunk's choice when streaming.
@@ -222,7 +226,9 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             raise OpenAIError(400, str(e), "reasoning") from None
 
     def prepared(params: GenerationParams, ids: list[int] | None, max_tokens: int | None,
-                 default_max: int | None) -> list[int]:
+                 default_max: int | None, param: str) -> list[int]:
+        """The request's token ids, checked; `param` names the field the prompt came in (an
+        error about the prompt's tokens points there, as OpenAI's context_length_exceeded does)."""
         try:
             if ids is None:
                 ids = loop.runtime.encode(params.prompt)
@@ -230,7 +236,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                 params.max_tokens = default_max if default_max is not None else max(1, loop.engine.max_seq_len - len(ids))
             return loop.prepare(params, ids)
         except BadRequest as e:
-            raise OpenAIError(400, str(e)) from None
+            raise OpenAIError(400, str(e), param, e.code) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -247,7 +253,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
                     messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages
             raise OpenAIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-        ids = prepared(params, ids, max_tokens, None)
+        ids = prepared(params, ids, max_tokens, None, "messages")
         return await _answer(request, params, ids, "chat", _include_usage(req), plan)
 
     @app.post("/v1/completions")
@@ -268,7 +274,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             raise OpenAIError(400, "prompt is empty", "prompt")
         params = params_of(req, req.max_tokens, prompt)
         plan = reasoning_of(req)
-        ids = prepared(params, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        ids = prepared(params, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
         return await _answer(request, params, ids, "text", _include_usage(req), plan)
 
     @app.post("/v1/embeddings")
@@ -286,7 +292,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
         pendings, tokens = [], 0
         for x in inputs:
             params = GenerationParams(prompt=x if isinstance(x, str) else "", max_tokens=0)
-            ids = prepared(params, None if isinstance(x, str) else list(x), 0, 0)
+            ids = prepared(params, None if isinstance(x, str) else list(x), 0, 0, "input")
             pending = _Pending()
             job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, embed=True)
             loop.submit(job)

@@ -67,7 +67,12 @@ OUTPUTS: dict[str, tuple[str, list[int]]] = {
 
 
 class BadRequest(KvzapError):
-    """A request the server refuses (HTTP 400)."""
+    """A request the server refuses (HTTP 400); `code` a machine-readable reason where OpenAI's
+    API has one (context_length_exceeded, kv_pool_exhausted)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
