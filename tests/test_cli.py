@@ -83,6 +83,7 @@ def bad_input_cases(tiny, tmp):
     (tmp / "ok.json").write_text("[1, 2, 3]")
     (tmp / "oov.json").write_text("[1, 160, 2]")  # the tiny vocabulary is [0, 160)
     (tmp / "negative.json").write_text("[1, -1]")
+    (tmp / "notjson.json").write_text("[1, 2,")
     yarn = tmp / "yarn"
     yarn.mkdir()
     hf = json.loads((tiny / "config.json").read_text())
@@ -101,6 +102,8 @@ def bad_input_cases(tiny, tmp):
         (["--model", str(tiny), "--surrogate", str(tmp / "two-heads")] + ok, "has 2 kv heads but model"),
         (m + ["--prompt-ids-file", str(tmp / "missing.json")], "cannot read prompt ids file"),
         (m + ["--prompt-ids-file", str(tmp / "bad.json")], "must hold a JSON list of integers"),
+        (m + ["--prompt-ids-file", str(tmp / "notjson.json")], "notjson.json is not JSON"),
+        (m + ["--prompt-file", str(tmp / "missing.txt")], "cannot read prompt file"),
         (m + ["--prompt", ""], "the prompt is empty"),
         (m + ["--prompt", "hello"], "has no tokenizer"),
         (m + ok + ["--max-new-tokens", "x"], "invalid int value"),
@@ -119,6 +122,34 @@ def test_bad_input_exits_2_with_one_line(tiny_dirs, tmp_path, capsys):
         assert exit_info.value.code == 2, args
         assert message in err, (args, err)
         assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_other_commands_refuse_bad_input_with_one_line(tiny_dirs, tmp_path, capsys):
+    tiny = str(tiny_dirs["llama"])
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["serve", "--repository", str(tmp_path / "empty")], f"{tmp_path / 'empty'} has no model 'ensemble'"),
+        (["build", "--model", "qwen3-32b", "--engine", "tensorrt", "--dry-run", "--out", str(tmp_path / "b")],
+         "TensorRT engines are built for one GPU (tp 1); the config says tp 2"),  # the preset's tp
+        (["score", "--model", tiny, "--prompt", "hi"], f"model {tiny} has no tokenizer"),
+        (["calibrate", "--model", tiny, "--corpus", str(tmp_path), "--target", "0.5", "--write-preset"],
+         "--write-preset needs --model to name a preset"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_score_refuses_what_it_cannot_score(smollm2_dir, capsys):
+    """A model directory (no preset, so no surrogate) and a prompt past half the context."""
+    assert main(["score", "--model", str(smollm2_dir), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == "kvzap-trt: error: no surrogate to score with: pass --surrogate or --oracle\n"
+    assert main(["score", "--oracle", "--model", str(smollm2_dir), "--prompt", "word " * 5000]) == 2
+    err = capsys.readouterr().err  # SmolLM2: 8192 positions; the oracle repeats the prompt
+    assert "the oracle repeats the prompt, so at most half the context (4096) fits" in err and err.count("\n") == 1
 
 
 def test_console_entry_point_exit_code(tiny_dirs, tmp_path):

@@ -115,7 +115,11 @@ def test_executor_refuses_other_settings_and_the_cli_runs_an_export(tiny_dirs, t
     assert main([*run, *flags(7), "--executor", "onnx", "--onnx", str(tmp_path / "x")]) == 2
     assert "exported with window 6 (engine: 7)" in capsys.readouterr().err
     assert main([*run, *args, "--onnx", str(tmp_path / "x")]) == 2  # --onnx without --executor onnx
+    assert capsys.readouterr().err == "kvzap-trt: error: --onnx needs --executor onnx\n"
     assert main([*run, *args, "--executor", "onnx", "--onnx", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvzap-trt: error: cannot read ONNX model ") and str(tmp_path / "nothing") in err
+    assert err.count("\n") == 1, err
 
 
 def readme_table(text: str, section: str) -> list[list[str]]:

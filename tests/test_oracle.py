@@ -77,6 +77,8 @@ def test_score_command(smollm2_dir, capsys):
     want = [[[p for p, s in enumerate(h) if s >= 0.1] for h in layer] for layer in surrogate["scores"]]
     assert kept == want and 0 < sum(map(len, sum(want, []))) < 30 * 3 * len(ids)
 
+    capsys.readouterr()
     assert main(["score", "--prompt", "   "]) == 2
+    assert capsys.readouterr().err == "kvzap-trt: error: the prompt is empty\n"
     assert main(["score", "--oracle", "--prompt", "x", "--chunk-size", "0"]) == 2
     assert "chunk size must be >= 1" in capsys.readouterr().err
