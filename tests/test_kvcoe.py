@@ -218,7 +218,8 @@ def test_v1_embeddings_answers_in_the_openai_shape(smol):
     loop = EngineLoop.from_runtime(smol).start()
     server = OpenAIServer(loop, "smollm2-135m").start()
     try:
-        want = [r.embedding.numpy() for r in smol.embed([smol.encode(t) for t in TEXTS])]
+        alone = smol.embed([smol.encode(t) for t in TEXTS])
+        want = [r.embedding.numpy() for r in alone]
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
         r = client.embeddings.create(model="smollm2-135m", input=TEXTS)  # the client asks for base64
         assert r.object == "list" and r.model == "smollm2-135m" and [d.index for d in r.data] == [0, 1, 2]
@@ -227,6 +228,9 @@ def test_v1_embeddings_answers_in_the_openai_shape(smol):
             np.testing.assert_allclose(d.embedding, w, atol=1e-5)
         n = sum(len(smol.encode(t)) for t in TEXTS)
         assert r.usage.prompt_tokens == r.usage.total_tokens == n
+        ratios = [q.kv["compression_ratio"] for q in alone]
+        assert r.usage.model_extra["kv_compression_ratio"] == pytest.approx(sum(ratios) / len(ratios))
+        assert r.usage.model_extra["kv_compression_ratio"] > 0  # the texts are longer than the window
         raw = httpx.post(f"{server.url}/embeddings", json={"model": "smollm2-135m", "input": TEXTS[0],
                                                            "encoding_format": "float"}, timeout=120).json()
         assert len(raw["data"]) == 1 and isinstance(raw["data"][0]["embedding"], list)
