@@ -187,7 +187,7 @@ def checkpoint_config(m: ModelConfig, s: Surrogate, cfg: RunConfig, tp: int, dty
         "input": "output of input_layernorm (the hidden state entering attention)",
         "tensors": {"fc": L.KVZAP_FC, "proj": L.KVZAP_PROJ},
         "eos_token_ids": m.eos_token_ids,
-        # The model's sliding window (Qwen3 with use_sliding_window), which capped
+        # The model's sliding window (Mistral's, or Qwen's with use_sliding_window), which capped
         # max_position_embeddings above: kept so a reader can say why the context stops there.
         "sliding_window": m.sliding_window,
         "source_model": cfg.model,
