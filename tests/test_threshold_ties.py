@@ -2,8 +2,8 @@
 
 Random float scores never land on tau; real surrogate scores do: a bf16 score near the paper's
 tau of -4.0 or -7.0 is a multiple of 1/32, so many tokens tie. Here scores sit on a coarse grid
-that contains tau, and the reference op and the CPU fast path (what CPU runs use) are compared
-with a hand-written expectation and with the naive model of tests/cache_sim.py, every stored
+that contains tau, and the reference op, the CPU fast path (what CPU runs use) and, where a GPU
+is, the CUDA kernel are compared with a hand-written expectation and with the naive model of tests/cache_sim.py, every stored
 tensor read back (tests/cache_check.py).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzap_trt.ops.dispatch import CPU, REFERENCE
+from kvzap_trt.ops.dispatch import CPU, CUDA, REFERENCE
 from tests.cache_check import check_cache
 from tests.cache_sim import SimSeq, make_cache, write_chunk
 
@@ -25,14 +25,18 @@ def grid_seq(cache, scores: torch.Tensor, seed: int) -> SimSeq:
     return SimSeq(k, v, scores, cache.add_sequence())
 
 
-OPS = pytest.mark.parametrize("ops", [REFERENCE, CPU], ids=["reference", "cpu-fast"])
+OPS = pytest.mark.parametrize("ops,device", [
+    pytest.param(REFERENCE, "cpu", id="reference"),
+    pytest.param(CPU, "cpu", id="cpu-fast"),
+    pytest.param(CUDA, "cuda", id="cuda", marks=pytest.mark.gpu),
+])
 
 
 @OPS
 @pytest.mark.parametrize("chunks", [[8], [1] * 8, [3, 1, 4]])
-def test_scores_equal_to_tau_are_kept_by_hand(chunks, ops):
+def test_scores_equal_to_tau_are_kept_by_hand(chunks, ops, device):
     tau = 0.5
-    cache = make_cache(H=2, D=4, W=2, bs=2)
+    cache = make_cache(H=2, D=4, W=2, bs=2, device=device)
     scores = torch.tensor([[0.5, 0.25, 0.75, 0.5, 0.5, 0.0, 0.5, 1.0],   # head 0
                            [0.5] * 8]).T                                  # head 1: every score is tau
     seq = grid_seq(cache, scores, seed=1)
@@ -54,9 +58,9 @@ SCHEDULES = [
 
 @OPS
 @pytest.mark.parametrize("window,block_size,chunks", SCHEDULES)
-def test_grid_scores_with_tau_on_the_grid_match_the_naive_model(window, block_size, chunks, ops):
+def test_grid_scores_with_tau_on_the_grid_match_the_naive_model(window, block_size, chunks, ops, device):
     tau = 0.25
-    cache = make_cache(H=3, D=4, W=window, bs=block_size, seed=window)
+    cache = make_cache(H=3, D=4, W=window, bs=block_size, seed=window, device=device)
     g = torch.Generator().manual_seed(window + block_size)
     seqs = [grid_seq(cache, torch.randint(-3, 4, (sum(c), 3), generator=g) * 0.25, seed=i)
             for i, c in enumerate(chunks)]
@@ -69,10 +73,10 @@ def test_grid_scores_with_tau_on_the_grid_match_the_naive_model(window, block_si
 
 @OPS
 @pytest.mark.parametrize("tau", [-4.0, -7.0])
-def test_bf16_scores_at_the_papers_tau(tau, ops):
+def test_bf16_scores_at_the_papers_tau(tau, ops, device):
     """bf16 cache and bf16 scores (the surrogate scores in the model's dtype) one step of 1/32
     around tau: tau itself is kept, tau - 1/32 is not."""
-    cache = make_cache(H=2, D=8, W=4, bs=4, dtype=torch.bfloat16)
+    cache = make_cache(H=2, D=8, W=4, bs=4, dtype=torch.bfloat16, device=device)
     g = torch.Generator().manual_seed(int(-tau))
     scores = (tau + torch.randint(-2, 3, (60, 2), generator=g) / 32).to(torch.bfloat16)
     assert torch.unique(scores).numel() == 5  # five distinct bf16 values, tau among them
