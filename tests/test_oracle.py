@@ -82,3 +82,20 @@ def test_score_command(smollm2_dir, capsys):
     assert capsys.readouterr().err == "kvzap-trt: error: the prompt is empty\n"
     assert main(["score", "--oracle", "--prompt", "x", "--chunk-size", "0"]) == 2
     assert "chunk size must be >= 1" in capsys.readouterr().err
+
+
+def test_context_ids_with_an_x_in_the_system_prompt(smollm2_dir):
+    """The chat prefix ends where the user's content begins, whatever the system prompt says (it
+    was found by splitting a rendering at the letter 'x')."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert default in tok.chat_template
+    tok.chat_template = tok.chat_template.replace(default, "You are an expert in experiments")
+    text = "Some context to score."
+    ids, prefix_len = context_ids(tok, text)
+    assert tok.decode(ids[:prefix_len]) == ("<|im_start|>system\nYou are an expert in experiments<|im_end|>\n"
+                                            "<|im_start|>user\n")
+    assert ids[prefix_len:] == tok.encode(text, add_special_tokens=False)
+    assert prefix_len == chat_frame(tok)[0]

@@ -28,29 +28,29 @@ FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 
 
+def chat_frame_texts(tokenizer) -> tuple[str, str]:
+    """(the chat template's text before a user turn's content, its text after it up to the
+    assistant's answer), found around a sentinel content, as kvpress finds them."""
+    if tokenizer.chat_template is None:
+        return "", "\n"
+    dummy = "dummy context"
+    separator = "\n" + "#" * len(dummy)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": dummy + separator}],
+                                         add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    context, suffix_text = text.split(separator)
+    return context.split(dummy)[0], suffix_text
+
+
 def chat_frame(tokenizer) -> tuple[int, list[int]]:
     """(tokens of the chat prefix before the context, ids closing the user turn), as kvpress builds them."""
-    if tokenizer.chat_template is None:
-        prefix_text, suffix_text = "", "\n"
-    else:
-        dummy = "dummy context"
-        separator = "\n" + "#" * len(dummy)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": dummy + separator}],
-                                             add_generation_prompt=True, tokenize=False, enable_thinking=False)
-        context, suffix_text = text.split(separator)
-        prefix_text = context.split(dummy)[0]
-    prefix_len = len(tokenizer.encode(prefix_text, add_special_tokens=False))
-    return prefix_len, tokenizer.encode(suffix_text, add_special_tokens=False)
+    prefix_text, suffix_text = chat_frame_texts(tokenizer)
+    return len(tokenizer.encode(prefix_text, add_special_tokens=False)), tokenizer.encode(suffix_text, add_special_tokens=False)
 
 
 def context_ids(tokenizer, text: str) -> tuple[list[int], int]:
     """The text as a user turn's content: (chat prefix ids + text ids, length of the prefix)."""
-    prefix_len, _ = chat_frame(tokenizer)
-    prefix = ""
-    if tokenizer.chat_template is not None:
-        prefix = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
-    ids = tokenizer.encode(prefix, add_special_tokens=False)[:prefix_len] + tokenizer.encode(text, add_special_tokens=False)
-    return ids, prefix_len
+    prefix = tokenizer.encode(chat_frame_texts(tokenizer)[0], add_special_tokens=False)
+    return prefix + tokenizer.encode(text, add_special_tokens=False), len(prefix)
 
 
 def causal_attend_recording(store: dict[int, tuple[torch.Tensor, torch.Tensor]],
