@@ -173,7 +173,10 @@ def add_score(sub: Any) -> None:
     src.add_argument("--prompt", help="text to score")
     src.add_argument("--prompt-file", type=Path, help="file whose content is the text to score")
     p.add_argument("--oracle", action="store_true", help="KVzip+ oracle scores instead of the surrogate's")
-    p.add_argument("--chunk-size", type=int, default=2048, help="tokens repeated per oracle pass (default 2048)")
+    p.add_argument("--oracle-variant", choices=["press", "kvzap-data"], default="press",
+                   help="with --oracle: kvpress's KVzipPress (default), or NVIDIA's training collector "
+                   "(kvpress kvzap/data.py: one pass, full softmax, max over the repeated text)")
+    p.add_argument("--chunk-size", type=int, default=2048, help="tokens repeated per oracle pass (press; default 2048)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the default prints a summary)")
     p.set_defaults(func=run_score)
 
@@ -193,6 +196,9 @@ def add_train(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="surrogate directory (written atomically)")
     p.add_argument("--dataset", type=Path, default=None,
                    help="dataset directory to reuse or write (default: build/datasets/<model>-<corpus>)")
+    p.add_argument("--oracle", choices=["press", "kvzap-data"], default="press",
+                   help="training targets: kvpress's KVzipPress (default), or NVIDIA's training collector (kvpress "
+                   "kvzap/data.py, what the released nvidia/KVzap-* surrogates were fit to; their tau values assume it)")
     p.add_argument("--n-tokens", type=int, default=384,
                    help="positions sampled per text (default 384: the oracle scores every position anyway)")
     p.add_argument("--min-tokens", type=int, default=128, help="shorter texts are skipped (default 128)")
@@ -381,6 +387,7 @@ def run_score(args: argparse.Namespace) -> int:
     import torch
 
     from kvzap_trt.oracle.kvzip import context_ids, kvzip_plus_scores, surrogate_scores
+    from kvzap_trt.oracle.repeat_once import repeat_once_scores
     from kvzap_trt.runtime.generate import Runtime
 
     cfg = config_from_args(args)
@@ -397,7 +404,9 @@ def run_score(args: argparse.Namespace) -> int:
     if len(ids) > rt.loaded.config.max_position_embeddings // 2:
         raise KvzapError(f"{len(ids)} tokens: the oracle repeats the prompt, so at most half the context "
                          f"({rt.loaded.config.max_position_embeddings // 2}) fits")
-    if args.oracle:
+    if args.oracle and args.oracle_variant == "kvzap-data":
+        scores, kind, space = repeat_once_scores(rt.loaded.model, tok, ids), "kvzip+ (kvzap-data)", "linear"
+    elif args.oracle:
         scores, kind, space = kvzip_plus_scores(rt.loaded.model, tok, ids, args.chunk_size), "kvzip+", "linear"
     else:
         if rt.surrogate is None:
@@ -430,18 +439,20 @@ def run_train(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(cfg.model)
     loaded = load_model(model_dir)
     wanted = {"model": str(model_dir), "n_tokens": args.n_tokens, "min_tokens": args.min_tokens,
-              "max_tokens": args.max_tokens}
+              "max_tokens": args.max_tokens, "oracle": args.oracle}
     ds_dir = args.dataset or Path("build") / "datasets" / f"{cfg.preset or model_dir.name}-{args.corpus.name}"
     ds = Dataset.open(ds_dir) if (ds_dir / "meta.json").is_file() else None
     if ds is None or any(ds.meta.get(k) != v for k, v in wanted.items()):
-        ds = build_dataset(loaded, corpus, ds_dir, args.n_tokens, args.min_tokens, args.max_tokens, args.seed)
+        ds = build_dataset(loaded, corpus, ds_dir, args.n_tokens, args.min_tokens, args.max_tokens, args.seed,
+                           oracle=args.oracle)
     surrogate, fit = train_surrogate(ds, args.kind, l2=args.l2, epochs=args.epochs, seed=args.seed)
     surrogate.source = str(args.out)
     surrogate.validate(loaded.config, f"model {cfg.preset or cfg.model}")
     report = build_report(ds, surrogate, fit)
     report.update({"model": cfg.preset or cfg.model, "corpus": str(args.corpus), "dataset": str(ds_dir),
                    "texts": len(ds.meta["texts"]), "train_pairs": ds.meta["count"]["train"],
-                   "options": {k: getattr(args, k) for k in ("n_tokens", "min_tokens", "max_tokens", "epochs", "l2", "seed")}})
+                   "options": {k: getattr(args, k) for k in ("oracle", "n_tokens", "min_tokens", "max_tokens", "epochs", "l2",
+                                                              "seed")}})
     try:
         with atomic_dir(args.out) as tmp:
             write_surrogate_files(surrogate, tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from kvzap_trt.cli import main
 from kvzap_trt.models.loading import load_model
 from kvzap_trt.oracle.kvzip import causal_attend_recording
-from kvzap_trt.train.dataset import build_dataset, read_corpus
+from kvzap_trt.train.dataset import Dataset, build_dataset, read_corpus, select_texts
 from kvzap_trt.train.fit import train_surrogate
 from tests.tiny_models import build_tiny
 
@@ -139,3 +140,34 @@ def test_calibrated_tau_gives_the_reported_compression_in_the_real_cache(tiny_wi
 
     assert main(["calibrate", "--model", "tiny", "--corpus", str(corpus), "--target", "0.99"]) == 2
     assert "is reachable" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_with_the_kvzap_data_oracle(tiny_with_tokenizer, corpus, tmp_path):
+    """`train --oracle kvzap-data`: the dataset records its oracle, its targets are the log of
+    that oracle's scores at the sampled positions (not KVzipPress's), and a surrogate is written."""
+    from kvzap_trt.oracle.kvzip import context_ids, kvzip_plus_scores
+    from kvzap_trt.oracle.repeat_once import repeat_once_scores
+
+    ds_dir = tmp_path / "ds"
+    args = ["train", "--model", str(tiny_with_tokenizer), "--corpus", str(corpus), "--kind", "linear", "--out",
+            str(tmp_path / "s"), "--dataset", str(ds_dir), "--n-tokens", "400", "--min-tokens", "32",
+            "--max-tokens", "64", "--oracle", "kvzap-data"]
+    assert main(args) == 0
+    ds = Dataset.open(ds_dir)
+    assert ds.meta["oracle"] == "kvzap-data" and (tmp_path / "s" / "config.json").is_file()
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["options"]["oracle"] == "kvzap-data"
+    # The first text is held out: with n-tokens above its length every position is sampled.
+    loaded = load_model(tiny_with_tokenizer)
+    first = ds.meta["texts"][0]
+    text = dict(select_texts(loaded.tokenizer, read_corpus(corpus), 32, 64))[first["file"]]
+    ids, prefix_len = context_ids(loaded.tokenizer, text)
+    _, y = ds.layer("test", 0)
+    n = len(ids) - prefix_len
+    want = repeat_once_scores(loaded.model, loaded.tokenizer, ids)[0, :, prefix_len:].log().T  # [n, Hkv]
+    got = torch.from_numpy(np.asarray(y[:n], dtype=np.float32))
+    # rows come in a random order of positions: compare as sets of rows, to float16's precision
+    assert torch.allclose(got.sort(0).values, want.sort(0).values, atol=2e-2)
+    press = kvzip_plus_scores(loaded.model, loaded.tokenizer, ids)[0, :, prefix_len:].log().T
+    assert not torch.allclose(got.sort(0).values, press.sort(0).values, atol=2e-2)

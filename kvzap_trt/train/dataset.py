@@ -10,8 +10,12 @@ holds one text at a time whatever the corpus size:
     <dir>/{train,test}/x{l:03d}.f16   [N, hidden] float16, layer l's input hidden states
     <dir>/{train,test}/y{l:03d}.f16   [N, kv_heads] float16, log KVzip+ scores
 
-Difference from NVIDIA's `kvzap/data.py`: the scores are kvpress KVzipPress's (softmax over sinks,
-the repeated chunk and the repeat tokens, chunked), which this project's oracle reproduces exactly.
+The scores are kvpress KVzipPress's by default (softmax over sinks, the repeated chunk and the
+repeat tokens, chunked; oracle/kvzip.py), or with oracle="kvzap-data" those of NVIDIA's own
+collector, kvpress `kvzap/data.py` (oracle/repeat_once.py). Other differences from data.py:
+texts of 128-512 tokens cut to length by default (data.py keeps 750-1250-token texts whole, so
+that softmax denominators do not vary with length: pass --min-tokens 750 --max-tokens 1250 to
+match), and features stored in float16 (data.py: bfloat16).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from tqdm import tqdm
 from kvzap_trt.atomic import atomic_dir
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.models.loading import LoadedModel
-from kvzap_trt.oracle.kvzip import context_ids, kvzip_plus_scores
+from kvzap_trt.oracle import oracle_scorer
+from kvzap_trt.oracle.kvzip import context_ids
 
 
 def read_corpus(folder: Path) -> list[tuple[str, str]]:
@@ -80,8 +85,12 @@ def select_texts(tokenizer, corpus: list[tuple[str, str]], min_tokens: int, max_
 
 
 def build_dataset(loaded: LoadedModel, corpus: list[tuple[str, str]], out: Path, n_tokens: int = 384,
-                  min_tokens: int = 128, max_tokens: int = 512, seed: int = 0, scorer=kvzip_plus_scores) -> Dataset:
-    """`scorer(model, tokenizer, ids, hidden=dict)` -> scores [L, Hkv, T], filling `hidden` (the oracle)."""
+                  min_tokens: int = 128, max_tokens: int = 512, seed: int = 0, oracle: str = "press",
+                  scorer=None) -> Dataset:
+    """`oracle`: one of oracle.ORACLES, whose scorer(model, tokenizer, ids, hidden=dict) gives the
+    scores [L, Hkv, T] and fills `hidden`; `scorer` replaces it (recorded as oracle "custom")."""
+    oracle = oracle if scorer is None else "custom"
+    scorer = scorer or oracle_scorer(oracle)
     tok, m = loaded.tokenizer, loaded.config
     if tok is None:
         raise KvzapError(f"model {loaded.model_dir} has no tokenizer: the oracle needs one")
@@ -89,7 +98,7 @@ def build_dataset(loaded: LoadedModel, corpus: list[tuple[str, str]], out: Path,
     g = torch.Generator().manual_seed(seed)
     meta = {"model": str(loaded.model_dir), "num_layers": m.num_layers, "hidden_size": m.hidden_size,
             "num_kv_heads": m.num_kv_heads, "n_tokens": n_tokens, "min_tokens": min_tokens, "max_tokens": max_tokens,
-            "target": "log KVzip+ score", "texts": [], "count": {"train": 0, "test": 0}}
+            "target": "log KVzip+ score", "oracle": oracle, "texts": [], "count": {"train": 0, "test": 0}}
     try:
         with atomic_dir(Path(out)) as tmp:
             files = {}
