@@ -488,9 +488,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        past = result["evicted_past_window_mean"]
         print(f"tau {result['threshold']:.4f}: compression {result['compression_mean']:.1%} mean over "
               f"{result['prompts']} texts (std {result['compression_std']:.1%}, "
-              f"{result['compression_min']:.1%} to {result['compression_max']:.1%})")
+              f"{result['compression_min']:.1%} to {result['compression_max']:.1%})"
+              + ("" if past is None else f"; {past:.1%} of the tokens older than the {cfg.window}-token window evicted"))
     return 0
 
 

@@ -134,9 +134,18 @@ def test_calibrated_tau_gives_the_reported_compression_in_the_real_cache(tiny_wi
 
     texts = [rt.decode(ids[:96]) for ids in (rt.encode(t.strip()) for _, t in read_corpus(corpus)) if len(ids) >= 32]
     assert result["prompts"] == len(texts) < len(read_corpus(corpus))  # the short text is skipped
-    got = [rt.generate([context_ids(rt.tokenizer, t)[0]])[0].kv["compression_ratio"] for t in texts]
+    kvs = [rt.generate([context_ids(rt.tokenizer, t)[0]], positions=True)[0].kv for t in texts]
+    got = [kv["compression_ratio"] for kv in kvs]
     assert sum(got) / len(got) == pytest.approx(result["compression_mean"], abs=2e-3)
     assert max(got) == pytest.approx(result["compression_max"], abs=2e-3)
+    # The share of the positions older than the window that the real cache dropped, per prompt.
+    past = []
+    for kv in kvs:
+        old = kv["tokens"] - 16
+        held = sum(p < old for layer in kv["positions"] for head in layer for p in head)
+        past.append(1 - held / (old * len(kv["positions"]) * len(kv["positions"][0])))
+    assert result["evicted_past_window_mean"] == pytest.approx(sum(past) / len(past), abs=2e-3)
+    assert result["evicted_past_window_mean"] > result["compression_mean"]  # the window is not counted
 
     assert main(["calibrate", "--model", "tiny", "--corpus", str(corpus), "--target", "0.99"]) == 2
     assert "is reachable" in capsys.readouterr().err
