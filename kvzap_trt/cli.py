@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 from kvzap_trt.config import DTYPES, REASONING_MODES, preset_names, resolve_config
 from kvzap_trt.errors import KvzapError
+from kvzap_trt.oracle import ORACLES
 
 
 class Parser(argparse.ArgumentParser):
@@ -173,8 +174,8 @@ def add_score(sub: Any) -> None:
     src.add_argument("--prompt", help="text to score")
     src.add_argument("--prompt-file", type=Path, help="file whose content is the text to score")
     p.add_argument("--oracle", action="store_true", help="KVzip+ oracle scores instead of the surrogate's")
-    p.add_argument("--oracle-variant", choices=["press", "kvzap-data"], default="press",
-                   help="with --oracle: kvpress's KVzipPress (default), or NVIDIA's training collector "
+    p.add_argument("--oracle-variant", choices=ORACLES, default=None,
+                   help="with --oracle: press, kvpress's KVzipPress (default), or kvzap-data, NVIDIA's training collector "
                    "(kvpress kvzap/data.py: one pass, full softmax, max over the repeated text)")
     p.add_argument("--chunk-size", type=int, default=2048, help="tokens repeated per oracle pass (press; default 2048)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the default prints a summary)")
@@ -196,8 +197,8 @@ def add_train(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="surrogate directory (written atomically)")
     p.add_argument("--dataset", type=Path, default=None,
                    help="dataset directory to reuse or write (default: build/datasets/<model>-<corpus>)")
-    p.add_argument("--oracle", choices=["press", "kvzap-data"], default="press",
-                   help="training targets: kvpress's KVzipPress (default), or NVIDIA's training collector (kvpress "
+    p.add_argument("--oracle", choices=ORACLES, default="press",
+                   help="training targets: press, kvpress's KVzipPress (default), or kvzap-data, NVIDIA's training collector (kvpress "
                    "kvzap/data.py, what the released nvidia/KVzap-* surrogates were fit to; their tau values assume it)")
     p.add_argument("--n-tokens", type=int, default=384,
                    help="positions sampled per text (default 384: the oracle scores every position anyway)")
@@ -386,8 +387,8 @@ def run_build_tensorrt(args: argparse.Namespace, cfg, name: str) -> int:
 def run_score(args: argparse.Namespace) -> int:
     import torch
 
-    from kvzap_trt.oracle.kvzip import context_ids, kvzip_plus_scores, surrogate_scores
-    from kvzap_trt.oracle.repeat_once import repeat_once_scores
+    from kvzap_trt.oracle import oracle_scorer
+    from kvzap_trt.oracle.kvzip import context_ids, surrogate_scores
     from kvzap_trt.runtime.generate import Runtime
 
     cfg = config_from_args(args)
@@ -396,6 +397,8 @@ def run_score(args: argparse.Namespace) -> int:
         raise KvzapError("the prompt is empty")
     if args.chunk_size < 1:
         raise KvzapError(f"chunk size must be >= 1, got {args.chunk_size}")
+    if args.oracle_variant is not None and not args.oracle:
+        raise KvzapError("--oracle-variant needs --oracle (without it the surrogate scores)")
     rt = Runtime.from_config(cfg)
     tok = rt.tokenizer
     if tok is None:
@@ -404,10 +407,11 @@ def run_score(args: argparse.Namespace) -> int:
     if len(ids) > rt.loaded.config.max_position_embeddings // 2:
         raise KvzapError(f"{len(ids)} tokens: the oracle repeats the prompt, so at most half the context "
                          f"({rt.loaded.config.max_position_embeddings // 2}) fits")
-    if args.oracle and args.oracle_variant == "kvzap-data":
-        scores, kind, space = repeat_once_scores(rt.loaded.model, tok, ids), "kvzip+ (kvzap-data)", "linear"
-    elif args.oracle:
-        scores, kind, space = kvzip_plus_scores(rt.loaded.model, tok, ids, args.chunk_size), "kvzip+", "linear"
+    if args.oracle:
+        variant = args.oracle_variant or "press"
+        extra = {"chunk_size": args.chunk_size} if variant == "press" else {}
+        scores, space = oracle_scorer(variant)(rt.loaded.model, tok, ids, **extra), "linear"
+        kind = "kvzip+" if variant == "press" else f"kvzip+ ({variant})"
     else:
         if rt.surrogate is None:
             raise KvzapError("no surrogate to score with: pass --surrogate or --oracle")
@@ -440,9 +444,11 @@ def run_train(args: argparse.Namespace) -> int:
     loaded = load_model(model_dir)
     wanted = {"model": str(model_dir), "n_tokens": args.n_tokens, "min_tokens": args.min_tokens,
               "max_tokens": args.max_tokens, "oracle": args.oracle}
-    ds_dir = args.dataset or Path("build") / "datasets" / f"{cfg.preset or model_dir.name}-{args.corpus.name}"
+    oracle_suffix = "" if args.oracle == "press" else f"-{args.oracle}"  # each oracle its own default dataset
+    ds_dir = args.dataset or Path("build") / "datasets" / f"{cfg.preset or model_dir.name}-{args.corpus.name}{oracle_suffix}"
     ds = Dataset.open(ds_dir) if (ds_dir / "meta.json").is_file() else None
-    if ds is None or any(ds.meta.get(k) != v for k, v in wanted.items()):
+    # a dataset written before there was a choice of oracle has no "oracle": it is the press's
+    if ds is None or any(ds.meta.get(k, "press" if k == "oracle" else None) != v for k, v in wanted.items()):
         ds = build_dataset(loaded, corpus, ds_dir, args.n_tokens, args.min_tokens, args.max_tokens, args.seed,
                            oracle=args.oracle)
     surrogate, fit = train_surrogate(ds, args.kind, l2=args.l2, epochs=args.epochs, seed=args.seed)

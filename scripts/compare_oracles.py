@@ -28,12 +28,7 @@ from kvzap_trt.config import resolve_config
 from kvzap_trt.models.loading import load_model, resolve_model_dir
 from kvzap_trt.oracle.kvzip import context_ids, kvzip_plus_scores
 from kvzap_trt.oracle.repeat_once import repeat_once_scores
-
-
-def keep_overlap(a: torch.Tensor, b: torch.Tensor, compression: float) -> float:
-    """Share of a's kept entries (its top 1 - compression) that b keeps too."""
-    k = int(a.numel() * (1 - compression))
-    return len(set(a.flatten().topk(k).indices.tolist()) & set(b.flatten().topk(k).indices.tolist())) / k
+from kvzap_trt.train.report import overlap_with_oracle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         diff = press - data
         rows.append({"start": start, "tokens": len(ids) - prefix, "corr_min": min(corr), "corr_max": max(corr),
                      "diff_mean": diff.mean().item(), "diff_std": diff.std().item(),
-                     "keep_overlap_50": keep_overlap(press, data, 0.5), "keep_overlap_75": keep_overlap(press, data, 0.75)})
+                     "keep_overlap_50": overlap_with_oracle(data, press, 0.5),
+                     "keep_overlap_75": overlap_with_oracle(data, press, 0.75)})
 
     print(f"\n{'start':>6} {'tokens':>6} {'corr per layer':>15} {'press - data':>14} {'keep 50%':>9} {'keep 75%':>9}")
     for r in rows:

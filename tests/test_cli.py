@@ -132,6 +132,7 @@ def test_other_commands_refuse_bad_input_with_one_line(tiny_dirs, tmp_path, caps
         (["build", "--model", "qwen3-32b", "--engine", "tensorrt", "--dry-run", "--out", str(tmp_path / "b")],
          "TensorRT engines are built for one GPU (tp 1); the config says tp 2"),  # the preset's tp
         (["score", "--model", tiny, "--prompt", "hi"], f"model {tiny} has no tokenizer"),
+        (["score", "--model", tiny, "--prompt", "hi", "--oracle-variant", "kvzap-data"], "--oracle-variant needs --oracle"),
         (["calibrate", "--model", tiny, "--corpus", str(tmp_path), "--target", "0.5", "--write-preset"],
          "--write-preset needs --model to name a preset"),
     ]

@@ -29,19 +29,20 @@ from kvzap_trt.convert import layout as L
 from kvzap_trt.convert.safetensors_stream import StreamingSafetensorsWriter
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.models.config import ModelConfig
-from kvzap_trt.models.loading import TORCH_DTYPES, model_weight_files, resolve_model_dir
+from kvzap_trt.models.loading import TORCH_DTYPES, model_weight_files, refuse_unplaced, resolve_model_dir
 from kvzap_trt.surrogate import Surrogate, load_surrogate
 
 
 class SourceTensors:
     """Lazy access to a HF directory's tensors by our names (`model.` prefix removed), from the
     files transformers would read (`model_weight_files`). Remembers which names were asked for, so
-    the converter can refuse tensors it has no place for (`unplaced`)."""
+    the converter can refuse tensors it has no place for."""
 
     def __init__(self, model_dir: Path):
         from safetensors import SafetensorError, safe_open
 
-        files = model_weight_files(model_dir) or sorted(Path(model_dir).glob("*.safetensors"))
+        files = model_weight_files(model_dir)
+        files = sorted(Path(model_dir).glob("*.safetensors")) if files is None else files
         if not files:
             raise KvzapError(f"model directory {model_dir} has no .safetensors files")
         self.handles, self.where, self.asked = [], {}, set()
@@ -69,10 +70,6 @@ class SourceTensors:
         self.check(name, expected)
         h, k = self.where[name]
         return h.get_tensor(k)
-
-    def unplaced(self, ignored: set[str]) -> list[str]:
-        """Names never asked for, other than `ignored` and RoPE buffers, sorted."""
-        return sorted(n for n in self.where if n not in self.asked and n not in ignored and "rotary_emb" not in n)
 
 
 @dataclass
@@ -138,12 +135,7 @@ def plan_items(m: ModelConfig, src: SourceTensors, s: Surrogate, tp: int) -> lis
         return [L.shard(w, 0, tp, r) for r in ranks]
 
     items.append(Item(L.GLOBAL_RULES["lm_head.weight"].trt, (vocab_p // tp, d), lm_head))
-    # A tensor with no place in the checkpoint (Llama's o_proj bias with attention_bias, MLP biases)
-    # is another model: refuse it, as loading does, rather than drop it.
-    unplaced = src.unplaced({"lm_head.weight"} if m.tie_word_embeddings else set())
-    if unplaced:
-        raise KvzapError(f"model has {len(unplaced)} tensors this {m.family} checkpoint has no place for, e.g. "
-                         f"{', '.join(unplaced[:3])}: a variant of the architecture kvzap-trt does not implement")
+    refuse_unplaced("model", src.where, src.asked, m, "checkpoint")  # as loading refuses them
     return items
 
 

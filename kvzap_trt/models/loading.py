@@ -155,6 +155,17 @@ def skip_weight_init():
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
+def refuse_unplaced(what: str, names, placed, cfg: ModelConfig, target: str) -> None:
+    """KvzapError naming the tensors of `names` with no place in `placed` (the forward's or a
+    checkpoint's), other than RoPE buffers and a tied model's lm_head, which transformers ignores
+    too: Llama's o_proj bias with attention_bias, MLP biases; dropping them would run another model."""
+    unused = sorted(n for n in names if n not in placed and "rotary_emb" not in n
+                    and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if unused:
+        raise KvzapError(f"{what} has {len(unused)} tensors this {cfg.family} {target} has no place for, e.g. "
+                         f"{', '.join(unused[:3])}: a variant of the architecture kvzap-trt does not implement")
+
+
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str = "float32", device: str = "cpu",
                 what: str = "model") -> Transformer:
     """Our Transformer from a state dict in HF names (`model.` prefix removed); shapes checked."""
@@ -168,10 +179,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: str = "
     missing = sorted(set(expected) - set(state))
     if missing:
         raise KvzapError(f"{what} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    unused = sorted(set(state) - set(expected))  # e.g. o_proj or MLP biases: dropping them is another model
-    if unused:
-        raise KvzapError(f"{what} has {len(unused)} tensors this {cfg.family} forward has no place for, e.g. "
-                         f"{', '.join(unused[:3])}: a variant of the architecture kvzap-trt does not implement")
+    refuse_unplaced(what, state, expected, cfg, "forward")
     for name, t in state.items():
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):
             raise KvzapError(f"{what} tensor {name} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}")

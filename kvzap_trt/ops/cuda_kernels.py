@@ -59,7 +59,7 @@ def load() -> None:
     minutes, and every GPU test and op call asks)."""
     error = _load_once()
     if error is not None:
-        raise error
+        raise error.with_traceback(None)  # the first attempt's frames only, not every caller's since
 
 
 @functools.cache

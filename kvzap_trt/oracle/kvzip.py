@@ -69,6 +69,15 @@ def causal_attend_recording(store: dict[int, tuple[torch.Tensor, torch.Tensor]],
     return attend
 
 
+def wo_v_norms(model: Transformer, layer: int, values: torch.Tensor) -> torch.Tensor:
+    """KVzip+'s ||W_O v|| of each value through each query head of its group: values [K, Hkv, D]
+    -> [Hkv, G, K] float32 (query head h * G + g reads kv head h)."""
+    cfg = model.cfg
+    wo = model.layers[layer].self_attn.o_proj.weight.float().view(cfg.hidden_size, cfg.num_kv_heads, cfg.group_size,
+                                                                   cfg.head_dim)
+    return torch.einsum("jhgi,khi->hgkj", wo, values.float()).norm(dim=-1)
+
+
 @torch.inference_mode()
 def kvzip_plus_scores(model: Transformer, tokenizer, context_ids: list[int], chunk_size: int = 2048,
                       n_sink: int = 4, prev_postfix_size: int = 8,
@@ -113,9 +122,7 @@ def kvzip_plus_scores(model: Transformer, tokenizer, context_ids: list[int], chu
             logits[..., -Q:] += torch.full((Q, Q), torch.finfo(torch.float32).min).triu(1)
             a = logits.softmax(-1)  # [Hkv, G, Q, K]
             a = a / h_norm.float().norm(dim=-1)[None, None, :, None]
-            wo = model.layers[layer].self_attn.o_proj.weight.float().view(cfg.hidden_size, Hkv, G, D)
-            wov = torch.einsum("jhgi,khi->hgkj", wo, vs).norm(dim=-1)  # [Hkv, G, K]
-            a = a * wov[:, :, None, :]
+            a = a * wo_v_norms(model, layer, vs)[:, :, None, :]  # [Hkv, G, K]
             scores[layer, :, start:end] = a[..., sink : sink + (end - start)].amax(dim=(1, 2))
             return out[0].transpose(0, 1)
 

@@ -18,8 +18,9 @@ KVzipPress's sit 0.05-0.13 higher, so a tau fit under one is not the other's.
 
 Differences from kvzap/data.py that remain: the pieces are tokenised apart (prefix, text,
 instruction and turn change, text, end) where data.py tokenises the whole rendering (a token may
-merge across a piece's edge there), and no BOS is added (data.py's tokenizer call adds a second
-one where the template already has it).
+merge across a piece's edge there); no BOS is added (data.py's tokenizer call adds a second one
+where the template already has it); and the text is used as given, where data.py strips it (a
+text cut at a token boundary may end in a space or newline before the instruction).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.models.transformer import Transformer
-from kvzap_trt.oracle.kvzip import chat_frame_texts
+from kvzap_trt.oracle.kvzip import chat_frame_texts, wo_v_norms
 
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly."
 QUERY_BLOCK = 512  # repeat queries whose attention rows are materialised at once
@@ -70,6 +71,9 @@ def repeat_once_scores(model: Transformer, tokenizer, context_ids: list[int],
     rs = e + len(tokenizer.encode(between, add_special_tokens=False))  # its repeat: [rs, rs + len(text))
     ids = context_ids + tokenizer.encode(between, add_special_tokens=False) + text + \
         tokenizer.encode(after, add_special_tokens=False)
+    if len(ids) > cfg.max_position_embeddings:
+        raise KvzapError(f"the text and its repeat take {len(ids)} tokens, past the model's context of "
+                         f"{cfg.max_position_embeddings}")
     scores = torch.zeros(cfg.num_layers, Hkv, e)
 
     def attend(layer, h_norm, q, k, v):
@@ -77,8 +81,7 @@ def repeat_once_scores(model: Transformer, tokenizer, context_ids: list[int],
             hidden[layer] = h_norm[:e]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                              is_causal=True, enable_gqa=True)
-        wo = model.layers[layer].self_attn.o_proj.weight.float().view(cfg.hidden_size, Hkv, G, D)
-        wov = torch.einsum("jhgi,khi->hgkj", wo, v[s:e].float()).norm(dim=-1)  # [Hkv, G, text]
+        wov = wo_v_norms(model, layer, v[s:e])  # [Hkv, G, text]
         best = torch.zeros(Hkv, e - s)
         for t0 in range(rs, rs + len(text), QUERY_BLOCK):
             t1 = min(t0 + QUERY_BLOCK, rs + len(text))

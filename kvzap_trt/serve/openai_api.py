@@ -21,8 +21,9 @@ What is served (FastAPI, uvicorn, sse-starlette):
   (malformed JSON and wrongly typed fields included; `param` the field at fault), 404 for an
   unknown model (`model_not_found`). Codes: `context_length_exceeded` (prompt + max_tokens past
   the context), `kv_pool_exhausted` (the pool cannot take the prompt, or cannot hold the answer
-  past some token: then also as a stream's last event), `unsupported_parameter`; 500
-  `server_error` when a step fails (every request in flight gets it; the server goes on).
+  past some token: then also as a stream's last event), `unsupported_parameter`; 500 (type
+  `server_error`, code `internal_error`) when a step fails (every request in flight gets it; the
+  server goes on).
 - `"kv_coe": true` (an extra body field; `extra_body` in the openai client) on chat/completions:
   each choice carries `kv_coe_score`, the answer's KV-CoE self-evaluation (kvzap_trt/kvcoe/coe.py;
   higher: more likely right; null where undefined), in the last chunk's choice when streaming.

@@ -13,9 +13,10 @@ holds one text at a time whatever the corpus size:
 The scores are kvpress KVzipPress's by default (softmax over sinks, the repeated chunk and the
 repeat tokens, chunked; oracle/kvzip.py), or with oracle="kvzap-data" those of NVIDIA's own
 collector, kvpress `kvzap/data.py` (oracle/repeat_once.py). Other differences from data.py:
-texts of 128-512 tokens cut to length by default (data.py keeps 750-1250-token texts whole, so
-that softmax denominators do not vary with length: pass --min-tokens 750 --max-tokens 1250 to
-match), and features stored in float16 (data.py: bfloat16).
+texts of 128-512 tokens cut to length by default (data.py keeps 750-1250-token texts whole and
+drops the rest, so that softmax denominators do not vary with length; --min-tokens 750
+--max-tokens 1250 comes close, cutting longer texts instead), and features stored in float16
+(data.py: bfloat16).
 """
 
 from __future__ import annotations
