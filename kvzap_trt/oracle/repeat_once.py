@@ -66,11 +66,10 @@ def repeat_once_scores(model: Transformer, tokenizer, context_ids: list[int],
     prefix = tokenizer.encode(before, add_special_tokens=False)
     if context_ids[: len(prefix)] != prefix or before != chat_frame_texts(tokenizer)[0]:
         raise KvzapError("the chat template frames a user turn differently when an assistant turn follows")
-    text = list(context_ids[len(prefix):])
+    text, turn = list(context_ids[len(prefix):]), tokenizer.encode(between, add_special_tokens=False)
     s, e = len(prefix), len(context_ids)  # the text
-    rs = e + len(tokenizer.encode(between, add_special_tokens=False))  # its repeat: [rs, rs + len(text))
-    ids = context_ids + tokenizer.encode(between, add_special_tokens=False) + text + \
-        tokenizer.encode(after, add_special_tokens=False)
+    rs = e + len(turn)  # its repeat: [rs, rs + len(text))
+    ids = context_ids + turn + text + tokenizer.encode(after, add_special_tokens=False)
     if len(ids) > cfg.max_position_embeddings:
         raise KvzapError(f"the text and its repeat take {len(ids)} tokens, past the model's context of "
                          f"{cfg.max_position_embeddings}")
