@@ -163,3 +163,18 @@ def test_refusals(runtime):
 ])
 def test_streamable_holds_back_what_could_still_become_a_stop_word(text, stop, want):
     assert streamable(text, stop) == want
+
+
+def test_an_unexpected_error_fails_its_request_and_the_loop_goes_on(runtime):
+    """A seed torch cannot take (the Triton port's UINT64 always fits; a bug elsewhere could still
+    raise) answers that request with an error; the engine thread keeps serving the next one."""
+    loop = EngineLoop.from_runtime(runtime).start()
+    try:
+        bad = GenerationParams(PROMPTS[0], max_tokens=4, temperature=1.0, seed=2**64)
+        (failed,) = run_jobs(loop, [bad])
+        assert failed.events[-1].final and "internal error" in failed.events[-1].error
+        (ok,) = run_jobs(loop, [GenerationParams(PROMPTS[0], max_tokens=4)])
+        assert ok.events[-1].error is None and ok.text
+        assert loop._thread.is_alive() and loop.engine.cache.allocator.num_used == 0
+    finally:
+        loop.stop()

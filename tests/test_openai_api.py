@@ -185,6 +185,7 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": PROMPTS[2] * 40, "max_tokens": 4}, 400, "KV blocks; the pool has",
      "prompt", "kv_pool_exhausted"),
     ("completions", {"prompt": "hi"}, 400, "model: ", "model", None),
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "seed: ", "seed", None),  # torch's range
 ]
 
 

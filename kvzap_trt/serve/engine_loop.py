@@ -145,18 +145,22 @@ class EngineLoop:
     # -- the engine thread ------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._take_new(block=not self.engine.has_work())
-            for job in [j for j in self.jobs if j.is_cancelled()]:
-                self._drop(job)
-            if self.engine.has_work():
-                try:
-                    self.engine.step()
-                except Exception as e:  # noqa: BLE001 - a bug must not kill the server silently
-                    log.exception("engine step failed")
-                    self._fail_all(f"internal error: {e}")
-                for job in list(self.jobs):
-                    self._progress(job)
-            self._update_metrics()
+            try:
+                self._take_new(block=not self.engine.has_work())
+                for job in [j for j in self.jobs if j.is_cancelled()]:
+                    self._drop(job)
+                if self.engine.has_work():
+                    try:
+                        self.engine.step()
+                    except Exception as e:  # noqa: BLE001 - a bug must not kill the server silently
+                        log.exception("engine step failed")
+                        self._fail_all(f"internal error: {e}")
+                    for job in list(self.jobs):
+                        self._progress(job)
+                self._update_metrics()
+            except Exception as e:  # noqa: BLE001 - the one thread that serves every request must go on
+                log.exception("engine loop failed")
+                self._fail_all(f"internal error: {e}")
 
     def _take_new(self, block: bool) -> None:
         try:
@@ -173,6 +177,9 @@ class EngineLoop:
                 self.jobs.append(job)
             except KvzapError as e:
                 self._emit(job, Event("", True, error=str(e)))
+            except Exception as e:  # noqa: BLE001 - a bug in one request's admission fails that request only
+                log.exception("submitting a request failed")
+                self._emit(job, Event("", True, error=f"internal error: {e}"))
             try:
                 job = self.inbox.get_nowait()
             except queue.Empty:

@@ -77,7 +77,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     n: int | None = 1
     stream: bool | None = False
