@@ -31,6 +31,7 @@ from kvzap_trt.errors import KvzapError
 from kvzap_trt.models.config import ModelConfig
 from kvzap_trt.models.loading import TORCH_DTYPES, model_weight_files, refuse_unplaced, resolve_model_dir
 from kvzap_trt.surrogate import Surrogate, load_surrogate
+from kvzap_trt.tensor_files import safetensors_files
 
 
 class SourceTensors:
@@ -41,12 +42,8 @@ class SourceTensors:
     def __init__(self, model_dir: Path):
         from safetensors import SafetensorError, safe_open
 
-        files = model_weight_files(model_dir)
-        files = sorted(Path(model_dir).glob("*.safetensors")) if files is None else files
-        if not files:
-            raise KvzapError(f"model directory {model_dir} has no .safetensors files")
         self.handles, self.where, self.asked = [], {}, set()
-        for f in files:
+        for f in safetensors_files(model_dir, "model", model_weight_files(model_dir)):
             try:
                 h = safe_open(f, framework="pt")
             except (SafetensorError, OSError) as e:
