@@ -10,9 +10,10 @@ Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, wind
   - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers;
   - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer;
   - chunked prefill attention (--chunks): a C-token chunk of one sequence over its compressed
-    cache, by the kernel's row-wise path (what a TensorRT engine runs) and by the torch executor's
-    gather + fused attention (ops/cached_chunks.py), against fused attention of the same C queries
-    over the uncompressed context: whether a tiled chunk kernel would pay, and at which C;
+    cache, by the kernel's packed launch (16 / G tokens per block: what a TensorRT engine runs)
+    and by the torch executor's gather + fused attention (ops/cached_chunks.py), against fused
+    attention of the same C queries over the uncompressed context: which route the torch executor
+    should take, and whether a tiled chunk kernel (more tokens per key read) would pay;
   - page size: decode attention at the largest batch and context with 32- and 64-token pages
     (--page-sizes) beside the 16-token pages of the rest (scattered 4 KiB pages against longer runs),
     and with 16-token pages laid out in one run per head (page "16r": what allocating pages in runs
@@ -229,12 +230,12 @@ def bench_chunk_attention(chunk: int, context: int, kept_fraction: float) -> dic
     k_new, v_new = (torch.randn(chunk, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
     host = [torch.tensor(v, dtype=torch.int32) for v in ([0, chunk], [0], [context])]  # cu_seqlens, slots, ctx
 
-    def attend(to_kernel: bool):
+    def attend(kernel_only: bool):
         return lambda: cuda_kernels.paged_attention(q, k_new, v_new, *host, lc.k_pool, lc.v_pool, lc.block_table,
                                                     lc.kept_len, lc.ring_table, W, D**-0.5, kept,
-                                                    chunks_to_kernel=to_kernel)
+                                                    kernel_only=kernel_only)
 
-    row_wise, gathered = time_us(attend(True), reps=20), time_us(attend(False), reps=20)
+    packed, gathered = time_us(attend(True), reps=20), time_us(attend(False), reps=20)
     # Dense: the same queries over the uncompressed context + the chunk, causal within the chunk.
     qd = q.transpose(0, 1)[None]  # [1, Hq, C, D]
     kd, vd = (torch.randn(1, H, context + chunk, D, device="cuda", dtype=DTYPE) for _ in range(2))
@@ -242,8 +243,8 @@ def bench_chunk_attention(chunk: int, context: int, kept_fraction: float) -> dic
     sdpa = torch.nn.functional.scaled_dot_product_attention
     dense = time_us(lambda: sdpa(qd, kd, vd, attn_mask=mask, enable_gqa=True), reps=20)
     return {"kernel": "chunk_attention", "batch": 1, "chunk": chunk, "kv_len": context, "kept_fraction": kept_fraction,
-            "time_us": row_wise, "time_us_gather_fused": gathered, "dense_time_us": dense,
-            "row_wise_vs_gather_fused": row_wise / gathered}
+            "time_us": packed, "time_us_gather_fused": gathered, "dense_time_us": dense,
+            "packed_kernel_vs_gather_fused": packed / gathered}
 
 
 def main(argv: list[str] | None = None) -> int:

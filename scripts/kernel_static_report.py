@@ -2,8 +2,9 @@
 """Static report of the attention kernel's hot loop from its sm_90a SASS (no GPU needed).
 
 For every instance in libkvzap_kernels.so of attention_kernel<T, D, G> (fp32, CUDA cores) and
-attention_mma_kernel<T, D> (bf16 / fp16, tensor cores; reported once per group size 1, 2, 4, 8,
-which all run it): the hot loop (the backward branch whose body holds the most FFMA, or HMMA for
+attention_mma_kernel<T, D, false> (bf16 / fp16, tensor cores; reported once per group size 1, 2,
+4, 8, which all run it) and attention_mma_kernel<T, D, true> (its packed launch for prompt rows,
+keyed `attention_packed.<dtype>_d<D>`): the hot loop (the backward branch whose body holds the most FFMA, or HMMA for
 the tensor-core kernel: the per-key loop), its SASS instructions, the K/V bytes one warp moves
 per trip (fp32: TY keys x kUnroll x D x 2 tensors x elem bytes; mma: 16-key tiles counted from
 the loop's HMMA), instructions per KiB moved, registers, stack (spills) and the resident blocks
@@ -38,7 +39,7 @@ DTYPE_NAMES = {"__nv_bfloat16": "bf16", "__half": "fp16", "f": "fp32"}
 # attention_kernel<T, D, GMAX> (fp32, CUDA cores) and attention_mma_kernel<T, D> (bf16/fp16, tensor
 # cores, every group up to 8 heads)
 INSTANCE = re.compile(r"attention_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)ELi(\d+)E")
-MMA_INSTANCE = re.compile(r"attention_mma_kernelI(13__nv_bfloat16|6__half)Li(\d+)E")
+MMA_INSTANCE = re.compile(r"attention_mma_kernelI(13__nv_bfloat16|6__half)Li(\d+)ELb([01])E")
 MMA_GROUPS = (1, 2, 4, 8)  # rows reported for an mma instance: the group sizes of the CUDA-core kernel's instances
 TILE_KEYS = 16  # kTileKeys of cache_index.cuh
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -71,7 +72,7 @@ def sass_functions(lib: Path, arch: str) -> tuple[dict[str, list[tuple[int, str]
     env = dict(os.environ, PATH=f"{Path(cuda_tool('nvdisasm')).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = f"paged_attention.{arch}.cubin"
-        subprocess.run([cuobjdump, "-xelf", cubin, str(lib)], cwd=tmp, check=True, capture_output=True)
+        subprocess.run([cuobjdump, "-xelf", cubin, str(lib.resolve())], cwd=tmp, check=True, capture_output=True)
         sass = subprocess.run([cuobjdump, "-sass", cubin], cwd=tmp, check=True, capture_output=True, text=True,
                               env=env).stdout
         usage = subprocess.run([cuobjdump, "-res-usage", cubin], cwd=tmp, check=True, capture_output=True,
@@ -124,19 +125,24 @@ def report(lib: Path, arch: str = "sm_90a") -> dict[str, dict]:
             keys_per_trip = (32 // (D // (16 // elem))) * kunroll  # TY keys per warp step x kUnroll
             loop, op, kernel = hot_loop(code), "FFMA", f"attention_kernel<{DTYPE_NAMES[dtype]}, {D}, {groups[0]}>"
         elif m := MMA_INSTANCE.search(name):
-            dtype, D, groups = m.group(1).lstrip("0123456789"), int(m.group(2)), MMA_GROUPS
+            dtype, D, packed = m.group(1).lstrip("0123456789"), int(m.group(2)), m.group(3) == "1"
             elem = ELEM_BYTES[dtype]
-            loop, op, kernel = hot_loop(code, "HMMA"), "HMMA", f"attention_mma_kernel<{DTYPE_NAMES[dtype]}, {D}>"
-            # QK^T: 2 n-tiles x D/16 k-steps; PV: D/16 m-tiles, twice in bf16 (P split in two parts)
-            hmma_per_tile = (4 if dtype == "__nv_bfloat16" else 3) * (D // 16)
+            loop, op = hot_loop(code, "HMMA"), "HMMA"
+            kernel = f"attention_mma_kernel<{DTYPE_NAMES[dtype]}, {D}, {'true' if packed else 'false'}>"
+            # QK^T: 2 n-tiles x D/16 k-steps; PV: D/16 m-tiles per mma row half in use (the packed
+            # kernel's 16 query rows use both), twice in bf16 (P split in two parts)
+            pv = (2 if dtype == "__nv_bfloat16" else 1) * (2 if packed else 1)
+            hmma_per_tile = (2 + pv) * (D // 16)
             keys_per_trip = count(loop, "HMMA") // hmma_per_tile * TILE_KEYS
+            groups = ("packed",) if packed else MMA_GROUPS
         else:
             continue
         kib = keys_per_trip * D * elem * 2 / 1024  # K and V
         res = resources.get(name, {})
         regs = res.get("REG", 0)
         for G in groups:
-            out[f"attention.{DTYPE_NAMES[dtype]}_d{D}_g{G}"] = {
+            key = f"attention_packed.{DTYPE_NAMES[dtype]}_d{D}" if G == "packed" else f"attention.{DTYPE_NAMES[dtype]}_d{D}_g{G}"
+            out[key] = {
                 "kernel": kernel,
                 "hot_loop_instructions": len(loop),
                 "math_op": op,

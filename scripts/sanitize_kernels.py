@@ -35,7 +35,9 @@ EVICT_RUNS = {"evict fused: prefill 300 + 17, then decode": [[300, 1], [17, 1]],
               "evict chunked: prefill 4200": [[4200]]}
 # kept tokens per kv head of each sequence, new tokens of each sequence
 ATTENTION_RUNS = {"attention decode, split 40": ([[0, 700], [33, 1], [300, 5]], [1, 1, 1]),
-                  "attention chunked prefill": ([[129, 40], [0, 17]], [24, 9])}
+                  "attention chunked prefill": ([[129, 40], [0, 17]], [24, 9]),
+                  # None: nothing cached (a fresh prompt, which a TensorRT engine attends in the kernel too)
+                  "attention fresh prompt, chunk, decode": ([None, [129, 40], [0, 700]], [37, 24, 1])}
 
 
 def evict_check(chunks: list[list[int]], device: str, ops, dtype: torch.dtype, g: torch.Generator) -> None:
@@ -105,14 +107,17 @@ def assert_same_cache(got: PagedKVCache, want: PagedKVCache, slots: list[int]) -
                     assert torch.equal(a, b), f"{region.__name__} {what} of slot {s} head {h} differ"
 
 
-def fill_pages(cache: PagedKVCache, kept: list[list[int]], g: torch.Generator) -> list[int]:
+def fill_pages(cache: PagedKVCache, kept: list[list[int] | None], g: torch.Generator) -> list[int]:
     """One sequence per entry of `kept` (tokens per kv head) with random kept pages and a full
-    random window -> the sequences' slots."""
+    random window (None: nothing cached) -> the sequences' slots."""
     spec, lc, a = cache.spec, cache.layer(0), cache.allocator
     R = lc.ring_table.shape[-1]
     slots = []
     for lengths in kept:
         s = cache.add_sequence()
+        if lengths is None:
+            slots.append(s)
+            continue
         for h, n in enumerate(lengths):
             nb = -(-n // spec.block_size)
             ids = pop_blocks(a.free_stack, a.num_free_t, nb + R)
@@ -126,7 +131,7 @@ def fill_pages(cache: PagedKVCache, kept: list[list[int]], g: torch.Generator) -
     return slots
 
 
-def attention_check(kept: list[list[int]], new: list[int], device: str, ops, dtype: torch.dtype,
+def attention_check(kept: list[list[int] | None], new: list[int], device: str, ops, dtype: torch.dtype,
                     g: torch.Generator) -> float:
     """Kernel (40-key splits) vs the fp32 reference on CPU copies -> max abs error (asserted)."""
     H, G, D, W = 2, 4, 128, 40  # W not a multiple of the page size: the last window page is partial
@@ -141,9 +146,10 @@ def attention_check(kept: list[list[int]], new: list[int], device: str, ops, dty
     lc = cache.layer(0)
     tensors = (q, k_new, v_new, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len, lc.ring_table)
     out = torch.full_like(q, float("nan"))
-    # chunks_to_kernel: chunks over a cache through the kernel's row-wise path (a TensorRT engine's),
-    # not cached_chunks.py's PyTorch attention, so the sanitizer sees the kernel on every case.
-    kw = dict(split_size=40, out=out, chunks_to_kernel=True) if ops is CUDA else {}
+    # kernel_only: every row through the kernel as a TensorRT engine runs them (chunks and fresh
+    # prompts through its packed launch in bf16), not PyTorch's attention, so the sanitizer sees
+    # the kernel on every case.
+    kw = dict(split_size=40, out=out, kernel_only=True) if ops is CUDA else {}
     result = ops.paged_attention(*tensors[:3], cu, slot_t, ctx, *tensors[3:], W, D**-0.5, **kw)
     f32 = [t.cpu().float() if t.is_floating_point() else t.cpu() for t in tensors]
     truth = REFERENCE.paged_attention(*f32[:3], cu, slot_t, ctx, *f32[3:], W, D**-0.5)

@@ -54,6 +54,13 @@ def index(cmake_build):
             arr = (ctypes.c_int32 * len(cu))(*cu)
             return lib.kvzapIndexRowSequence(arr, len(cu) - 1, row)
 
+        row_groups = staticmethod(lib.kvzapIndexRowGroups)
+
+        @staticmethod
+        def row_group(cu: list[int], tokens_per_group: int, group: int) -> tuple[int, int, int]:
+            arr = (ctypes.c_int32 * len(cu))(*cu)
+            return outs(lib.kvzapIndexRowGroup, 3)(arr, len(cu) - 1, tokens_per_group, group)
+
     return Index
 
 
@@ -288,3 +295,32 @@ def test_row_sequence_skips_idle_sequences(index):
         for row in range(cu[-1]):
             b = index.row_sequence(cu, row)
             assert cu[b] <= row < cu[b + 1], (lens, row)  # its own sequence, never an idle one
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 5, 8, 16])  # 16 // G for G = 8, 5, 4, 3, 2, 1
+def test_row_groups_cover_every_token_once_within_one_sequence(index, P):
+    """The packed attention launch: its groups hold every new token of every sequence exactly once,
+    each group at most P consecutive tokens of one sequence, and the grid stays within
+    ceil(N / P) + B groups (a decode-only batch: one group per sequence, its one token)."""
+    rng = random.Random(P)
+    for case in range(300):
+        lens = [rng.choice([0, 1, 1, 2, P - 1, P, P + 1, 3 * P, 40]) for _ in range(rng.randrange(1, 9))]
+        if case % 10 == 0:
+            lens = [1] * len(lens)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        N, B = cu[-1], len(lens)
+        groups = index.row_groups(N, B, P)
+        assert groups <= -(-N // P) + B, (lens, groups)
+        seen = []
+        for i in range(groups):
+            b, lo, hi = index.row_group(cu, P, i)
+            if lo >= hi:
+                continue
+            assert 0 <= b < B and 0 <= lo < hi <= lens[b] and hi - lo <= P, (lens, i, b, lo, hi)
+            seen += [(b, t) for t in range(lo, hi)]
+        assert sorted(seen) == [(b, t) for b, n in enumerate(lens) for t in range(n)], lens
+        assert len(seen) == len(set(seen)), lens
+        if set(lens) == {1}:
+            assert groups == B and [index.row_group(cu, P, i) for i in range(B)] == [(b, 0, 1) for b in range(B)]

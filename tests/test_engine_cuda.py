@@ -154,11 +154,11 @@ def test_tiny_bf16_cuda_engine_decides_as_reference_engine(tmp_path, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunks_to_kernel", [False, True], ids=["chunks-fused", "chunks-kernel"])
-def test_tiny_fp32_chunked_prefill_cuda_engine_equals_reference_engine(tmp_path, monkeypatch, chunks_to_kernel):
+@pytest.mark.parametrize("kernel_only", [False, True], ids=["chunks-fused", "kernel-only"])
+def test_tiny_fp32_chunked_prefill_cuda_engine_equals_reference_engine(tmp_path, monkeypatch, kernel_only):
     """Prompts prefilled in 24-token chunks (max_num_tokens) beside decodes: chunks over a
     compressed cache through PyTorch's fused attention with a mask (the torch executor's route)
-    or through the kernel's row-wise path (a TensorRT engine's), against the references on the
+    or every row through the kernel (a TensorRT engine's route), against the references on the
     same GPU. fp32: identical tokens and kept positions (a score within fp32 rounding of tau
     would fail this; see the module docstring)."""
     import functools
@@ -171,9 +171,9 @@ def test_tiny_fp32_chunked_prefill_cuda_engine_equals_reference_engine(tmp_path,
     rt = Runtime.from_config(cfg)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (300, 41, 150, 17)]
-    if chunks_to_kernel:
+    if kernel_only:
         monkeypatch.setattr(dispatch.CUDA, "paged_attention",
-                            functools.partial(cuda_kernels.paged_attention, chunks_to_kernel=True))
+                            functools.partial(cuda_kernels.paged_attention, kernel_only=True))
 
     def run(choice: str):
         monkeypatch.setenv("KVZAP_TRT_OPS", choice)

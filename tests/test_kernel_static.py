@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "kernel_static_report.py"
 # Instructions per KiB: 277.0 (CUDA cores), 251.8 with the window in the pool, 41.2 on tensor cores
 BUDGET = {"attention.bf16_d128_g4": 45.0}
 UNROLL = 4  # kUnroll in plugins/src/paged_attention.cu (the fp32 kernel)
-TILE_KEYS, TILES_PER_TRIP = 16, 2  # kTileKeys; the tensor-core loop's two register buffers
+TILE_KEYS, TILES_PER_TRIP = 16, 2  # kTileKeys; the tensor-core loops' two tiles per trip
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +34,23 @@ def static_report(cmake_build, tmp_path_factory):
 
 def test_every_attention_instance_is_reported_with_its_hot_loop(static_report):
     kernels, table = static_report
-    assert len(kernels) == 3 * 2 * 4 and "instr/KiB" in table  # dtypes x head dims x groups
+    decode = {key: k for key, k in kernels.items() if key.startswith("attention.")}
+    packed = {key: k for key, k in kernels.items() if key.startswith("attention_packed.")}
+    assert len(decode) == 3 * 2 * 4 and "instr/KiB" in table  # dtypes x head dims x groups
+    assert sorted(packed) == [f"attention_packed.{t}_d{D}" for t in ("bf16", "fp16") for D in (128, 64)]
     for key, k in kernels.items():
-        dtype, dim, group = key.split(".")[1].split("_")
+        dtype, dim, *group = key.split(".")[1].split("_")
         D = int(dim[1:])
         assert k["stack_bytes"] == 0, key
         if dtype == "fp32":
             # q.k and p.v: one FFMA per element of a lane's vector, per query head, per unrolled key
-            assert (k["math_op"], k["math_instructions"]) == ("FFMA", 2 * UNROLL * int(group[1:]) * 4), key
+            assert (k["math_op"], k["math_instructions"]) == ("FFMA", 2 * UNROLL * int(group[0][1:]) * 4), key
             assert k["kib_per_trip"] == 4.0, key
         else:
             # per tile: S = Q K^T, 2 n-tiles x D/16 k-steps; O^T += V^T P^T, D/16 m-tiles (bf16: twice,
-            # P split into a rounded part and the rounded rest)
-            pv = 2 if dtype == "bf16" else 1
+            # P split into a rounded part and the rounded rest), once per mma row half in use (the
+            # packed kernel's 16 query rows: two)
+            pv = (2 if dtype == "bf16" else 1) * (2 if key in packed else 1)
             assert (k["math_op"], k["math_instructions"]) == ("HMMA", TILES_PER_TRIP * (2 + pv) * D // 16), key
             assert k["kib_per_trip"] == TILES_PER_TRIP * TILE_KEYS * D * 2 * 2 / 1024, key
 

@@ -43,7 +43,7 @@ def test_kernels_build_for_sm80_and_sm90a_without_spills(cmake_build):
 
 
 def test_attention_occupancy_is_pinned_as_the_split_heuristic_assumes(cmake_build):
-    """Every attention kernel instance (attention_kernel<float, D, G>, attention_mma_kernel<T, D>)
+    """Every attention kernel instance (attention_kernel<float, D, G>, attention_mma_kernel<T, D, packed>)
     fits the resident blocks per SM that kvzapAttentionBlocksPerSm reports (and the split
     heuristic uses) on its architecture."""
     import ctypes
@@ -52,8 +52,8 @@ def test_attention_occupancy_is_pinned_as_the_split_heuristic_assumes(cmake_buil
     lib = ctypes.CDLL(str(build / "libkvzap_kernels.so"))
     entries = re.findall(r"Compiling entry function '(\w*attention_(?:mma_)?kernel\w*)' for 'sm_(\d+)a?'\n"
                          r"(?:.*\n)*?ptxas info\s+: Used (\d+) registers", log)
-    # archs x (fp32: head dims x groups + bf16/fp16: head dims)
-    assert len(entries) == 2 * (2 * 4 + 2 * 2), len(entries)
+    # archs x (fp32: head dims x groups + bf16/fp16: head dims x (decode, packed))
+    assert len(entries) == 2 * (2 * 4 + 2 * 2 * 2), len(entries)
     for name, arch, regs in entries:
         if "mma_kernel" in name:
             dtype, group = (BFLOAT16 if "bfloat16" in name else FLOAT16), 8  # one instance serves every group

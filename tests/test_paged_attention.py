@@ -184,23 +184,24 @@ GPU_CASES = {
 }
 
 
-# Chunks over a cache go through cached_chunks.py or the kernel's row-wise path: only the
-# chunked-prefill case has any, so only it runs both ways.
+# Chunks over a cache go through cached_chunks.py, fresh prompts through PyTorch's attention, or
+# with kernel_only every row through the kernel (a TensorRT engine's route: its packed launch):
+# the cases with such rows run both ways.
 GPU_ROUTES = [pytest.param(c, False, id=c) for c in GPU_CASES] + [
-    pytest.param("chunked-prefill", True, id="chunked-prefill-kernel")]
+    pytest.param(c, True, id=f"{c}-kernel-only") for c in ("chunked-prefill", "fresh-prompt-beside-decode")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case,chunks_to_kernel", GPU_ROUTES)
+@pytest.mark.parametrize("case,kernel_only", GPU_ROUTES)
 @pytest.mark.parametrize("block_size", [1, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim,q_heads", [(128, 32), (64, 24)])
 @pytest.mark.parametrize("split_size", [0, 256])
 def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype, head_dim, q_heads, split_size,
-                                                         chunks_to_kernel):
+                                                         kernel_only):
     """Qwen3-8B-like groups (32 q / 8 kv, D=128) and a G=3 one (D=64); ragged kept lengths; the
     launcher's split and a forced small one (many splits, log-sum-exp merge); chunks over a cache
-    through cached_chunks.py and through the kernel's row-wise path; output poisoned."""
+    through cached_chunks.py and every row through the kernel; output poisoned."""
     lengths, new = GPU_CASES[case]
     H, W = 8, 128
     cache = make_cache(H=H, D=head_dim, W=W, bs=block_size, num_blocks=60000 // block_size + 3000, max_seqs=len(new),
@@ -221,13 +222,20 @@ def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype
     out = torch.full_like(q, float("nan"))
     CUDA.paged_attention(q, k_new, v_new, cu, slots_t, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
                          lc.ring_table, cache.spec.window, scale, split_size=split_size, out=out,
-                         chunks_to_kernel=chunks_to_kernel)
+                         kernel_only=kernel_only)
     assert not out.isnan().any(), "output not fully written"
 
+    assert_within_twice_pytorch_error(out, q, k_new, v_new, cu, slots_t, ctx, cache, scale)
+
+
+def assert_within_twice_pytorch_error(out, q, k_new, v_new, cu, slots, ctx, cache, scale):
+    """The kernel's `out` against the fp32 reference on the same cache, per (row, query head),
+    within twice PyTorch's own error in q's dtype plus half an ulp of the head's largest output."""
+    lc, W, dtype = cache.layer(0), cache.spec.window, q.dtype
     f32 = lambda t: t.float()  # noqa: E731
-    truth = REFERENCE.paged_attention(f32(q), f32(k_new), f32(v_new), cu, slots_t, ctx, f32(lc.k_pool), f32(lc.v_pool),
+    truth = REFERENCE.paged_attention(f32(q), f32(k_new), f32(v_new), cu, slots, ctx, f32(lc.k_pool), f32(lc.v_pool),
                                       lc.block_table, lc.kept_len, lc.ring_table, W, scale)
-    framework = low_precision_attention(q, k_new, v_new, cu, slots_t, ctx, cache, scale)
+    framework = low_precision_attention(q, k_new, v_new, cu, slots, ctx, cache, scale)
     # Per (row, query head), not over the whole output: one dropped key in one long head moves
     # only that head's output, which a global bound set by the noisiest head would let pass.
     # The kernel rounds once to q's dtype: half an ulp of the head's largest output is its floor.
@@ -235,7 +243,46 @@ def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype
     err = (out.float() - truth).abs().amax(-1)
     bound = 2 * framework_err + torch.finfo(dtype).eps / 2 * truth.abs().amax(-1) + 1e-5
     worst = int((err - bound).argmax())
-    assert bool((err <= bound).all()), (divmod(worst, q_heads), err.flatten()[worst], bound.flatten()[worst])
+    assert bool((err <= bound).all()), (divmod(worst, q.shape[1]), err.flatten()[worst], bound.flatten()[worst])
+
+
+# The kernel's packed launch (steps where a sequence brings several tokens: up to 16 / G tokens of
+# one sequence share a block, each row causal over the new tokens) for every group size, with
+# sequences of every kind in one call: per sequence, kept tokens per kv head (None: nothing cached)
+# and new tokens. 37 tokens: groups of 16 / G tokens end mid-sequence for every G.
+PACKED_BATCH = ([None, [5, 300], [40, 0], [3, 3], [200, 17]], [37, 20, 1, 0, 2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size,split_size", [(16, 0), (16, 40), (1, 64)])
+def test_cuda_packed_rows_within_twice_pytorch_error(group, dtype, head_dim, block_size, split_size):
+    """Every row through the kernel as a TensorRT engine runs them: a fresh prompt, a chunk over
+    ragged heads, a decode row, an idle sequence and a 2-token chunk in one launch; 40-key splits
+    leave the earlier rows of a group with splits they cannot see (their partials must be empty)."""
+    lengths, new = PACKED_BATCH
+    H, W = 2, 24
+    cache = make_cache(H=H, D=head_dim, W=W, bs=block_size, num_blocks=2000, max_seqs=len(new), max_seq_len=1024,
+                       dtype=dtype, seed=group, device="cuda")
+    g = torch.Generator().manual_seed(group * head_dim + block_size)
+    slots = [cache.add_sequence() for _ in new]
+    for s, ls in zip(slots, lengths):
+        if ls is not None:
+            fill_kept(cache, s, ls, g)
+    N = sum(new)
+    q = torch.randn(N, H * group, head_dim, generator=g).to("cuda", dtype)
+    k_new, v_new = (torch.randn(N, H, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    slots_t = torch.tensor(slots, dtype=torch.int32)
+    ctx = torch.tensor([cache.ctx_len[s] for s in slots], dtype=torch.int32)
+    lc, scale = cache.layer(0), head_dim**-0.5
+    out = torch.full_like(q, float("nan"))
+    CUDA.paged_attention(q, k_new, v_new, cu, slots_t, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
+                         lc.ring_table, W, scale, split_size=split_size, out=out, kernel_only=True)
+    assert not out.isnan().any(), "output not fully written"
+    assert_within_twice_pytorch_error(out, q, k_new, v_new, cu, slots_t, ctx, cache, scale)
 
 
 @pytest.mark.gpu

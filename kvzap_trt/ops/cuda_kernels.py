@@ -187,20 +187,20 @@ def evict_append(
 def paged_attention(
     q, k_new, v_new, cu_seqlens, seq_slots, ctx_lens, k_pool, v_pool, block_table, kept_len, ring_table, window: int,
     scale: float, max_kept: int | None = None, split_size: int = 0, out: torch.Tensor | None = None,
-    chunks_to_kernel: bool = False, *, plan: StepPlan | None = None,
+    kernel_only: bool = False, *, plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """-> [N, Hq, D]; arguments as kvzap_trt.ops.paged_attention.paged_attention.
 
     Fresh prompts (nothing cached yet, several new tokens) see only their own tokens: they go to
-    PyTorch's fused causal attention (flash on GPUs), which the row-wise kernel cannot match for
-    long prompts. Chunks over a cache (several new tokens, ctx > 0) go to cached_chunks.py (the
-    sequence's cache gathered once, fused attention with a mask), or with chunks_to_kernel to the
-    kernel, whose row-wise path re-reads the cache per row (what a TensorRT engine runs; the GPU
-    tests cover both). Decode rows go to kvzapVarlenPagedAttention, whose splits are sized from
-    the plan's `key_bound` (max_kept: a bound on kept_len over the batch, which the engine's
-    scheduler reads anyway; None: the uncompressed context). split_size: keys per thread block
-    (0: the launcher's choice). out: written in place if given. plan: the step's (interface.py),
-    or None; the routing, device copies, split and workspace are made once per plan.
+    PyTorch's fused causal attention (flash on GPUs). Chunks over a cache (several new tokens,
+    ctx > 0) go to cached_chunks.py (the sequence's cache gathered once, fused attention with a
+    mask). Decode rows go to kvzapVarlenPagedAttention, whose splits are sized from the plan's
+    `key_bound` (max_kept: a bound on kept_len over the batch, which the engine's scheduler reads
+    anyway; None: the uncompressed context). kernel_only: every row through the kernel, as a
+    TensorRT engine runs them (bf16 / fp16: its packed launch, up to 16 / G tokens of a sequence
+    per block; the GPU tests cover both routes). split_size: keys per thread block (0: the
+    launcher's choice). out: written in place if given. plan: the step's (interface.py), or None;
+    the routing, device copies, split and workspace are made once per plan.
     """
     plan = StepPlan.of(plan, cu_seqlens, seq_slots, ctx_lens, window, q.device, max_kept)
     plan.validate(block_table.shape[0], q.shape[0])
@@ -216,7 +216,9 @@ def paged_attention(
         return cached_chunk_attention(q, k_new, v_new, slot, ctx, k_pool, v_pool, block_table, kept_len, ring_table,
                                       window, scale)
 
-    return attend_routing_fresh_prompts(q, k_new, v_new, plan, scale, out, kernel, None if chunks_to_kernel else chunk)
+    if kernel_only:
+        return kernel(q, k_new, v_new, plan, out)
+    return attend_routing_fresh_prompts(q, k_new, v_new, plan, scale, out, kernel, chunk)
 
 
 def launch_paged_attention(q, k_new, v_new, plan: StepPlan, k_pool, v_pool, block_table, kept_len, ring_table,

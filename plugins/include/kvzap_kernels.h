@@ -129,7 +129,8 @@ size_t kvzapAttentionWorkspaceBytes(int num_rows, int num_q_heads, int head_dim,
 
 // Attention of each row's query heads over its kv head's kept pages + window pages + the new tokens
 // of its sequence up to itself (causal). GQA: one thread block per (row, kv head, split) serves
-// the whole query group; splits merged by log-sum-exp. head_dim 64 or 128.
+// the whole query group (bf16 / fp16 with N > B: per group of up to 16 / G consecutive tokens of a
+// sequence); splits merged by log-sum-exp. head_dim 64 or 128.
 cudaError_t kvzapVarlenPagedAttention(const kvzapAttentionParams* p, int split_size, cudaStream_t stream);
 
 // The kernels' index arithmetic (src/cache_index.cuh) on the host, for tests against the
@@ -157,6 +158,12 @@ void kvzapIndexSplitTile(int i, int split, int split_size, int n_keys, int kept,
                          int* first, int* lo, int* hi, int* num_tiles);
 void kvzapIndexLeaverChunk(int chunk, int chunk_size, int lo, int hi, int* from, int* to);
 int kvzapIndexRowSequence(const int32_t* cu_seqlens, int batch, int row);
+// The tensor-core attention's packed launch (steps where some sequence brings several tokens):
+// its number of row groups of up to tokens_per_group tokens, and group `group`'s tokens
+// [t_lo, t_hi) of sequence `seq` (none when t_lo >= t_hi).
+int kvzapIndexRowGroups(int num_rows, int batch, int tokens_per_group);
+void kvzapIndexRowGroup(const int32_t* cu_seqlens, int batch, int tokens_per_group, int group, int* seq, int* t_lo,
+                        int* t_hi);
 
 #ifdef __cplusplus
 }

@@ -158,4 +158,28 @@ KVZAP_HD int row_sequence(const int* cu_seqlens, int batch, int n) {
     return lo;
 }
 
+
+// Row groups of the tensor-core attention's packed launch (a step where some sequence brings
+// several new tokens: prefill, chunks): a thread block takes up to P consecutive new tokens of one
+// sequence, so the P x G query rows of its kv head share every key it reads (P = 16 / G fills the
+// mma's 16 rows). Sequence b's tokens sit at virtual rows vstart(b) + t, vstart(b) = cu_seqlens[b]
+// + b (P - 1), and group i covers virtual rows [i P, i P + P): the P - 1 rows between two sequences
+// keep a group inside one, and a decode-only batch (every T_b = 1) gets one group per sequence.
+KVZAP_HD int row_groups(int num_rows, int batch, int P) { return (num_rows + batch * (P - 1) + P - 1) / P; }
+// Group i: tokens [t_lo, t_hi) of sequence `seq` (none when t_lo >= t_hi: the group lies between
+// sequences). P >= 2, batch >= 1.
+struct RowGroup {
+    int seq, t_lo, t_hi;
+};
+KVZAP_HD RowGroup row_group(const int* cu_seqlens, int batch, int P, int i) {
+    const int v_lo = i * P, v_hi = v_lo + P;
+    int lo = 0, hi = batch - 1;  // the last b with vstart(b) < v_hi: no other sequence can reach the group
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (cu_seqlens[mid] + mid * (P - 1) < v_hi) lo = mid; else hi = mid - 1;
+    }
+    const int start = cu_seqlens[lo] + lo * (P - 1), T = cu_seqlens[lo + 1] - cu_seqlens[lo];
+    return RowGroup{lo, imax(v_lo, start) - start, imin(v_hi, start + T) - start};
+}
+
 }  // namespace kvzap

@@ -49,6 +49,16 @@ extern "C" int kvzapIndexRowSequence(const int32_t* cu_seqlens, int batch, int r
     return row_sequence(cu_seqlens, batch, row);
 }
 
+extern "C" int kvzapIndexRowGroups(int num_rows, int batch, int tokens_per_group) {
+    return row_groups(num_rows, batch, tokens_per_group);
+}
+
+extern "C" void kvzapIndexRowGroup(const int32_t* cu_seqlens, int batch, int tokens_per_group, int group, int* seq,
+                                   int* t_lo, int* t_hi) {
+    const RowGroup r = row_group(cu_seqlens, batch, tokens_per_group, group);
+    *seq = r.seq, *t_lo = r.t_lo, *t_hi = r.t_hi;
+}
+
 extern "C" void kvzapIndexStagedKey(int j, int split, int split_size, int n_keys, int kept, int ring, int block_size,
                                     int* source, int* column, int* offset, int* ring_lo, int* ring_hi,
                                     int* max_staged) {
