@@ -14,6 +14,9 @@ Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, wind
     and by the torch executor's gather + fused attention (ops/cached_chunks.py), against fused
     attention of the same C queries over the uncompressed context: which route the torch executor
     should take, and whether a tiled chunk kernel (more tokens per key read) would pay;
+  - a fresh prompt (--prompts, nothing cached) through the kernel's packed launch, as a TensorRT
+    engine attends it, against PyTorch's fused causal attention (flash), which the torch executor
+    uses: what a FlashAttention-style prefill in the TensorRT graph would buy;
   - page size: decode attention at the largest batch and context with 32- and 64-token pages
     (--page-sizes) beside the 16-token pages of the rest (scattered 4 KiB pages against longer runs),
     and with 16-token pages laid out in one run per head (page "16r": what allocating pages in runs
@@ -247,6 +250,26 @@ def bench_chunk_attention(chunk: int, context: int, kept_fraction: float) -> dic
             "packed_kernel_vs_gather_fused": packed / gathered}
 
 
+def bench_fresh_prompt_attention(prompt: int) -> dict:
+    """One layer: a `prompt`-token prompt with nothing cached, through the kernel (every row: the
+    packed launch) and through PyTorch's fused causal attention."""
+    R = -(-W // BS)
+    cache = PagedKVCache(CacheSpec(1, H, D, W, BS, H * R, 1, prompt + 1, DTYPE), "cuda")
+    lc = cache.layer(0)
+    q = torch.randn(prompt, HQ, D, device="cuda", dtype=DTYPE)
+    k_new, v_new = (torch.randn(prompt, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    host = [torch.tensor(v, dtype=torch.int32) for v in ([0, prompt], [0], [0])]  # cu_seqlens, slots, ctx
+
+    def attend(kernel_only: bool):
+        return lambda: cuda_kernels.paged_attention(q, k_new, v_new, *host, lc.k_pool, lc.v_pool, lc.block_table,
+                                                    lc.kept_len, lc.ring_table, W, D**-0.5, 0,
+                                                    kernel_only=kernel_only)
+
+    packed, fused = time_us(attend(True), reps=20), time_us(attend(False), reps=20)
+    return {"kernel": "fresh_prompt_attention", "batch": 1, "prompt": prompt, "kv_len": prompt, "kept_fraction": 1.0,
+            "time_us": packed, "fused_causal_time_us": fused, "packed_kernel_vs_fused_causal": packed / fused}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -256,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="page sizes compared at the largest batch and context (the rest use 16)")
     ap.add_argument("--chunks", type=int, nargs="+", default=[512, 2048],
                     help="prefill chunk sizes timed over the largest context at each kept fraction")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[2048, 8192],
+                    help="fresh prompt lengths timed through the kernel and through fused causal attention")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -276,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True), bench_prefill_evict(32768)]
     chunk_grid = [(c, max(args.contexts), f) for c in args.chunks for f in args.kept]
     cases += [bench_chunk_attention(*g) for g in tqdm(chunk_grid, desc="chunk attention", file=sys.stderr)]
+    cases += [bench_fresh_prompt_attention(n) for n in tqdm(args.prompts, desc="fresh prompts", file=sys.stderr)]
 
     print(f"{device}: copy {copy:.0f} GB/s; dense baseline: {baseline}")
     print(f"{'kernel':<22}{'batch':>6}{'kv_len':>8}{'kept':>6}{'page':>6}{'us':>10}{'GB/s':>8}{'%copy':>7}{'dense us':>10}"
@@ -289,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['time_us_splits_from_context']:>13.1f}"
                  if gbps else f"{'':>8}{'':>7}" + "".join(f"  {k}={v:.4g}" for k, v in r.items()
                                                           if k in ("time_us_per_layer", "fraction_of_prefill_attention",
-                                                                   "chunk", "time_us_gather_fused", "dense_time_us"))))
+                                                                   "chunk", "time_us_gather_fused", "dense_time_us",
+                                                                   "fused_causal_time_us"))))
 
     date = datetime.date.today().isoformat()
     slug = device.lower().replace("nvidia ", "").replace(" ", "-")

@@ -54,11 +54,17 @@ def kernels(folder: Path) -> str:
                  and not c.get("page_runs")]
     best = max(attention, key=lambda c: c["GBps"])
     evict = {c["kernel"]: c["time_us"] for c in r["cases"] if c["kernel"].startswith("evict")}
+    # Prompt rows through the kernel's packed launch over PyTorch's attention (> 1: the kernel is slower)
+    prompts = [f"prompt {c['prompt']} {c['packed_kernel_vs_fused_causal']:.2f}x" for c in r["cases"]
+               if c["kernel"] == "fresh_prompt_attention"]
+    chunks = [f"chunk {c['chunk']} kept {c['kept_fraction']:.2f} {c['packed_kernel_vs_gather_fused']:.2f}x"
+              for c in r["cases"] if c["kernel"] == "chunk_attention"]
     return (f"{r['device']}: copy {r['copy_GBps']:.0f} GB/s; decode attention best {best['GBps']:.0f} GB/s "
             f"({100 * best['GBps'] / r['copy_GBps']:.0f}% of copy; batch {best['batch']}, kv {best['kv_len']}, "
             f"kept {best['kept_fraction']:.2f}); max speed-up vs dense "
             f"{max(c['speedup_vs_dense'] for c in attention):.2f}x; "
-            + ", ".join(f"{k} {v:.1f} us" for k, v in evict.items()))
+            + ", ".join(f"{k} {v:.1f} us" for k, v in evict.items())
+            + ("; packed kernel / PyTorch: " + ", ".join(prompts + chunks) if prompts or chunks else ""))
 
 
 def e2e(folder: Path) -> str:

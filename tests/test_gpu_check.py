@@ -140,6 +140,15 @@ def test_summary_figures(tmp_path):
     assert figures.kernels(tmp_path) == ("NVIDIA H100: copy 3000 GB/s; decode attention best 1500 GB/s (50% of copy; "
                                          "batch 8, kv 4096, kept 0.50); max speed-up vs dense 1.80x; "
                                          "evict_decode 4.2 us")
+    # bench_kernels' prompt-row cases add the packed launch's time over PyTorch's
+    run = json.loads((tmp_path / "kernels-h100-2026-11-24.json").read_text())
+    run["cases"] += [{"kernel": "chunk_attention", "chunk": 512, "kept_fraction": 0.25, "time_us": 30.0,
+                      "packed_kernel_vs_gather_fused": 0.75},
+                     {"kernel": "fresh_prompt_attention", "prompt": 8192, "time_us": 900.0,
+                      "packed_kernel_vs_fused_causal": 3.125}]
+    (tmp_path / "kernels-h100-2026-11-24.json").write_text(json.dumps(run))
+    assert figures.kernels(tmp_path).endswith(
+        "evict_decode 4.2 us; packed kernel / PyTorch: prompt 8192 3.12x, chunk 512 kept 0.25 0.75x")
     (tmp_path / "e2e-h100-2026-11-24.json").write_text(json.dumps({
         "ops": "cuda", "kvzap_over_dense": {"peak_seqs": 3.5, "decode_tokens_per_s": 2.0},
         "rows": [{"config": "dense", "compression_ratio": 0.0}, {"config": "kvzap", "compression_ratio": 0.72}]}))
