@@ -207,24 +207,29 @@ def test_cuda_paged_attention_within_twice_pytorch_error(case, block_size, dtype
     cache = make_cache(H=H, D=head_dim, W=W, bs=block_size, num_blocks=60000 // block_size + 3000, max_seqs=len(new),
                        max_seq_len=33000, dtype=dtype, seed=block_size, device="cuda")
     g = torch.Generator().manual_seed(block_size + head_dim)
+    check_cuda_batch(cache, lengths, new, q_heads, g, split_size=split_size, kernel_only=kernel_only)
+
+
+def check_cuda_batch(cache, lengths, new, q_heads, g, **kw):
+    """On a CUDA `cache`: one sequence per entry of `lengths` (kept tokens per kv head, a full
+    window; None: nothing cached) bringing `new` tokens, random q / k / v; the kernels' output
+    (poisoned first; `kw` to CUDA.paged_attention) fully written and within twice PyTorch's error."""
+    H, D = cache.spec.num_kv_heads, cache.spec.head_dim
     slots = [cache.add_sequence() for _ in new]
     for s, ls in zip(slots, lengths):
         if ls is not None:
             fill_kept(cache, s, ls, g)
     N = sum(new)
-    q = torch.randn(N, q_heads, head_dim, generator=g).to("cuda", dtype)
-    k_new, v_new = (torch.randn(N, H, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
+    q = torch.randn(N, q_heads, D, generator=g).to("cuda", cache.spec.dtype)
+    k_new, v_new = (torch.randn(N, H, D, generator=g).to("cuda", cache.spec.dtype) for _ in range(2))
     cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
     slots_t = torch.tensor(slots, dtype=torch.int32)
     ctx = torch.tensor([cache.ctx_len[s] for s in slots], dtype=torch.int32)
-    lc, scale = cache.layer(0), head_dim**-0.5
-
+    lc, scale = cache.layer(0), D**-0.5
     out = torch.full_like(q, float("nan"))
     CUDA.paged_attention(q, k_new, v_new, cu, slots_t, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
-                         lc.ring_table, cache.spec.window, scale, split_size=split_size, out=out,
-                         kernel_only=kernel_only)
+                         lc.ring_table, cache.spec.window, scale, out=out, **kw)
     assert not out.isnan().any(), "output not fully written"
-
     assert_within_twice_pytorch_error(out, q, k_new, v_new, cu, slots_t, ctx, cache, scale)
 
 
@@ -267,22 +272,7 @@ def test_cuda_packed_rows_within_twice_pytorch_error(group, dtype, head_dim, blo
     cache = make_cache(H=H, D=head_dim, W=W, bs=block_size, num_blocks=2000, max_seqs=len(new), max_seq_len=1024,
                        dtype=dtype, seed=group, device="cuda")
     g = torch.Generator().manual_seed(group * head_dim + block_size)
-    slots = [cache.add_sequence() for _ in new]
-    for s, ls in zip(slots, lengths):
-        if ls is not None:
-            fill_kept(cache, s, ls, g)
-    N = sum(new)
-    q = torch.randn(N, H * group, head_dim, generator=g).to("cuda", dtype)
-    k_new, v_new = (torch.randn(N, H, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
-    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
-    slots_t = torch.tensor(slots, dtype=torch.int32)
-    ctx = torch.tensor([cache.ctx_len[s] for s in slots], dtype=torch.int32)
-    lc, scale = cache.layer(0), head_dim**-0.5
-    out = torch.full_like(q, float("nan"))
-    CUDA.paged_attention(q, k_new, v_new, cu, slots_t, ctx, lc.k_pool, lc.v_pool, lc.block_table, lc.kept_len,
-                         lc.ring_table, W, scale, split_size=split_size, out=out, kernel_only=True)
-    assert not out.isnan().any(), "output not fully written"
-    assert_within_twice_pytorch_error(out, q, k_new, v_new, cu, slots_t, ctx, cache, scale)
+    check_cuda_batch(cache, lengths, new, H * group, g, split_size=split_size, kernel_only=True)
 
 
 @pytest.mark.gpu
