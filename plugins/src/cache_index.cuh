@@ -158,7 +158,6 @@ KVZAP_HD int row_sequence(const int* cu_seqlens, int batch, int n) {
     return lo;
 }
 
-
 // Row groups of the tensor-core attention's packed launch (a step where some sequence brings
 // several new tokens: prefill, chunks): a thread block takes up to P consecutive new tokens of one
 // sequence, so the P x G query rows of its kv head share every key it reads (P = 16 / G fills the
