@@ -224,6 +224,18 @@ def bench_prefill_evict(prompt: int) -> dict:
             "dense_prefill_attention_us": dense, "fraction_of_prefill_attention": t / dense}
 
 
+def time_kernel_and_pytorch(q, k_new, v_new, host, lc, max_kept: int) -> tuple[float, float]:
+    """Microseconds of one layer's attention of these rows (host: cu_seqlens, slots, ctx) through the
+    kernel alone (kernel_only: the packed launch, as a TensorRT engine runs them) and through the
+    torch executor's route (PyTorch's fused attention for prompt rows)."""
+    def attend(kernel_only: bool):
+        return lambda: cuda_kernels.paged_attention(q, k_new, v_new, *host, lc.k_pool, lc.v_pool, lc.block_table,
+                                                    lc.kept_len, lc.ring_table, W, D**-0.5, max_kept,
+                                                    kernel_only=kernel_only)
+
+    return time_us(attend(True), reps=20), time_us(attend(False), reps=20)
+
+
 def bench_chunk_attention(chunk: int, context: int, kept_fraction: float) -> dict:
     """One layer: a `chunk`-token prompt chunk of one sequence whose cache holds `context` tokens
     (kept_fraction of those outside the window kept), three ways (module docstring)."""
@@ -233,12 +245,7 @@ def bench_chunk_attention(chunk: int, context: int, kept_fraction: float) -> dic
     k_new, v_new = (torch.randn(chunk, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
     host = [torch.tensor(v, dtype=torch.int32) for v in ([0, chunk], [0], [context])]  # cu_seqlens, slots, ctx
 
-    def attend(kernel_only: bool):
-        return lambda: cuda_kernels.paged_attention(q, k_new, v_new, *host, lc.k_pool, lc.v_pool, lc.block_table,
-                                                    lc.kept_len, lc.ring_table, W, D**-0.5, kept,
-                                                    kernel_only=kernel_only)
-
-    packed, gathered = time_us(attend(True), reps=20), time_us(attend(False), reps=20)
+    packed, gathered = time_kernel_and_pytorch(q, k_new, v_new, host, lc, kept)
     # Dense: the same queries over the uncompressed context + the chunk, causal within the chunk.
     qd = q.transpose(0, 1)[None]  # [1, Hq, C, D]
     kd, vd = (torch.randn(1, H, context + chunk, D, device="cuda", dtype=DTYPE) for _ in range(2))
@@ -260,12 +267,7 @@ def bench_fresh_prompt_attention(prompt: int) -> dict:
     k_new, v_new = (torch.randn(prompt, H, D, device="cuda", dtype=DTYPE) for _ in range(2))
     host = [torch.tensor(v, dtype=torch.int32) for v in ([0, prompt], [0], [0])]  # cu_seqlens, slots, ctx
 
-    def attend(kernel_only: bool):
-        return lambda: cuda_kernels.paged_attention(q, k_new, v_new, *host, lc.k_pool, lc.v_pool, lc.block_table,
-                                                    lc.kept_len, lc.ring_table, W, D**-0.5, 0,
-                                                    kernel_only=kernel_only)
-
-    packed, fused = time_us(attend(True), reps=20), time_us(attend(False), reps=20)
+    packed, fused = time_kernel_and_pytorch(q, k_new, v_new, host, lc, 0)
     return {"kernel": "fresh_prompt_attention", "batch": 1, "prompt": prompt, "kv_len": prompt, "kept_fraction": 1.0,
             "time_us": packed, "fused_causal_time_us": fused, "packed_kernel_vs_fused_causal": packed / fused}
 
