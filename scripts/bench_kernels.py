@@ -109,7 +109,7 @@ def bench_decode_attention(batch: int, context: int, kept_fraction: float, dense
 
     def timed(max_keys: int) -> float:
         """Microseconds of one launch whose splits are sized from max_keys."""
-        split, workspace = cuda_kernels.split_and_workspace(DTYPE, batch, HQ, H, D, max_keys, q.device)
+        split, workspace = cuda_kernels.split_and_workspace(DTYPE, batch, batch, HQ, H, D, max_keys, q.device)
 
         def run():
             torch.ops.kvzap_trt.paged_attention(q, k_new, v_new, cu, slots, ctx, lc.k_pool, lc.v_pool, lc.block_table,

@@ -72,7 +72,7 @@ def test_attention_flags_a_max_keys_below_a_rows_keys(max_keys, flagged):
     cache.ctx_len[seq.slot] = seq.written = 600
     k, v, _, cu, slots, ctx = chunk_args(cache, [seq], [1])
     q = torch.randn(1, 8, 64, device="cuda", dtype=torch.float16)
-    split, workspace = cuda_kernels.split_and_workspace(q.dtype, 1, 8, 2, 64, max_keys, q.device, split_size=64)
+    split, workspace = cuda_kernels.split_and_workspace(q.dtype, 1, 1, 8, 2, 64, max_keys, q.device, split_size=64)
     out, error = torch.empty_like(q), torch.zeros(1, dtype=torch.int32, device="cuda")
     lc = cache.layer(0)
     torch.ops.kvzap_trt.paged_attention(

@@ -24,7 +24,7 @@ from tests.plugin_build import nvcc
 
 PLUGINS = cuda_kernels.PLUGINS
 LAUNCHERS = {"kvzapEvict", "kvzapVarlenPagedAttention", "kvzapAttentionSplitSize", "kvzapAttentionWorkspaceBytes",
-             "kvzapAttentionBlocksPerSm"}
+             "kvzapAttentionBlocksPerSm", "kvzapAttentionBlocks"}
 FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2  # kvzapDtype in plugins/include/kvzap_kernels.h
 
 
@@ -107,10 +107,10 @@ def test_torch_ops_library_loads_and_plans_attention_without_a_gpu(cmake_build):
         ops.evict_append.default._schema)
     lib = ctypes.CDLL(str(build / "libkvzap_kernels.so"))
     lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
-    for rows, hq, h, keys in [(1, 32, 8, 32769), (8, 32, 8, 16385), (64, 9, 3, 4097), (3, 6, 6, 100)]:
+    for rows, batch, hq, h, keys in [(1, 1, 32, 8, 32769), (8, 8, 32, 8, 16385), (64, 1, 9, 3, 4097), (3, 2, 6, 6, 100)]:
         for dtype, code in [(torch.float32, FLOAT32), (torch.bfloat16, BFLOAT16)]:
-            split = ops.attention_split(dtype, rows, hq, h, keys, 132, 90)
-            assert split == lib.kvzapAttentionSplitSize(code, rows, hq, h, keys, 132, 90)
+            split = ops.attention_split(dtype, rows, batch, hq, h, keys, 132, 90)
+            assert split == lib.kvzapAttentionSplitSize(code, rows, batch, hq, h, keys, 132, 90)
         assert ops.attention_workspace_floats(rows, hq, 128, keys, split) * 4 == \
             lib.kvzapAttentionWorkspaceBytes(rows, hq, 128, keys, split)
     with pytest.raises(RuntimeError, match="split_size must be > 0"):
@@ -167,21 +167,35 @@ def test_split_heuristic_fills_one_wave(cmake_build):
     lib.kvzapAttentionWorkspaceBytes.restype = ctypes.c_size_t
     sms = 132  # H100 SXM
     # fp32 (CUDA cores): Qwen3-8B's G = 4 (4 blocks per SM), G = 8 (2); bf16 (tensor cores): 2
-    for dtype, group, resident in [(FLOAT32, 4, 4), (FLOAT32, 8, 2), (BFLOAT16, 4, 2)]:
-        for rows, max_keys in [(1, 32769), (8, 16385), (32, 32769), (64, 4097), (8, 100), (300, 2000)]:
-            split = lib.kvzapAttentionSplitSize(dtype, rows, 8 * group, 8, max_keys, sms, 90)
+    for dtype, group, resident in [(FLOAT32, 4, 4), (FLOAT32, 8, 2), (BFLOAT16, 4, 2), (BFLOAT16, 1, 2)]:
+        for rows, batch, max_keys in [(1, 1, 32769), (8, 8, 16385), (32, 32, 32769), (64, 64, 4097), (8, 8, 100),
+                                      (300, 300, 2000), (64, 1, 4097), (300, 7, 2000), (16, 1, 32769)]:
+            blocks = lib.kvzapAttentionBlocks(dtype, rows, batch, 8 * group, 8)
+            # The launch's blocks: a row each, or (bf16 / fp16, N > B) its row groups of 16 / G tokens.
+            packed = dtype != FLOAT32 and rows > batch
+            assert blocks == (lib.kvzapIndexRowGroups(rows, batch, 16 // group) if packed else rows)
+            split = lib.kvzapAttentionSplitSize(dtype, rows, batch, 8 * group, 8, max_keys, sms, 90)
             splits = -(-max_keys // split)
             assert 256 <= split <= 4096 and split % 64 == 0
-            # One wave unless even one split per pair, or the largest split, is more.
-            assert rows * 8 * splits <= sms * resident or splits == 1 or split == 4096, (rows, max_keys, split)
+            # One wave of the launch's blocks unless even one split per pair, or the largest split,
+            # is more.
+            assert blocks * 8 * splits <= sms * resident or splits == 1 or split == 4096, (rows, batch, max_keys, split)
             ws = lib.kvzapAttentionWorkspaceBytes(rows, 32, 128, max_keys, split)
             assert ws == (0 if splits == 1 else 4 * rows * 32 * splits * 129)
     # Long single sequences are cut into many splits; short ones into none.
-    assert -(-32769 // lib.kvzapAttentionSplitSize(BFLOAT16, 1, 32, 8, 32769, sms, 90)) >= 32
-    assert lib.kvzapAttentionSplitSize(BFLOAT16, 8, 32, 8, 100, sms, 90) >= 100
+    assert -(-32769 // lib.kvzapAttentionSplitSize(BFLOAT16, 1, 1, 32, 8, 32769, sms, 90)) >= 32
+    assert lib.kvzapAttentionSplitSize(BFLOAT16, 8, 8, 32, 8, 100, sms, 90) >= 100
+    # A 32-token chunk of one sequence at G = 4 runs 9 row groups, not 32 blocks: it is cut into
+    # splits, where 32 decode rows over as many keys fill a wave with one each.
+    chunk = lib.kvzapAttentionSplitSize(BFLOAT16, 32, 1, 32, 8, 4096, sms, 90)
+    decode = lib.kvzapAttentionSplitSize(BFLOAT16, 32, 32, 32, 8, 4096, sms, 90)
+    assert -(-4096 // chunk) >= 3 and decode == 4096
+    # The CUDA-core kernel never packs: the batch does not change its split.
+    assert lib.kvzapAttentionSplitSize(FLOAT32, 64, 1, 32, 8, 4097, sms, 90) == \
+        lib.kvzapAttentionSplitSize(FLOAT32, 64, 64, 32, 8, 4097, sms, 90)
     # Fewer resident blocks (G = 8, or sm_80 at G = 4, or the tensor-core kernel) -> fewer, longer
     # splits for the same wave.
     split = functools.partial(lib.kvzapAttentionSplitSize, FLOAT32)
-    assert split(8, 64, 8, 16385, sms, 90) > split(8, 32, 8, 16385, sms, 90)
-    assert split(8, 32, 8, 16385, 108, 80) > split(8, 32, 8, 16385, 108, 90)
-    assert lib.kvzapAttentionSplitSize(BFLOAT16, 8, 32, 8, 16385, sms, 90) > split(8, 32, 8, 16385, sms, 90)
+    assert split(8, 8, 64, 8, 16385, sms, 90) > split(8, 8, 32, 8, 16385, sms, 90)
+    assert split(8, 8, 32, 8, 16385, 108, 80) > split(8, 8, 32, 8, 16385, 108, 90)
+    assert lib.kvzapAttentionSplitSize(BFLOAT16, 8, 8, 32, 8, 16385, sms, 90) > split(8, 8, 32, 8, 16385, sms, 90)

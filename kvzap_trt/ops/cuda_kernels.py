@@ -236,8 +236,8 @@ def launch_paged_attention(q, k_new, v_new, plan: StepPlan, k_pool, v_pool, bloc
     with torch.cuda.device(dev):
         split, workspace = plan.memo(
             ("attention", q.dtype, *q.shape, k_new.shape[1], split_size, stream),
-            lambda: split_and_workspace(q.dtype, q.shape[0], q.shape[1], k_new.shape[1], q.shape[2], max_keys, dev,
-                                        split_size))
+            lambda: split_and_workspace(q.dtype, q.shape[0], len(plan.slots), q.shape[1], k_new.shape[1], q.shape[2],
+                                        max_keys, dev, split_size))
         torch.ops.kvzap_trt.paged_attention(
             q.contiguous(), k_new.contiguous(), v_new.contiguous(), batch.cu_seqlens, batch.seq_slots, batch.ctx_lens,
             k_pool, v_pool, block_table, kept_len, ring_table, plan.window, float(scale), max_keys, split, out,
@@ -247,14 +247,18 @@ def launch_paged_attention(q, k_new, v_new, plan: StepPlan, k_pool, v_pool, bloc
         raise_kernel_error(int(to_host(error)[0]))
 
 
-def split_and_workspace(dtype: torch.dtype, num_rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                        max_keys: int, device: torch.device, split_size: int = 0) -> tuple[int, torch.Tensor]:
+def split_and_workspace(dtype: torch.dtype, num_rows: int, batch: int, num_q_heads: int, num_kv_heads: int,
+                        head_dim: int, max_keys: int, device: torch.device,
+                        split_size: int = 0) -> tuple[int, torch.Tensor]:
     """(keys per split, float32 workspace) for one kvzapVarlenPagedAttention launch over `dtype`
-    K/V on `device`, the workspace allocated on the current stream. split_size 0: the launcher's
-    heuristic (the resident blocks per SM differ between the fp32 and the tensor-core kernel)."""
+    K/V, num_rows rows of `batch` sequences, on `device`, the workspace allocated on the current
+    stream. split_size 0: the launcher's heuristic (it counts the launch's blocks: rows, or row
+    groups of the packed launch; the resident blocks per SM differ between the fp32 and the
+    tensor-core kernel)."""
     if split_size <= 0:
         sms, sm = _device_shape(indexed(device))
-        split_size = torch.ops.kvzap_trt.attention_split(dtype, num_rows, num_q_heads, num_kv_heads, max_keys, sms, sm)
+        split_size = torch.ops.kvzap_trt.attention_split(dtype, num_rows, batch, num_q_heads, num_kv_heads, max_keys,
+                                                         sms, sm)
     floats = torch.ops.kvzap_trt.attention_workspace_floats(num_rows, num_q_heads, head_dim, max_keys, split_size)
     return split_size, torch.empty(floats, dtype=torch.float32, device=device)
 

@@ -113,11 +113,17 @@ typedef struct {
     int32_t* error;              // [1], OR-ed with KVZAP_ERR_BOUND_EXCEEDED; required
 } kvzapAttentionParams;
 
-// Keys per thread block along each row's keys: about one full wave of blocks for this launch on
-// num_sms SMs of compute capability sm (major * 10 + minor), given the resident blocks per SM that
-// the kernel for this dtype (kvzapDtype) and query group pins.
-int kvzapAttentionSplitSize(int dtype, int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms,
-                            int sm);
+// Thread blocks per (kv head, split) of a launch over num_rows rows of `batch` sequences: the rows,
+// or for bf16 / fp16 with num_rows > batch (the packed launch) the row groups of up to 16 / G
+// tokens of one sequence.
+int kvzapAttentionBlocks(int dtype, int num_rows, int batch, int num_q_heads, int num_kv_heads);
+
+// Keys per thread block along each row's keys: about one full wave of the launch's blocks
+// (kvzapAttentionBlocks x kv heads x splits) on num_sms SMs of compute capability sm (major * 10 +
+// minor), given the resident blocks per SM that the kernel for this dtype (kvzapDtype) and query
+// group pins.
+int kvzapAttentionSplitSize(int dtype, int num_rows, int batch, int num_q_heads, int num_kv_heads, int max_keys,
+                            int num_sms, int sm);
 
 // Thread blocks of the attention kernel resident per SM for `dtype` (kvzapDtype: float32 runs the
 // CUDA-core kernel, float16 / bfloat16 the tensor-core one) and query groups of `group_size` heads

@@ -655,6 +655,16 @@ __global__ void merge_kernel(const kvzapAttentionParams p, const int num_splits)
     }
 }
 
+// Whether a launch packs tokens of a sequence into one block: bf16 / fp16 when some sequence brings
+// several tokens for sure (N > B). Then its blocks per (kv head, split) are the row groups of
+// P = 16 / G tokens, else the rows. The split heuristic counts the same blocks.
+__host__ __device__ inline bool packed_launch(int dtype, int num_rows, int batch) {
+    return dtype != KVZAP_FLOAT32 && batch > 0 && num_rows > batch;
+}
+__host__ __device__ inline int launch_blocks(int dtype, int num_rows, int batch, int group_size) {
+    return packed_launch(dtype, num_rows, batch) ? row_groups(num_rows, batch, 16 / imax(1, group_size)) : num_rows;
+}
+
 // The launch of either kernel over `blocks` blocks per (kv head, split) (rows, or row groups), and
 // the split merge when there are several.
 template <typename Kernel>
@@ -694,10 +704,10 @@ template <typename T, int D>
 cudaError_t dispatch_half(const kvzapAttentionParams& p, int split_size, cudaStream_t stream) {
     const int G = p.num_q_heads / p.num_kv_heads;
     if (G > 8) return cudaErrorInvalidValue;  // a token's query heads fill at most rows 0..7 of the mma
-    if (p.num_rows > p.batch)
-        return launch(attention_mma_kernel<T, D, true>, p, row_groups(p.num_rows, p.batch, 16 / G), split_size, stream,
-                      launch_merge<T>);
-    return launch(attention_mma_kernel<T, D, false>, p, p.num_rows, split_size, stream, launch_merge<T>);
+    const int blocks = launch_blocks(p.dtype, p.num_rows, p.batch, G);
+    if (packed_launch(p.dtype, p.num_rows, p.batch))
+        return launch(attention_mma_kernel<T, D, true>, p, blocks, split_size, stream, launch_merge<T>);
+    return launch(attention_mma_kernel<T, D, false>, p, blocks, split_size, stream, launch_merge<T>);
 }
 
 template <typename T>
@@ -723,12 +733,17 @@ extern "C" int kvzapAttentionBlocksPerSm(int dtype, int group_size, int sm) {
     return kvzap::blocks_per_sm(instantiated_group(group_size), sm);
 }
 
-extern "C" int kvzapAttentionSplitSize(int dtype, int num_rows, int num_q_heads, int num_kv_heads, int max_keys,
-                                       int num_sms, int sm) {
-    // About one full wave of blocks: (row, kv head) pairs x splits ~ SMs x resident blocks, so
-    // that every SM streams keys and no second, nearly empty wave follows. Splits of 256 to
-    // kMaxSplit keys, in multiples of 64 (a whole number of steps of either kernel's warps).
-    const int pairs = max(1, num_rows * num_kv_heads);
+extern "C" int kvzapAttentionBlocks(int dtype, int num_rows, int batch, int num_q_heads, int num_kv_heads) {
+    return kvzap::launch_blocks(dtype, num_rows, batch, num_kv_heads > 0 ? num_q_heads / num_kv_heads : 1);
+}
+
+extern "C" int kvzapAttentionSplitSize(int dtype, int num_rows, int batch, int num_q_heads, int num_kv_heads,
+                                       int max_keys, int num_sms, int sm) {
+    // About one full wave of blocks: (block, kv head) pairs x splits ~ SMs x resident blocks, so
+    // that every SM streams keys and no second, nearly empty wave follows; the blocks are the
+    // launch's (rows, or row groups of a packed launch). Splits of 256 to kMaxSplit keys, in
+    // multiples of 64 (a whole number of steps of either kernel's warps).
+    const int pairs = max(1, kvzapAttentionBlocks(dtype, num_rows, batch, num_q_heads, num_kv_heads) * num_kv_heads);
     const int resident = kvzapAttentionBlocksPerSm(dtype, num_kv_heads > 0 ? num_q_heads / num_kv_heads : 1, sm);
     const int want_splits = max(1, num_sms * resident / pairs);
     int split = (max_keys + want_splits - 1) / want_splits;

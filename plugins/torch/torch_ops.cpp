@@ -159,14 +159,15 @@ void evict_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Te
     check_cuda(kvzapEvict(&p, reinterpret_cast<cudaStream_t>(stream)), "kvzapEvict");
 }
 
-// Keys per thread block for attention of `dtype` K/V on a device of num_sms SMs and compute
-// capability sm (XY).
-int64_t attention_split(at::ScalarType dtype, int64_t num_rows, int64_t num_q_heads, int64_t num_kv_heads,
-                        int64_t max_keys, int64_t num_sms, int64_t sm) {
-    TORCH_CHECK(num_kv_heads > 0 && max_keys >= 0 && num_sms > 0, "kvzap_trt.attention_split: bad arguments");
+// Keys per thread block for attention of `dtype` K/V over num_rows rows of `batch` sequences on a
+// device of num_sms SMs and compute capability sm (XY).
+int64_t attention_split(at::ScalarType dtype, int64_t num_rows, int64_t batch, int64_t num_q_heads,
+                        int64_t num_kv_heads, int64_t max_keys, int64_t num_sms, int64_t sm) {
+    TORCH_CHECK(num_kv_heads > 0 && batch >= 0 && max_keys >= 0 && num_sms > 0, "kvzap_trt.attention_split: bad arguments");
     return kvzapAttentionSplitSize(kernel_dtype(dtype, "kvzap_trt.attention_split"), static_cast<int>(num_rows),
-                                   static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads),
-                                   static_cast<int>(max_keys), static_cast<int>(num_sms), static_cast<int>(sm));
+                                   static_cast<int>(batch), static_cast<int>(num_q_heads),
+                                   static_cast<int>(num_kv_heads), static_cast<int>(max_keys),
+                                   static_cast<int>(num_sms), static_cast<int>(sm));
 }
 
 // float32 elements of workspace attention needs with this split (0: one split, none).
@@ -271,8 +272,8 @@ TORCH_LIBRARY(kvzap_trt, m) {
           "int window, float scale, int max_keys, int split_size, Tensor(a!) out, Tensor(b!) workspace, "
           "Tensor(c!) error, int stream) -> ()");
     // No tensor arguments: one kernel for every dispatch key.
-    m.def("attention_split(ScalarType dtype, int num_rows, int num_q_heads, int num_kv_heads, int max_keys, int num_sms, "
-          "int sm) -> int",
+    m.def("attention_split(ScalarType dtype, int num_rows, int batch, int num_q_heads, int num_kv_heads, int max_keys, "
+          "int num_sms, int sm) -> int",
           &attention_split);
     m.def("attention_workspace_floats(int num_rows, int num_q_heads, int head_dim, int max_keys, int split_size) -> int",
           &attention_workspace_floats);

@@ -396,8 +396,9 @@ int64_t attentionMaxKeys(CallDims const& d) {
 int64_t evictMaxNewTokens(CallDims const& d) { return d.B > 0 && d.N >= d.B ? d.N - d.B + 1 : d.N; }
 
 int32_t attentionSplit(CallDims const& d, int32_t kernelDtype, int32_t numSms, int32_t sm) {
-    return kvzapAttentionSplitSize(kernelDtype, static_cast<int>(d.N), static_cast<int>(d.Hq), static_cast<int>(d.H),
-                                   static_cast<int>(attentionMaxKeys(d)), std::min(std::max(numSms, 1), kMAX_SMS), sm);
+    return kvzapAttentionSplitSize(kernelDtype, static_cast<int>(d.N), static_cast<int>(d.B), static_cast<int>(d.Hq),
+                                   static_cast<int>(d.H), static_cast<int>(attentionMaxKeys(d)),
+                                   std::min(std::max(numSms, 1), kMAX_SMS), sm);
 }
 
 size_t attentionWorkspaceBytes(CallDims const& d, int32_t splitSize) {
@@ -408,10 +409,13 @@ size_t attentionWorkspaceBytes(CallDims const& d, int32_t splitSize) {
 size_t attentionWorkspaceBound(CallDims const& d) {
     int64_t const keys = attentionMaxKeys(d);
     if (d.N <= 0 || keys <= 0 || d.H <= 0) return 0;
-    // splits <= max(want, ceil(K / kMAX_SPLIT)) with N * want <= max(N, SMs * blocks / H)
-    int64_t const wave = static_cast<int64_t>(kMAX_SMS) * kMAX_BLOCKS_PER_SM / d.H;
-    int64_t const rowSplits = std::max(wave, d.N * ((keys + kMAX_SPLIT - 1) / kMAX_SPLIT));
-    return sizeof(float) * static_cast<size_t>(rowSplits) * static_cast<size_t>(d.Hq) * static_cast<size_t>(d.D + 1);
+    // splits <= max(want, ceil(K / kMAX_SPLIT)), want = max(1, SMs * resident / (launch blocks * H)). A
+    // launch of one block per row: N * Hq * want <= SMs * resident * G. A packed launch's blocks are
+    // at least N / P with P * G <= 16: N * Hq * want <= SMs * resident * 16. G <= ceil(d.Hq / d.H).
+    int64_t const group = std::max<int64_t>(16, (d.Hq + d.H - 1) / d.H);
+    int64_t const wave = static_cast<int64_t>(kMAX_SMS) * kMAX_BLOCKS_PER_SM * group;
+    int64_t const rowHeadSplits = std::max(wave, d.N * d.Hq * ((keys + kMAX_SPLIT - 1) / kMAX_SPLIT));
+    return sizeof(float) * static_cast<size_t>(rowHeadSplits) * static_cast<size_t>(d.D + 1);
 }
 
 size_t attentionProfileWorkspace(Shape const* minInputs, Shape const* maxInputs, int32_t nbInputs,

@@ -172,7 +172,9 @@ size_t attentionWorkspaceBytes(CallDims const& d, int32_t splitSize);
 // An upper bound of attentionWorkspaceBytes(d, attentionSplit(d, dtype, sms, sm)) over every dtype and device
 // (any SM count, any sm) and every call with at most d.N rows and d.Hq query heads, d.D head_dim,
 // max_keys at most attentionMaxKeys(d), at least d.H kv heads: non-decreasing in N, Hq, D, M, BS,
-// W. With splits = ceil(K / split): N * splits <= max(SMs * blocks/SM / H, N * ceil(K / 4096)).
+// W. With splits = ceil(K / split): N * Hq * splits <= max(SMs * blocks/SM * max(16, G), N * Hq *
+// ceil(K / 4096)) (16: a packed launch's row groups hold up to 16 / G rows, so it asks for up to
+// 16 / G times the splits of as many one-row blocks).
 // getWorkspaceSize returns it for the profile's largest shapes; enqueue checks the real need
 // against it for the real shapes.
 size_t attentionWorkspaceBound(CallDims const& d);

@@ -468,7 +468,10 @@ void testWorkspace() {
             for (int sm : {70, 75, 80, 86, 89, 90, 100, 120})
                 CHECK(kvzapAttentionBlocksPerSm(dtype, g, sm) <= kMAX_BLOCKS_PER_SM, "dtype=%d G=%d sm=%d", dtype, g, sm);
     int checked = 0;
+    // B = N: decode (one block per row); B < N: packed row groups in bf16 / fp16 (one sequence, or
+    // about two tokens each).
     for (int64_t N : {1, 2, 7, 64, 577, 4096})
+        for (int64_t B : {int64_t{1}, (N + 1) / 2, N})
         for (auto hq_h : std::vector<std::pair<int64_t, int64_t>>{{32, 8}, {9, 3}, {4, 4}, {56, 7}})
             for (int64_t D : {64, 128})
                 for (auto m_bs : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {64, 16}, {2048, 16}, {300, 24}})
@@ -477,23 +480,24 @@ void testWorkspace() {
                             for (int sm : {80, 90})
                             for (int dtype : {KVZAP_FLOAT32, KVZAP_BFLOAT16}) {
                                 CallDims d;
-                                d.N = N, d.Hq = hq_h.first, d.H = hq_h.second, d.D = D, d.M = m_bs.first,
+                                d.N = N, d.B = B, d.Hq = hq_h.first, d.H = hq_h.second, d.D = D, d.M = m_bs.first,
                                 d.BS = m_bs.second, d.W = W;
                                 int const keys = static_cast<int>(attentionMaxKeys(d));
                                 int const split = attentionSplit(d, dtype, sms, sm);
-                                int const want = kvzapAttentionSplitSize(dtype, int(N), int(d.Hq), int(d.H), keys,
-                                                                         sms < kMAX_SMS ? sms : kMAX_SMS, sm);
+                                int const want = kvzapAttentionSplitSize(dtype, int(N), int(B), int(d.Hq), int(d.H),
+                                                                         keys, sms < kMAX_SMS ? sms : kMAX_SMS, sm);
                                 CHECK(split == want && split >= 256 && split <= kMAX_SPLIT, "split %d vs %d", split,
                                       want);
                                 size_t const need = attentionWorkspaceBytes(d, split);
                                 CHECK(need == kvzapAttentionWorkspaceBytes(int(N), int(d.Hq), int(D), keys, split),
                                       "workspace bytes");
                                 size_t const bound = attentionWorkspaceBound(d);
-                                CHECK(need <= bound, "N=%lld Hq=%lld D=%lld keys=%d sms=%d: need %zu > bound %zu",
-                                      (long long)N, (long long)d.Hq, (long long)D, keys, sms, need, bound);
+                                CHECK(need <= bound, "N=%lld B=%lld Hq=%lld D=%lld keys=%d sms=%d: need %zu > bound %zu",
+                                      (long long)N, (long long)B, (long long)d.Hq, (long long)D, keys, sms, need, bound);
                                 // Fewer rows or keys never need more than the bound of the larger call.
                                 CallDims fewer = d;
                                 fewer.N = N / 2 + 1;
+                                fewer.B = std::min(B, fewer.N);
                                 fewer.M = d.M / 3;
                                 CHECK(attentionWorkspaceBound(fewer) <= bound, "bound not monotone");
                                 CHECK(attentionWorkspaceBytes(fewer, attentionSplit(fewer, dtype, sms, sm)) <= bound,
@@ -506,9 +510,10 @@ void testWorkspace() {
     Dims const lo{1, 32, 8, 128, 1, 36, 64, 2048, 100000, 16, 128}, hi{8192, 32, 8, 128, 64, 36, 64, 2048, 100000, 16, 128};
     std::vector<Shape> const minIn = attentionInputs(lo), maxIn = attentionInputs(hi);
     size_t const profile = attentionProfileWorkspace(minIn.data(), maxIn.data(), attn::kNB_INPUTS, attentionFields(hi));
-    for (int64_t N : {1, 3, 64, 100, 1000, 8192}) {
+    for (int64_t N : {1, 3, 64, 100, 1000, 8192})
+    for (int64_t B : {int64_t{1}, std::min<int64_t>(N, 64)}) {
         Dims mid = hi;
-        mid.N = N;
+        mid.N = N, mid.B = B;
         std::vector<Shape> in = attentionInputs(mid);
         CallDims c;
         CHECK(checkAttentionShapes(in.data(), attn::kNB_INPUTS, attentionFields(mid), kDTYPE_BF16, c).empty(),
