@@ -10,9 +10,11 @@ import time
 import pytest
 
 from kvzap_trt.config import resolve_config
+from kvzap_trt.errors import INTERNAL_ERROR, KV_POOL_EXHAUSTED
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job, streamable
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
+from kvzap_trt.serve.triton_core import triton_error_kind
 
 PROMPTS = [
     "The capital of France is",
@@ -173,8 +175,37 @@ def test_an_unexpected_error_fails_its_request_and_the_loop_goes_on(runtime):
         bad = GenerationParams(PROMPTS[0], max_tokens=4, temperature=1.0, seed=2**64)
         (failed,) = run_jobs(loop, [bad])
         assert failed.events[-1].final and "internal error" in failed.events[-1].error
+        assert failed.events[-1].error_code == INTERNAL_ERROR and triton_error_kind(failed.events[-1]) == "INTERNAL"
         (ok,) = run_jobs(loop, [GenerationParams(PROMPTS[0], max_tokens=4)])
         assert ok.events[-1].error is None and ok.text
         assert loop._thread.is_alive() and loop.engine.cache.allocator.num_used == 0
     finally:
         loop.stop()
+
+
+def test_failures_carry_their_reason_to_both_doors(runtime, monkeypatch):
+    """A failed engine step is the server's fault (INTERNAL_ERROR: OpenAI's 500, Triton's INTERNAL);
+    an answer the pool cannot hold is the request's (KV_POOL_EXHAUSTED: 400, INVALID_ARG)."""
+    spec = runtime.make_cache(1, 1, 1).spec  # 200 blocks: a window page for each of the 90 heads, and a few more
+    small = EngineLoop.from_runtime(Runtime(dataclasses.replace(runtime.cfg, kv_cache_mb=200 * spec.block_bytes / 2**20),
+                                            runtime.loaded, runtime.surrogate)).start()
+    try:
+        (long,) = run_jobs(small, [GenerationParams("1, 2, 3, 4,", max_tokens=400)])
+        ev = long.events[-1]
+        assert "cannot hold this request past" in ev.error and ev.error_code == KV_POOL_EXHAUSTED
+        assert triton_error_kind(ev) == "INVALID_ARG"
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug in the forward")
+
+        monkeypatch.setattr(small.engine.executor, "forward", broken)
+        (failed,) = run_jobs(small, [GenerationParams(PROMPTS[0], max_tokens=3)])
+        ev = failed.events[-1]
+        assert "a bug in the forward" in ev.error and ev.error_code == INTERNAL_ERROR
+        assert triton_error_kind(ev) == "INTERNAL"
+        monkeypatch.undo()
+        (ok,) = run_jobs(small, [GenerationParams(PROMPTS[0], max_tokens=3)])
+        assert ok.events[-1].error is None and ok.events[-1].error_code is None and ok.text
+        assert small.engine.cache.allocator.num_used == 0
+    finally:
+        small.stop()

@@ -32,7 +32,7 @@ import torch
 
 from kvzap_trt.cache.paged_cache import PagedKVCache
 from kvzap_trt.device_reads import to_host
-from kvzap_trt.errors import CacheFullError, KvzapError
+from kvzap_trt.errors import KV_POOL_EXHAUSTED, CacheFullError, KvzapError
 from kvzap_trt.executors import Executor, StepInputs
 from kvzap_trt.executors.torch_executor import TorchExecutor
 from kvzap_trt.kvcoe.coe import SCORE, check_layers, kv_coe
@@ -55,6 +55,7 @@ class Request:
     kv: dict[str, Any] | None = None  # cache statistics after the request's last forward pass
     preemptions: int = 0  # times the request was restarted to free blocks for others
     error: str | None = None  # set with finish_reason "error"
+    error_code: str | None = None  # ... and its machine-readable reason: "kv_pool_exhausted"
     # Teacher forcing: the first outputs are these ids, fed one per step over the compressed cache
     # as if sampled (a question asked after its context was prefilled); stop tokens among them do
     # not end the request. They count toward max_new_tokens.
@@ -251,6 +252,7 @@ class Engine:
             (r,) = self.running  # alone and still too big: this pool can never finish it
             past = f"{r.prefilled} prompt tokens" if r.prefilling else f"{len(r.output_ids)} tokens"
             r.error = f"the KV pool ({self.cache.spec.num_blocks} blocks) cannot hold this request past {past}"
+            r.error_code = KV_POOL_EXHAUSTED
             prompt_left += new.get(r.request_id, 0) if r.prefilling else 0
             self.finish(r, "error")
             self._failed.append(r)

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from kvzap_trt.errors import CacheFullError, KvzapError
+from kvzap_trt.errors import INTERNAL_ERROR, KV_POOL_EXHAUSTED, CacheFullError, KvzapError, error_code
 from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
 from kvzap_trt.runtime.generate import Runtime
@@ -31,6 +31,7 @@ class Event:
     compression_ratio: float = 0.0
     kv_bytes: int = 0
     error: str | None = None
+    error_code: str | None = None  # with error: KV_POOL_EXHAUSTED, INTERNAL_ERROR (a server fault), None (bad input)
     finish_reason: str | None = None  # final events: "stop" (EOS or a stop word) | "length"
     completion_tokens: int = 0  # final events: tokens generated (a stop word's included)
     reasoning: str | None = None  # final events of requests with a reasoning option: "fast" | "slow"
@@ -126,7 +127,7 @@ class EngineLoop:
         try:
             self.engine.validate_prompt(ids)
         except CacheFullError as e:  # the whole pool cannot take the prompt's first chunk
-            raise BadRequest(str(e), code="kv_pool_exhausted") from None
+            raise BadRequest(str(e), code=KV_POOL_EXHAUSTED) from None
         except KvzapError as e:
             raise BadRequest(str(e)) from None
         return ids
@@ -175,11 +176,14 @@ class EngineLoop:
                 job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, kv_coe=job.params.kv_coe,
                                                  reasoning=job.reasoning)
                 self.jobs.append(job)
-            except KvzapError as e:
-                self._emit(job, Event("", True, error=str(e)))
             except Exception as e:  # noqa: BLE001 - a bug in one request's admission fails that request only
-                log.exception("submitting a request failed")
-                self._emit(job, Event("", True, error=f"internal error: {e}"))
+                code = error_code(e)
+                if code == INTERNAL_ERROR:
+                    log.exception("submitting a request failed")
+                    message = f"internal error: {e}"
+                else:
+                    message = str(e)
+                self._emit(job, Event("", True, error=message, error_code=code))
             try:
                 job = self.inbox.get_nowait()
             except queue.Empty:
@@ -194,7 +198,7 @@ class EngineLoop:
             self.jobs.remove(job)
             self.metrics.finished += 1
             if r.finish_reason == "error":
-                self._emit(job, Event("", True, error=r.error))
+                self._emit(job, Event("", True, error=r.error, error_code=r.error_code))
                 return
             kv = r.kv
             rest = text[len(job.sent):] if job.params.stream else text
@@ -230,8 +234,9 @@ class EngineLoop:
             log.warning("request %s: its response stream could not be closed", job.request.request_id)
 
     def _fail_all(self, message: str) -> None:
+        """Fail every running job with a server fault (INTERNAL_ERROR)."""
         for job in list(self.jobs):
-            self._emit(job, Event("", True, error=message))
+            self._emit(job, Event("", True, error=message, error_code=INTERNAL_ERROR))
             self.engine.abort(job.request)
         self.jobs.clear()
 

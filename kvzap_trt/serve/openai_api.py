@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse
 
 from kvzap_trt.config import REASONING_MODES
-from kvzap_trt.errors import KvzapError
+from kvzap_trt.errors import INTERNAL_ERROR, KvzapError
 from kvzap_trt.kvcoe.reasoning import Reasoning
 from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
@@ -167,10 +167,11 @@ def _usage(prompt_tokens: int, ev: Event) -> dict[str, Any]:
             "kv_compression_ratio": ev.compression_ratio, "kv_bytes": ev.kv_bytes}
 
 
-def _engine_error(message: str) -> OpenAIError:
-    if message.startswith("internal error"):
-        return OpenAIError(500, message, type="server_error", code="internal_error")
-    return OpenAIError(400, message, code="kv_pool_exhausted" if "KV pool" in message else None)
+def _engine_error(ev: Event) -> OpenAIError:
+    """The failed event's error: 500 server_error for a fault of the server, 400 otherwise."""
+    if ev.error_code == INTERNAL_ERROR:
+        return OpenAIError(500, ev.error, type="server_error", code=INTERNAL_ERROR)
+    return OpenAIError(400, ev.error, code=ev.error_code)
 
 
 def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
@@ -194,7 +195,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        return OpenAIError(500, f"internal error: {e}", type="server_error", code="internal_error").response()
+        return OpenAIError(500, f"internal error: {e}", type="server_error", code=INTERNAL_ERROR).response()
 
     @app.get("/v1/models")
     async def models():
@@ -304,7 +305,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             for i, (pending, job) in enumerate(pendings):
                 ev = await pending.queue.get()
                 if ev.error is not None:
-                    raise _engine_error(ev.error)
+                    raise _engine_error(ev)
                 e = job.request.embedding
                 vec = base64.b64encode(e.numpy().astype("<f4").tobytes()).decode() \
                     if req.encoding_format == "base64" else e.tolist()
@@ -340,7 +341,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             pending.cancelled.set()
             raise
         if ev.error is not None:
-            raise _engine_error(ev.error)
+            raise _engine_error(ev)
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": ev.text},
                       "logprobs": None, "finish_reason": ev.finish_reason}
@@ -376,7 +377,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             while True:
                 ev = await pending.queue.get()
                 if ev.error is not None:
-                    e = _engine_error(ev.error)
+                    e = _engine_error(ev)
                     yield {"data": json.dumps({"error": {"message": e.message, "type": e.type, "param": None,
                                                          "code": e.code}})}
                     return

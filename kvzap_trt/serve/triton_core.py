@@ -4,7 +4,8 @@ Runs under any tritonserver's Python backend (NGC container or PyTriton's bundle
 `triton_python_backend_utils` exists only inside the backend's stub process. `execute` parses
 each request and hands it to the engine loop, returning at once; the loop answers through the
 request's response sender: text deltas with `stream`, else one response, always ending with
-the FINAL flag. Errors in a request are answered with INVALID_ARG (HTTP 400).
+the FINAL flag. Errors in a request are answered with INVALID_ARG (HTTP 400), a fault of the
+server (a failed engine step) with INTERNAL (HTTP 500): `triton_error_kind`.
 
 With `KVZAP_TRT_OPENAI=host:port` in its environment (`kvzap-trt serve --openai-port` sets it)
 the model also serves the OpenAI-compatible API (`openai_api.py`) from this process, on the
@@ -20,7 +21,7 @@ import threading
 
 
 from kvzap_trt.config import RunConfig
-from kvzap_trt.errors import KvzapError
+from kvzap_trt.errors import INTERNAL_ERROR, KvzapError
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.serve.engine_loop import EngineLoop, Event, Job
 from kvzap_trt.serve.protocol import BadRequest, output_arrays, parse_request
@@ -33,6 +34,12 @@ METRICS = {  # name: description; gauges updated after every engine step
     "kvzap_kv_blocks_free": "KV cache blocks free",
     "kvzap_compression_ratio": "mean KV compression ratio of the running sequences",
 }
+
+
+def triton_error_kind(ev: Event) -> str:
+    """The pb_utils.TritonError code of a failed event: INTERNAL for a fault of the server (HTTP
+    500), INVALID_ARG for the request's (HTTP 400; the KV pool's too: a shorter request fits)."""
+    return "INTERNAL" if ev.error_code == INTERNAL_ERROR else "INVALID_ARG"
 
 
 def config_from_model_args(args: dict) -> RunConfig:
@@ -107,7 +114,7 @@ class TritonPythonModel:
         pb = self.pb
         flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if ev.final else 0
         if ev.error is not None:
-            err = pb.TritonError(ev.error, pb.TritonError.INVALID_ARG)
+            err = pb.TritonError(ev.error, getattr(pb.TritonError, triton_error_kind(ev)))
             sender.send(pb.InferenceResponse(output_tensors=[], error=err), flags=flags)
             return
         arrays = output_arrays(ev.text, ev.compression_ratio, ev.kv_bytes, ev.kv_coe_score, ev.reasoning)
