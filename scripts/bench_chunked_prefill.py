@@ -21,10 +21,7 @@ Prints a table, writes bench/results/chunked-prefill-<date>.json (with the resol
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from bench_text import long_text  # scripts/ is on sys.path when a script runs
-from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
+from kvzap_trt import bench
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy
 from kvzap_trt.runtime.generate import Runtime
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     rt.generate([ids[:32]], SamplingParams(max_new_tokens=2))  # warm-up, untimed
 
     rows = []
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    machine = bench.machine_info(threads=args.threads)
     for chunk in tqdm([None, *args.chunks], desc="chunk sizes", file=sys.stderr):
         rows.append(run_one(rt, short, long_prompt, chunk, args))
     whole = rows[0]
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         r["stall_vs_whole"] = r["decoder_gap_max_ms"] / whole["decoder_gap_max_ms"]
         r["ttft_vs_whole"] = r["long_ttft_s"] / whole["long_ttft_s"]
 
-    print(f"\nSmolLM2-135M, {platform.machine()} CPU, {args.threads} thread(s): {k} requests decoding, then a "
+    print(f"\nSmolLM2-135M, {machine['device']}, {args.threads} thread(s): {k} requests decoding, then a "
           f"{args.long_tokens}-token prompt arrives (preset tau {rt.cfg.threshold}, window {rt.cfg.window})")
     print(f"{'chunk':>6} {'steps':>6} {'gap p50 ms':>11} {'gap max ms':>11} {'x whole':>8} {'long TTFT s':>12} "
           f"{'x whole':>8} {'tok/s':>7} {'long evicted':>13} {'1st diff':>9}")
@@ -127,18 +124,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ttft_vs_whole']:>8.2f} {r['tokens_per_s']:>7.2f} {r['long_compression']:>13.1%} "
               f"{'none' if diff is None else diff:>9}")
 
-    date = datetime.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "chunked-prefill", "date": date, "command": "scripts/bench_chunked_prefill.py "
-              + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-                          "threads": args.threads, "loadavg_start": load_start,
-                          "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
-              "config": rt.cfg.to_dict(), "long_tokens": args.long_tokens, "decoders": k,
-              "decoder_prompt_tokens": n, "decoder_new_tokens": args.decoder_new_tokens,
-              "long_new_tokens": args.long_new_tokens, "warm_steps": args.warm_steps, "rows": rows}
-    path = args.out / f"chunked-prefill-{date}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = bench.result("chunked-prefill", "bench_chunked_prefill.py", argv, machine,
+                          config=rt.cfg.to_dict(), long_tokens=args.long_tokens, decoders=k, decoder_prompt_tokens=n,
+                          decoder_new_tokens=args.decoder_new_tokens, long_new_tokens=args.long_new_tokens,
+                          warm_steps=args.warm_steps, rows=rows)
+    path = bench.write_result(result, args.out)
     plot(rows, path.with_suffix(".png"), args.long_tokens)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0 if all(r["all_finished"] for r in rows) else 1
@@ -160,7 +151,7 @@ def plot(rows: list[dict], path: Path, long_tokens: int) -> None:
     ax2.bar(names, [r["long_ttft_s"] for r in rows], color="tab:gray")
     ax2.set(xlabel="prefill chunk (tokens)", ylabel="seconds", title="the long prompt's time to first token")
     fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
+    bench.save_plot(fig, path)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,15 @@ table, writes bench/results/convert-<date>.json.
 
 from __future__ import annotations
 
-import datetime
-import json
 import multiprocessing as mp
-import platform
 import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from kvzap_trt import bench
 
 CASES = [(1, "float32"), (3, "float32"), (1, "bfloat16"), (3, "bfloat16")]
 
@@ -95,7 +94,8 @@ def main() -> int:
                          "peak_anon_MiB": round(anon / 2**20), "peak_anon_over_baseline_MiB": round((anon - base_anon) / 2**20)})
             shutil.rmtree(out)
 
-    print(f"\nSmolLM2-135M float32 safetensors, {src_bytes / 1e6:.0f} MB, {platform.machine()}, 2 cores; "
+    machine = bench.machine_info()
+    print(f"\nSmolLM2-135M float32 safetensors, {src_bytes / 1e6:.0f} MB, {machine['cpu']}, {machine['cores']} cores; "
           f"baseline process (imports only) {base_rss / 2**20:.0f} MiB RSS, {base_anon / 2**20:.0f} MiB anonymous")
     print(f"{'job':>10} {'tp':>3} {'dtype':>9} {'seconds':>8} {'MB/s read':>10} {'x copy':>7} {'peak RSS MiB':>13} "
           f"{'peak anon MiB':>14}")
@@ -103,15 +103,10 @@ def main() -> int:
         ratio = rows[0]["seconds"] / r["seconds"] if r["seconds"] else 0
         print(f"{r['job']:>10} {r['tp'] or '':>3} {r['dtype'] or '':>9} {r['seconds']:>8.2f} {r['MBps_read']:>10.1f} "
               f"{ratio:>7.2f} {r['peak_rss_MiB'] or '':>13} {r.get('peak_anon_MiB') or '':>14}")
-    date = datetime.date.today().isoformat()
-    out_dir = Path("bench/results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "convert", "date": date, "machine": platform.machine(), "command": "scripts/bench_convert.py",
-              "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, float32)", "source_bytes": src_bytes,
-              "baseline_rss_MiB": round(base_rss / 2**20), "baseline_anon_MiB": round(base_anon / 2**20), "rows": rows}
-    path = out_dir / f"convert-{date}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".tmp").replace(path)
+    result = bench.result("convert", "bench_convert.py", [], machine,
+                          model="SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, float32)", source_bytes=src_bytes,
+                          baseline_rss_MiB=round(base_rss / 2**20), baseline_anon_MiB=round(base_anon / 2**20), rows=rows)
+    path = bench.write_result(result, Path("bench/results"))
     print(f"wrote {path}")
     return 0
 

@@ -31,10 +31,8 @@ Prompts longer than the model's context minus the new tokens are cut to fit (819
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kvzap_trt import bench
 from kvzap_trt.atomic import atomic_write_text
 
 CONFIGS = ["kvzap-tau", "kvzap-dense", "hf-dense"]
@@ -186,23 +185,6 @@ def run_child(cmd: list[str], desc: str, threads: int | None) -> tuple[str, floa
         return out.read().decode(), wall, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-
-
 def prompts(lengths: list[int], new_tokens: int) -> tuple[dict[int, list[int]], int]:
     """Exact-length prompts: prefixes of the standard library's documentation, in the model's tokens."""
     from bench_text import long_text  # scripts/ is on sys.path when a script runs
@@ -274,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.lengths, args.new_tokens, args.process_length, args.no_nocache = [256], 8, 256, True
-    info = {**machine(), "threads": args.threads}
+    import transformers
+
+    info = bench.machine_info(threads=args.threads, transformers=transformers.__version__)
     by_length, context = prompts(sorted(set(args.lengths + [args.process_length])), args.new_tokens)
     jobs = [(n, c) for n in args.lengths for c in CONFIGS]
     if not args.no_nocache:
@@ -323,13 +307,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print_report(info, rows, comparisons, nocache, process, args.new_tokens, context)
 
-    date = datetime.date.today().isoformat()
-    command = " ".join(["scripts/bench_cpu.py"] + (argv if argv is not None else sys.argv[1:]))
-    result = {"benchmark": "cpu", "date": date, "machine": info, "command": command, "preset": PRESET,
-              "new_tokens": args.new_tokens, "context": context, "rows": rows, "comparisons": comparisons,
-              "nocache": nocache, "whole_process": process}
-    path = args.out / f"cpu{'-quick' if args.quick else ''}-{date}.json"
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    result = bench.result("cpu", "bench_cpu.py", argv, info, preset=PRESET, new_tokens=args.new_tokens, context=context,
+                          rows=rows, comparisons=comparisons, nocache=nocache, whole_process=process)
+    path = bench.write_result(result, args.out, "cpu-quick" if args.quick else "cpu")
     plot(rows, path.with_suffix(".png"), info, args.new_tokens)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
@@ -400,7 +380,7 @@ def plot(rows: list[dict], path: Path, info: dict, new_tokens: int) -> None:
     fig.suptitle(f"SmolLM2-135M fp32, {new_tokens} new tokens, {info['cpu']} x{info['cores']}, "
                  f"{info['threads'] or 'default'} threads, load {info['loadavg_start'][0]}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bench.save_plot(fig, path)
 
 
 if __name__ == "__main__":

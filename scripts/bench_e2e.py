@@ -18,9 +18,6 @@ Writes bench/results/e2e-<device>-<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt import bench
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.models.config import ModelConfig
 from kvzap_trt.models.transformer import Transformer, rope_inv_freq
@@ -120,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with small shapes) for a smoke run")
+    machine = bench.machine_info(args.device)
 
     dtype = getattr(torch, args.dtype)
     cfg = ModelConfig(family="qwen3", vocab_size=args.vocab, hidden_size=args.hidden,
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_tokens_per_s": (kvzap["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
                                 if kvzap["decode_tokens_per_s"] and dense["decode_tokens_per_s"] else None),
     }
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU"
+    device = machine["device"]
     print(f"\n{device}; ops: {ops(args.device).name}; pool {spec.num_blocks} blocks "
           f"= {spec.num_blocks * spec.block_bytes / 2**30:.2f} GiB ({args.dense_seqs} x {args.context} tokens dense); "
           f"tau {tau:+.3f}")
@@ -157,16 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kvzap / dense: peak sequences {ratio['peak_seqs']:.2f}x, decode tokens/s "
           + (f"{ratio['decode_tokens_per_s']:.2f}x" if ratio["decode_tokens_per_s"] else "-"))
 
-    date = datetime.date.today().isoformat()
-    slug = device.lower().replace("nvidia ", "").replace(" ", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "e2e", "device": device, "date": date, "ops": ops(args.device).name,
-              "command": " ".join(["scripts/bench_e2e.py"] + (argv if argv is not None else sys.argv[1:])),
-              "model": {k: v for k, v in vars(cfg).items() if k != "eos_token_ids"}, "dtype": args.dtype,
-              "threshold": tau, "target_evicted": args.evict, "kv_pool_blocks": spec.num_blocks,
-              "kv_pool_bytes": spec.num_blocks * spec.block_bytes, "rows": rows, "kvzap_over_dense": ratio}
-    path = args.out / f"e2e-{slug}-{date}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    result = bench.result("e2e", "bench_e2e.py", argv, machine, device=device, ops=ops(args.device).name,
+                          model={k: v for k, v in vars(cfg).items() if k != "eos_token_ids"}, dtype=args.dtype,
+                          threshold=tau, target_evicted=args.evict, kv_pool_blocks=spec.num_blocks,
+                          kv_pool_bytes=spec.num_blocks * spec.block_bytes, rows=rows, kvzap_over_dense=ratio)
+    path = bench.write_result(result, args.out, f"e2e-{bench.device_slug(device)}")
     print(f"wrote {path}")
     return 0 if all(r["all_finished"] for r in rows) else 1
 

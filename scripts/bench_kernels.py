@@ -29,15 +29,13 @@ Prints a table, writes bench/results/kernels-<device>-<date>.json and a PNG.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
+from kvzap_trt import bench
 from kvzap_trt.cache.allocator import pop_blocks
 from kvzap_trt.cache.paged_cache import CacheSpec, PagedKVCache
 from kvzap_trt.ops import cuda_kernels
@@ -288,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
     cuda_kernels.load()
-    device = torch.cuda.get_device_name()
+    machine = bench.machine_info("cuda")
+    device = machine["device"]
     copy = copy_bandwidth()
     baseline, dense_fn = dense_baseline()
 
@@ -320,15 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "chunk", "time_us_gather_fused", "dense_time_us",
                                                                    "fused_causal_time_us"))))
 
-    date = datetime.date.today().isoformat()
-    slug = device.lower().replace("nvidia ", "").replace(" ", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"device": device, "date": date, "command": "python " + " ".join(sys.argv), "copy_GBps": copy,
-              "dense_baseline": baseline, "dtype": str(DTYPE), "shapes": {"q_heads": HQ, "kv_heads": H, "head_dim": D,
-                                                                          "block_size": BS, "window": W},
-              "cases": cases}
-    path = args.out / f"kernels-{slug}-{date}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    result = bench.result("kernels", "bench_kernels.py", argv, machine, device=device, copy_GBps=copy,
+                          dense_baseline=baseline, dtype=str(DTYPE),
+                          shapes={"q_heads": HQ, "kv_heads": H, "head_dim": D, "block_size": BS, "window": W}, cases=cases)
+    path = bench.write_result(result, args.out, f"kernels-{bench.device_slug(device)}")
     plot([r for r in cases if "GBps" in r and r["block_size"] == BS and not r["page_runs"]], copy, path.with_suffix(".png"),
          device)
     print(f"wrote {path}")
@@ -352,7 +346,7 @@ def plot(rows: list[dict], copy: float, path: Path, device: str) -> None:
     for ax in (ax1, ax2):
         ax.legend()
     fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
+    bench.save_plot(fig, path)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,7 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench_text import long_text  # scripts/ is on sys.path when a script runs
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt import bench
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.generate import Runtime
 
@@ -54,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     base = resolve_config("smollm2-135m", max_new_tokens=args.new_tokens, surrogate=args.surrogate)
+    machine = bench.machine_info(base.device)
     block_sizes = args.block_sizes or [base.block_size]
     rt = Runtime.from_config(base)
     text = rt.encode(long_text())
@@ -91,15 +89,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['bytes_allocated'] / 2**20:>14.2f} {r['bytes_dense'] / 2**20:>10.2f} {r['bound_bytes'] / 2**20:>10.2f} "
               f"{r['page_waste']:>10.1%} {'yes' if ok else 'NO':>3}")
 
-    date = datetime.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
     sweep = len(block_sizes) > 1
-    result = {"benchmark": "memory-pages" if sweep else "memory", "date": date, "machine": platform.machine(),
-              "device": base.device,
-              "command": " ".join(["scripts/bench_memory.py"] + (argv if argv is not None else sys.argv[1:])),
-              "config": base.to_dict(), "prompt_tokens": args.tokens, "block_sizes": block_sizes, "rows": rows}
-    path = args.out / f"{result['benchmark']}-{date}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    result = bench.result("memory-pages" if sweep else "memory", "bench_memory.py", argv, machine, device=base.device,
+                          config=base.to_dict(), prompt_tokens=args.tokens, block_sizes=block_sizes, rows=rows)
+    path = bench.write_result(result, args.out)
     (plot_pages if sweep else plot)(rows, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0 if all(r["within_bound"] and r["same_decisions"] for r in rows) else 1
@@ -123,7 +116,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title(f"SmolLM2-135M, {rows[0]['prompt_tokens']}-token prompt: real KV bytes")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bench.save_plot(fig, path)
 
 
 def plot_pages(rows: list[dict], path: Path) -> None:
@@ -150,7 +143,7 @@ def plot_pages(rows: list[dict], path: Path) -> None:
     ax.set_title("SmolLM2-135M: KV memory lost to page granularity")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bench.save_plot(fig, path)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench_text import long_text  # scripts/ is on sys.path when a script runs
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt import bench
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.engine import Engine, EvictionPolicy
 from kvzap_trt.runtime.generate import Runtime
@@ -84,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     base = resolve_config("smollm2-135m", window=args.window, surrogate=args.surrogate)
+    machine = bench.machine_info(base.device)
     rt = Runtime.from_config(base)
     ids = rt.encode(long_text())
     n = args.prompt_tokens
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         r["within_10pct"] = abs(r["concurrency_vs_dense"] / r["expected_1_over_1_minus_c"] - 1) <= 0.10
         r["throughput_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
 
-    print(f"\nSmolLM2-135M on {platform.machine()} CPU, {args.requests} requests x {n} prompt tokens + "
+    print(f"\nSmolLM2-135M on {machine['device']}, {args.requests} requests x {n} prompt tokens + "
           f"{args.new_tokens} new, window {args.window}, KV pool {num_blocks} blocks = {budget_mib:.1f} MiB "
           f"({args.budget_seqs} requests uncompressed)")
     print(f"{'config':>10} {'compression':>11} {'peak seqs':>9} {'x dense':>8} {'1/(1-c)':>8} {'ok':>3} "
@@ -121,15 +119,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'yes' if r['within_10pct'] else 'NO':>3} {r['tokens_per_s']:>7.2f} {r['throughput_vs_dense']:>8.2f} "
               f"{r['preemptions']:>7}")
 
-    date = datetime.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "serve", "date": date, "machine": platform.machine(), "device": base.device,
-              "command": " ".join(["scripts/bench_serve.py"] + (argv if argv is not None else sys.argv[1:])),
-              "config": base.to_dict(), "requests": args.requests, "prompt_tokens": n,
-              "new_tokens": args.new_tokens, "kv_pool_blocks": num_blocks, "kv_pool_mib": round(budget_mib, 2),
-              "rows": rows}
-    path = args.out / f"serve-{date}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    result = bench.result("serve", "bench_serve.py", argv, machine, device=base.device, config=base.to_dict(),
+                          requests=args.requests, prompt_tokens=n, new_tokens=args.new_tokens, kv_pool_blocks=num_blocks,
+                          kv_pool_mib=round(budget_mib, 2), rows=rows)
+    path = bench.write_result(result, args.out)
     plot(rows, path.with_suffix(".png"), budget_mib)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0 if all(r["within_10pct"] and r["all_finished"] for r in rows) else 1
@@ -151,7 +144,7 @@ def plot(rows: list[dict], path: Path, budget_mib: float) -> None:
     b.bar(names, [r["tokens_per_s"] for r in rows], color="tab:green")
     b.set_title("generated tokens / s (CPU)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bench.save_plot(fig, path)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt import bench
 from kvzap_trt.config import resolve_config
 from kvzap_trt.runtime.generate import Runtime
 from kvzap_trt.serve.engine_loop import EngineLoop
@@ -119,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("aiperf not found: install it in its own environment (python3 -m venv /tmp/aiperf && "
                          "/tmp/aiperf/bin/pip install aiperf) and pass --aiperf /tmp/aiperf/bin/aiperf")
     base = resolve_config(MODEL, window=args.window, surrogate=args.surrogate, max_seqs=max(args.concurrency))
+    machine = bench.machine_info(base.device)
     rt = Runtime.from_config(base)
     spec = rt.make_cache(1, 1, 1).spec
     blocks = args.budget_seqs * spec.prefill_blocks(args.prompt_tokens + args.new_tokens)
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.stop()
     bar.close()
 
-    print(f"\nSmolLM2-135M on {platform.machine()} CPU through the OpenAI front, AIPerf streaming completions, "
+    print(f"\nSmolLM2-135M on {machine['device']} through the OpenAI front, AIPerf streaming completions, "
           f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens, window {args.window}, one KV pool of "
           f"{kv_mb:.1f} MiB ({args.budget_seqs} requests uncompressed)")
     print(f"{'config':>10} {'conc':>5} {'compr':>6} {'peak seqs':>9} {'out tok/s':>9} {'TTFT p50 ms':>11} "
@@ -162,14 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:>10} {r['concurrency']:>5} {r['compression_ratio']:>6.1%} {r['peak_running_seqs']:>9} "
               f"{r['output_tokens_per_s']:>9.2f} {r['ttft_ms_p50']:>11.0f} {r['itl_ms_p50']:>10.0f}")
 
-    date = datetime.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "serve-openai", "date": date, "machine": platform.machine(), "device": base.device,
-              "command": " ".join(["scripts/bench_serve.py"] + (argv if argv is not None else sys.argv[1:])),
-              "aiperf_commands": sorted(set(commands)), "config": base.to_dict(), "kv_pool_mib": round(kv_mb, 2),
-              "rows": rows}
-    path = args.out / f"serve-openai-{date}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    argv = sys.argv[1:] if argv is None else argv
+    script = "bench_serve.py" if "--openai" in argv else "bench_serve_openai.py"  # how it was run
+    result = bench.result("serve-openai", script, argv, machine, device=base.device,
+                          aiperf_commands=sorted(set(commands)), config=base.to_dict(), kv_pool_mib=round(kv_mb, 2),
+                          rows=rows)
+    path = bench.write_result(result, args.out)
     plot(rows, path.with_suffix(".png"), kv_mb)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
@@ -194,7 +191,7 @@ def plot(rows: list[dict], path: Path, kv_mb: float) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M, OpenAI front, one {kv_mb:.0f} MiB KV pool", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bench.save_plot(fig, path)
 
 
 if __name__ == "__main__":
