@@ -139,14 +139,16 @@ def read_engine_meta(engine: Path) -> tuple[Path, dict]:
     return plan, meta
 
 
-def _create_context(trt, engine):
-    """An execution context whose device memory follows its own profile (not the largest one)."""
+def _create_context(trt, engine) -> tuple[object, object]:
+    """(an execution context whose device memory follows its own profile, not the largest one;
+    the runtime config it was made from, or None). Keep the config as long as the context: the
+    binding hands the config's ownership to Python, and the context may still point at it."""
     strategy = trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE
     if hasattr(engine, "create_runtime_config"):  # TensorRT >= 10.11
         rc = engine.create_runtime_config()
         rc.set_execution_context_allocation_strategy(strategy)
-        return engine.create_execution_context(rc)
-    return engine.create_execution_context(strategy)
+        return engine.create_execution_context(rc), rc
+    return engine.create_execution_context(strategy), None
 
 
 class TrtExecutor:
@@ -192,7 +194,10 @@ class TrtExecutor:
         self.stream = torch.cuda.Stream(self.device)
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._empty = torch.zeros(1, dtype=torch.int32, device=self.device)  # the address of 0-element tensors
-        self._contexts: dict[int, object] = {}
+        self._contexts: dict[int, tuple[object, object]] = {}  # profile: (context, its runtime config)
+        self._check_aliasing()
+        for profile in range(len(self.profiles)):  # each context's memory now, not in a request's step
+            self._context(profile, self.stream.cuda_stream)
 
     def _check_device_memory(self) -> list[int] | None:
         """The engine's own device memory per profile (activations, workspaces), where TensorRT
@@ -217,17 +222,30 @@ class TrtExecutor:
             raise KvzapError(f"the engine has a tensor of type {dt}, which the executor cannot bind")
         return TORCH_DTYPE_NAMES[name]
 
+    def _check_aliasing(self) -> None:
+        """Each cache output `<name>_out` should be its input `<name>` (the plugins update the
+        cache in place). Where TensorRT says which input an output aliases (11.x), a cache output
+        aliasing nothing suggests it copies the cache: logged, as in _check_device_memory."""
+        aliased = getattr(self.engine, "get_aliased_input_tensor", None)
+        if aliased is None:
+            return
+        for name in self.output_names:
+            if name.endswith("_out") and name.removesuffix("_out") in CACHE_TENSORS and \
+                    aliased(name) != name.removesuffix("_out"):
+                log.warning("TensorRT does not alias %s to %s in %s: it may copy the cache each step",
+                            name, name.removesuffix("_out"), self.path)
+
     def _context(self, profile: int, stream: int):
         if profile not in self._contexts:
-            ctx = _create_context(self.trt, self.engine)
+            ctx, runtime_config = _create_context(self.trt, self.engine)
             try:  # the binding raises RuntimeError where the C++ call returns false
                 ok = ctx is not None and ctx.set_optimization_profile_async(profile, stream)
             except RuntimeError as e:
                 raise KvzapError(f"TensorRT could not select profile {profile} for an execution context: {e}") from None
             if not ok:
                 raise KvzapError(f"TensorRT could not create an execution context for profile {profile}")
-            self._contexts[profile] = ctx
-        return self._contexts[profile]
+            self._contexts[profile] = (ctx, runtime_config)
+        return self._contexts[profile][0]
 
     def _address(self, t: torch.Tensor) -> int:
         return t.data_ptr() if t.numel() else self._empty.data_ptr()

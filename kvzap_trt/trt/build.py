@@ -33,8 +33,10 @@ def build_engine(onnx_path: Path, plugin_lib: Path, out: Path, limits: EngineLim
     logger = trt_logger(trt)
     load_plugin_library(trt, plugin_lib)
     builder = trt.Builder(logger)
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # implied in TensorRT 11
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    # Strongly typed: a flag in TensorRT 10 (1 << 1), implied in 11, whose deprecated flag is ignored.
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    implied = int(trt.__version__.split(".")[0]) >= 11
+    network = builder.create_network(0 if implied or strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the file: external weights sit beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -50,7 +52,11 @@ def build_engine(onnx_path: Path, plugin_lib: Path, out: Path, limits: EngineLim
     for profile_name, shapes in profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, lo, opt, hi)
+            try:  # the binding raises RuntimeError for shapes out of order or of the wrong rank
+                profile.set_shape(name, lo, opt, hi)
+            except RuntimeError as e:
+                raise KvzapError(f"TensorRT refused the {profile_name} profile's shapes of {name} "
+                                 f"(min {lo}, opt {opt}, max {hi}): {e}") from None
         if config.add_optimization_profile(profile) < 0:
             raise KvzapError(f"TensorRT refused the {profile_name} optimisation profile (see its log)")
     blob = builder.build_serialized_network(network, config)
