@@ -14,8 +14,6 @@ bench/results/oracles-<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from bench_text import long_text  # scripts/ is on sys.path when a script runs
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt import bench
 from kvzap_trt.config import resolve_config
 from kvzap_trt.models.loading import load_model, resolve_model_dir
 from kvzap_trt.oracle.kvzip import context_ids, kvzip_plus_scores
@@ -37,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="START:TOKENS slices of the documentation text")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
+    machine = bench.machine_info()
 
     loaded = load_model(resolve_model_dir(resolve_config("smollm2-135m").model))
     tok = loaded.tokenizer
@@ -61,13 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['start']:>6} {r['tokens']:>6} {r['corr_min']:>7.3f}-{r['corr_max']:.3f} "
               f"{r['diff_mean']:>+7.3f} ± {r['diff_std']:.2f} {r['keep_overlap_50']:>9.3f} {r['keep_overlap_75']:>9.3f}")
-    date = datetime.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"oracles-{date}.json"
-    result = {"benchmark": "oracles", "date": date, "model": "smollm2-135m",
-              "command": " ".join(["scripts/compare_oracles.py"] + (argv if argv is not None else sys.argv[1:])),
-              "rows": rows}
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    result = bench.result("oracles", "compare_oracles.py", argv, machine, model="smollm2-135m", rows=rows)
+    path = bench.write_result(result, args.out)
     print(f"wrote {path}")
     return 0
 

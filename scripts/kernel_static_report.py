@@ -21,8 +21,6 @@ cuobjdump and nvdisasm come from the PyPI wheels nvidia-cuda-cuobjdump / nvidia-
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import re
 import shutil
@@ -31,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvzap_trt.atomic import atomic_write_text
+from kvzap_trt import bench
 
 SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "src" / "paged_attention.cu"
 ELEM_BYTES = {"__nv_bfloat16": 2, "__half": 2, "f": 4}
@@ -170,12 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         math = f"{r['math_instructions']} {r['math_op']}"
         print(f"{key:<28}{r['hot_loop_instructions']:>11}{math:>11}{r['kib_per_trip']:>9.1f}"
               f"{r['instructions_per_kib']:>10}{r['registers']:>6}{r['stack_bytes']:>6}{r['resident_blocks_per_sm']:>10}")
-    date = datetime.date.today().isoformat()
-    result = {"benchmark": "kernel_static", "date": date, "arch": args.arch, "command": " ".join(sys.argv),
-              "kernels": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / f"kernel-static-{date}.json", json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out / f'kernel-static-{date}.json'}")
+    result = bench.result("kernel_static", "kernel_static_report.py", argv, bench.machine_info(), arch=args.arch,
+                          kernels=rows)
+    path = bench.write_result(result, args.out, "kernel-static")
+    print(f"wrote {path}")
     return 0
 
 
