@@ -190,6 +190,9 @@ def test_split_heuristic_fills_one_wave(cmake_build):
     chunk = lib.kvzapAttentionSplitSize(BFLOAT16, 32, 1, 32, 8, 4096, sms, 90)
     decode = lib.kvzapAttentionSplitSize(BFLOAT16, 32, 32, 32, 8, 4096, sms, 90)
     assert -(-4096 // chunk) >= 3 and decode == 4096
+    # A group no kernel takes (32 heads per kv head) gets a split, not a division by zero on the host.
+    assert lib.kvzapAttentionBlocks(BFLOAT16, 64, 1, 64, 2) == 64
+    assert 256 <= lib.kvzapAttentionSplitSize(BFLOAT16, 64, 1, 64, 2, 4096, sms, 90) <= 4096
     # The CUDA-core kernel never packs: the batch does not change its split.
     assert lib.kvzapAttentionSplitSize(FLOAT32, 64, 1, 32, 8, 4097, sms, 90) == \
         lib.kvzapAttentionSplitSize(FLOAT32, 64, 64, 32, 8, 4097, sms, 90)

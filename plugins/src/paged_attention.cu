@@ -661,8 +661,10 @@ __global__ void merge_kernel(const kvzapAttentionParams p, const int num_splits)
 __host__ __device__ inline bool packed_launch(int dtype, int num_rows, int batch) {
     return dtype != KVZAP_FLOAT32 && batch > 0 && num_rows > batch;
 }
+// (P at least 1: a group above 16 heads, which no kernel takes, must not divide by zero here.)
 __host__ __device__ inline int launch_blocks(int dtype, int num_rows, int batch, int group_size) {
-    return packed_launch(dtype, num_rows, batch) ? row_groups(num_rows, batch, 16 / imax(1, group_size)) : num_rows;
+    const int P = imax(1, 16 / imax(1, group_size));
+    return packed_launch(dtype, num_rows, batch) ? row_groups(num_rows, batch, P) : num_rows;
 }
 
 // The launch of either kernel over `blocks` blocks per (kv head, split) (rows, or row groups), and
