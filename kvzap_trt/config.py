@@ -25,6 +25,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 SURROGATE_KINDS = ("linear", "mlp")
 
 
+def flag(default: Any, help: str, **how: Any) -> Any:
+    """A RunConfig field that is also a command-line flag: `help`, and how kvzap_trt/cli/flags.py
+    makes the flag (`choices`; `switch`: the flag that sets a default-on bool off; `path`: a
+    file name, resolved to an absolute path)."""
+    return dataclasses.field(default=default, metadata={"help": help, **how})
+
+
 @dataclass
 class RunConfig:
     """Everything a generation run depends on, apart from the prompt.
@@ -47,28 +54,32 @@ class RunConfig:
     """
 
     preset: str | None = None
-    model: str = "smollm2-135m"
-    surrogate: str | None = None
+    model: str = flag("smollm2-135m", "preset name, HF model directory, .gguf file or HF id (default: smollm2-135m)")
+    surrogate: str | None = flag(None, "surrogate directory, HF id or random:KIND:SEED (default: the preset's)")
     surrogate_kind: str | None = None
-    threshold: float = -4.0
-    window: int = 128
-    compress_decoding: bool = True
-    dtype: str = "float32"
-    device: str = "cpu"
-    tp: int = 1
-    block_size: int = 16
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    threshold: float = flag(-4.0, "tau: evict KV pairs with log-score < tau (default: the preset's)")
+    window: int = flag(128, "most recent tokens never evicted (default: 128)")
+    compress_decoding: bool = flag(True, "evict only during prefill, as kvpress decoding=False",
+                                   switch="--no-compress-decoding")
+    dtype: str = flag("float32", "weights and KV cache (default: the preset's, else float32)", choices=DTYPES)
+    device: str = flag("cpu", "where the model runs (default: the preset's, else cpu)", choices=("cpu", "cuda"))
+    tp: int = flag(1, "tensor-parallel ranks (default: the preset's, else 1)")
+    block_size: int = flag(16, "tokens per KV block (default: 16)")
+    max_new_tokens: int = flag(64, "tokens to generate at most (default: 64)")
+    temperature: float = flag(0.0, "0 (default): greedy")
+    top_p: float = flag(1.0, "nucleus sampling mass (default: 1, off)")
+    top_k: int = flag(0, "sample among the k likeliest tokens (default: 0, off)")
+    seed: int = flag(0, "sampling seed (default: 0)")
     # serving: sequence slots, and the KV block pool's size (the whole KV budget: kept and window pages)
-    max_seqs: int = 32
-    kv_cache_mb: float = 256.0
-    max_num_tokens: int | None = None
+    max_seqs: int = flag(32, "sequences served at once (default: 32)")
+    kv_cache_mb: float = flag(256.0, "KV block pool size in MiB (default: 256)")
+    max_num_tokens: int | None = flag(
+        None, "prefill prompts in chunks of this many tokens, at most this many prompt tokens per step (decodes "
+        "come on top; later chunks attend to the compressed cache of earlier ones); default: prompts prefilled "
+        "whole; with build --engine tensorrt also the engine's limit (default 8192)")
     # fast/slow reasoning (kvzap_trt/kvcoe/reasoning.py)
-    probe: str | None = None
-    fast_max_new_tokens: int | None = None
+    probe: str | None = flag(None, "difficulty probe for reasoning auto (from `kvzap-trt probe train`)", path=True)
+    fast_max_new_tokens: int | None = flag(None, "generation budget of reasoning fast (default: the request's own)")
 
     def validate(self) -> "RunConfig":
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):

@@ -39,8 +39,8 @@ def test_dry_run_prints_every_step_and_writes_nothing(tmp_path, capsys):
         argv = shlex.split(docker)
         assert argv[:4] == ["docker", "run", "--rm", "--gpus"] and f"{out}:{out}" in argv
         assert argv[argv.index("--entrypoint") + 1:] == ["kvzap-trt", "kvzap-trt", "build", "--engine", "tensorrt",
-                                                         "--model", "qwen3-8b", "--model-name", "ensemble",
-                                                         "--max-num-tokens", "4096", "--out", str(out), "--resume"]
+                                                         "--model", "qwen3-8b", "--max-num-tokens", "4096",
+                                                         "--model-name", "ensemble", "--out", str(out), "--resume"]
     assert not out.exists()
 
 

@@ -5,13 +5,12 @@ or `Engine.submit(..., embed=True)`).
 
 embedding.py  the KV embedding of one sequence slot (kept pages + window, per-head ragged)
 baseline.py   the baseline: mean-pooled final hidden states of the same model (one dense forward)
-command.py    `kvzap-trt embed` (--prompt | --prompt-file | --jsonl)
 jsonl.py      the JSON-lines input of `embed --jsonl` and `probe train --data`
 evaluate.py   clustering and title retrieval on standard-library docs: KV (eviction off, at tau) vs baseline
 coe.py        the KV-CoE self-evaluation score of an answer (Chain-of-Embedding features over the cache's layers)
 selfeval.py   its AUROC, right vs wrong, on a generated recall task (eviction off and on)
 probe.py      the difficulty probe (fast/slow) on the prefill KV embedding; one safetensors file
-probe_train.py, probe_command.py   training it from labelled prompts; `kvzap-trt probe train`
+probe_train.py  training it from labelled prompts (`kvzap-trt probe train`)
 reasoning.py  the request option reasoning auto|fast|slow, applied by the engine after prefill
 fastslow.py   tokens vs accuracy of always-long, always-short, probe-auto and the oracle on SmolLM2
 """

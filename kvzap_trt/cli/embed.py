@@ -1,5 +1,5 @@
-"""`kvzap-trt embed`: KV embeddings of texts, read from the engine's cache after prefill; cli.py only
-registers it.
+"""`kvzap-trt embed`: KV embeddings of texts, read from the engine's cache after prefill (KV-CoE,
+kvzap_trt/kvcoe/embedding.py).
 
 Output: one JSON object per line, in input order:
   {"index": i, "embedding": [...], "prompt_tokens": n, "kv_compression_ratio": r}
@@ -13,14 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvzap_trt.cli.flags import EVICTION, add_config_flags, check_positive, config_from_args, read_text
 from kvzap_trt.errors import KvzapError
-from kvzap_trt.kvcoe.embedding import HEAD_AGGS, KVEmbedding
-from kvzap_trt.kvcoe.jsonl import read_jsonl
 
 
 def add_parser(sub: Any) -> None:
-    from kvzap_trt.cli import add_config_flags
-
     p = sub.add_parser(
         "embed",
         help="KV-cache embeddings of texts (KV-CoE): the kept K/V of the last layers, mean-pooled",
@@ -29,13 +26,13 @@ def add_parser(sub: Any) -> None:
         "(kept pages + window), averaged over heads and the last --layers layers, L2-normalised "
         "(arXiv 2601.20326). Prints one JSON object per text, in input order.",
     )
-    add_config_flags(p)
+    add_config_flags(p, EVICTION)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text")
     src.add_argument("--prompt-file", type=Path, help="file whose whole content is the text")
     src.add_argument("--jsonl", type=Path, help='file of lines {"text": ...} (blank lines skipped)')
     p.add_argument("--layers", type=int, default=4, help="last layers to use, 0: all (default: 4, as the paper)")
-    p.add_argument("--head-agg", choices=HEAD_AGGS, default="mean",
+    p.add_argument("--head-agg", default="mean",  # checked by KVEmbedding
                    help="mean (default, the paper's: 2 * head_dim values) or flatten (kv_heads * 2 * head_dim)")
     p.add_argument("--batch", type=int, default=16, help="texts per continuous batch (default: 16)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON lines here (default: stdout)")
@@ -43,11 +40,11 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvzap_trt.cli import config_from_args, read_text
+    from kvzap_trt.kvcoe.embedding import KVEmbedding
+    from kvzap_trt.kvcoe.jsonl import read_jsonl
     from kvzap_trt.runtime.generate import Runtime
 
-    if args.batch < 1:
-        raise KvzapError(f"--batch must be >= 1, got {args.batch}")
+    check_positive(args, "batch")
     embedding = KVEmbedding(last_layers=args.layers, head_agg=args.head_agg)
     if args.jsonl is not None:
         texts = [obj["text"] for _, obj in read_jsonl(args.jsonl)]

@@ -1,4 +1,4 @@
-"""`kvzap-trt eval`: flags, checks and the run; kvzap_trt/cli.py only registers it."""
+"""`kvzap-trt eval`: accuracy against compression on generated long-context tasks (kvzap_trt/eval/)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvzap_trt.cli.flags import add_config_flags, check_positive
 from kvzap_trt.errors import KvzapError
 
 
@@ -36,7 +37,7 @@ def add_parser(sub: Any) -> None:
         "compression (window only; random eviction at KVzap's per-head rate). Writes OUT/report.json, "
         f"report.md and report.png atomically. Tasks: {', '.join(TASKS)}.",
     )
-    p.add_argument("--model", default=None, help="preset, HF model directory, .gguf or HF id (default: smollm2-135m)")
+    add_config_flags(p, ("model",))
     p.add_argument("--surrogate", action="append", default=None,
                    help="surrogate directory, HF id or random:KIND:SEED; repeat for several (default: the preset's)")
     p.add_argument("--thresholds", type=_list(float, "--thresholds"), default=[],
@@ -46,15 +47,11 @@ def add_parser(sub: Any) -> None:
                    help="comma-separated prompt lengths in tokens (default: 512,1024)")
     p.add_argument("--samples", type=int, default=8, help="samples per task and length (default: 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=None, help="KVzap's window (default: the preset's)")
+    add_config_flags(p, ("window",))
     p.add_argument("--min-full-accuracy", type=float, default=0.0,
                    help="run KVzap and baselines only where the full cache scores at least this %% (default: 0)")
     p.add_argument("--batch", type=int, default=8, help="samples per continuous batch (default: 8)")
-    p.add_argument("--max-num-tokens", type=int, default=None,
-                   help="prefill contexts in chunks of this many tokens, later chunks over the compressed earlier "
-                   "ones (default: whole, as kvpress): what chunked prefill costs in accuracy")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_config_flags(p, ("max_num_tokens", "device", "dtype"))
     p.add_argument("--out", type=Path, default=None, help="report directory (default: build/eval/<model>)")
     p.set_defaults(func=run)
 
@@ -73,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = task_names(args.tasks)
     if not all(math.isfinite(t) for t in args.thresholds):
         raise KvzapError(f"--thresholds must be finite, got {args.thresholds}")
-    for flag, value in (("--samples", args.samples), ("--batch", args.batch)):
-        if value < 1:
-            raise KvzapError(f"{flag} must be >= 1, got {value}")
+    check_positive(args, "samples", "batch")
     if not args.lengths or min(args.lengths) < 1:
         raise KvzapError(f"--lengths must be positive, got {args.lengths}")
     cfg = resolve_config(args.model, window=args.window, device=args.device, dtype=args.dtype,

@@ -1,4 +1,4 @@
-"""`kvzap-trt probe train`: a difficulty probe (probe.py) from labelled prompts; cli.py only registers it.
+"""`kvzap-trt probe train`: a difficulty probe (kvzap_trt/kvcoe/probe.py) from labelled prompts.
 
 Input: lines {"text": ..., "label": "fast" | "slow" | 0 | 1} (1: slow). Each text is wrapped in the
 chat template (as the OpenAI chat endpoint and `generate --chat` present prompts; --raw: as is),
@@ -12,12 +12,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kvzap_trt.cli.flags import EVICTION, Parser, add_config_flags, check_positive, config_from_args
 from kvzap_trt.errors import KvzapError
 
 
 def add_parser(sub: Any) -> None:
-    from kvzap_trt.cli import Parser, add_config_flags
-
     p = sub.add_parser("probe", help="difficulty probe for fast/slow reasoning (KV-CoE): train one",
                        description="The difficulty probe picks fast or slow reasoning from a prompt's prefill KV "
                        "embedding (requests with reasoning auto; kvzap_trt/kvcoe/reasoning.py).")
@@ -28,7 +27,7 @@ def add_parser(sub: Any) -> None:
         "embedding (kv heads side by side, K and V means over the held tokens, mean over the last 4 layers), hold "
         "out --val-frac at random, fit the classifier (an MLP as the paper's, or logistic regression with "
         "--hidden 0) and write it as one safetensors file with its config. Prints the held-out accuracy.")
-    add_config_flags(t)
+    add_config_flags(t, EVICTION)
     t.add_argument("--data", type=Path, required=True, help='lines {"text": ..., "label": "fast"|"slow"|0|1}')
     t.add_argument("--out", type=Path, required=True, help="probe file to write (.safetensors, written atomically)")
     t.add_argument("--raw", action="store_true", help="embed the texts as they are, not in the chat template")
@@ -42,12 +41,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from kvzap_trt.cli import config_from_args
     from kvzap_trt.kvcoe.probe_train import read_labelled, train_probe
     from kvzap_trt.runtime.generate import Runtime
 
-    if args.batch < 1:
-        raise KvzapError(f"--batch must be >= 1, got {args.batch}")
+    check_positive(args, "batch")
     texts, labels = read_labelled(args.data)
     cfg = config_from_args(args)
     rt = Runtime.from_config(cfg)

@@ -1,0 +1,7 @@
+"""`python -m kvzap_trt.cli`: the same as `kvzap-trt`."""
+
+import sys
+
+from kvzap_trt.cli import main
+
+sys.exit(main())
