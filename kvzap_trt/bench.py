@@ -5,6 +5,9 @@ A result is one JSON object, bench/results/<stem>-<date>.json: `benchmark` (its 
 the script's own keys. Its plot is the same path with .png. Both are written whole or not at all
 (kvzap_trt/atomic.py). The scripts keep their cases, tables and plots; timing stays theirs too
 (CUDA events on a GPU, wall clocks of whole processes on a CPU).
+
+The research reports (kvzap_trt/kvcoe's under docs/kvcoe/, `kvzap-trt eval`'s) head themselves
+the same way (`report_head`), with their own file layout.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ def today() -> str:
 def command(script: str, argv: list[str] | None = None) -> str:
     """How a benchmark was run: 'scripts/<script> ARGS' (argv None: this process's own arguments)."""
     return " ".join([f"scripts/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def module_command(module: str, argv: list[str] | None = None) -> str:
+    """How a `python -m` report was run: 'python -m <module> ARGS', shell-quoted (argv None: this
+    process's own arguments)."""
+    import shlex
+
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def cpu_name() -> str:
@@ -62,6 +73,20 @@ def machine_info(device: str = "cpu", **extra: Any) -> dict[str, Any]:
     return {"device": device_name(device), "cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
             "torch": torch.__version__, **extra}
+
+
+def report_head(command: str, config: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """`date`, `command` (as given), `machine` (machine_info, with torch's intra-op threads) and,
+    when given, `config`: the head of a research report."""
+    import torch
+
+    head = {"date": today(), "command": command, "machine": machine_info(device, threads=torch.get_num_threads())}
+    return head if config is None else {**head, "config": config}
+
+
+def options(args: Any) -> dict[str, Any]:
+    """An argparse namespace as JSON-ready options (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def result(benchmark: str, script: str, argv: list[str] | None, machine: dict[str, Any], **fields: Any) -> dict:

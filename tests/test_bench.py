@@ -42,3 +42,19 @@ def test_a_plot_is_written_whole_and_closed(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(fig.number)
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_a_research_report_is_headed_like_a_benchmark():
+    import argparse
+    from pathlib import Path
+
+    import torch
+
+    command = bench.module_command("kvzap_trt.kvcoe.evaluate", ["--out", "a b", "--pieces", "3"])
+    assert command == "python -m kvzap_trt.kvcoe.evaluate --out 'a b' --pieces 3"  # quoted: it runs as printed
+    head = bench.report_head(command, {"window": 8})
+    assert list(head) == ["date", "command", "machine", "config"] and head["date"] == bench.today()
+    assert head["machine"]["threads"] == torch.get_num_threads() and head["machine"]["cores"] == os.cpu_count()
+    assert "config" not in bench.report_head(command)
+    assert bench.options(argparse.Namespace(out=Path("d/x"), n=3)) == {"out": "d/x", "n": 3}
+    json.dumps(head)  # JSON-ready

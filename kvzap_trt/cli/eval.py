@@ -6,8 +6,6 @@ import argparse
 import dataclasses
 import datetime
 import math
-import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -59,6 +57,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from kvzap_trt import bench
     from kvzap_trt.config import resolve_config
     from kvzap_trt.eval.report import kvzap_summary, write_report
     from kvzap_trt.eval.runner import Prompter
@@ -92,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "model": name,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-                   f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {cfg.device}".replace(" ,", ","),
+        "machine": bench.machine_info(cfg.device, threads=torch.get_num_threads()),
         "command": "kvzap-trt " + shlex.join(sys.argv[1:]),
         "surrogates": specs, "thresholds": args.thresholds, "tasks": tasks, "lengths": args.lengths,
         "samples": args.samples, "seed": args.seed, "window": cfg.window,

@@ -50,7 +50,8 @@ def _f(x: float | None, fmt: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     runs, meta = report["runs"], report["meta"]
     lines = [f"# Accuracy against compression: {meta['model']}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "model"]
+    lines += [f"- {k}: " + (", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else str(v))
+              for k, v in meta.items() if k != "model"]  # the machine is a dict (kvzap_trt/bench.py)
     full = full_accuracy(runs)
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     lengths = sorted({r["length"] for r in runs})

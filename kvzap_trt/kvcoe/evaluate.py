@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from kvzap_trt import bench
 from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.kvcoe.baseline import mean_final_hidden
@@ -170,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr)
     n, p = len(docs), args.pieces
     report = {
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m kvzap_trt.kvcoe.evaluate " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "config": {**cfg.to_dict(), **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.evaluate", argv), {**cfg.to_dict(), **bench.options(args)}),
         "documents": n, "modules": names, "document_tokens": [len(d) for d in docs],
         "chance": {"cluster_p_at_1": (p - 1) / (n - 1), "retrieval_top1": p / n},
         "results": results,

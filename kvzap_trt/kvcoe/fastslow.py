@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import random
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -45,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from kvzap_trt import bench
 from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.kvcoe.probe import ProbeConfig, model_shape
@@ -263,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_setting(rt, qs, train, test, args.short, args.long, args.batch, args.seed,
                                         args.epochs, Path(tmp), name.split(",")[0].replace(" ", "-"), args.resplits)
     report = {
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m kvzap_trt.kvcoe.fastslow " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "config": {**cfg.to_dict(), **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.fastslow", argv), {**cfg.to_dict(), **bench.options(args)}),
         "questions": len(qs), "train": len(train), "test": len(test),
         "categories": {c: sum(q.category == c for q in qs) for c in sorted({q.category for q in qs})},
         "results": results,

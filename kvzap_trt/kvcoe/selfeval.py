@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import random
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from kvzap_trt import bench
 from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.errors import KvzapError
@@ -191,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.resummarise:
         report = json.loads((args.out / "selfeval.json").read_text())
-        report["resummarised"] = f"{datetime.date.today().isoformat()}: --resummarise --bootstrap {args.bootstrap} --seed {args.seed}"
+        report["resummarised"] = f"{bench.today()}: --resummarise --bootstrap {args.bootstrap} --seed {args.seed}"
         write_report(report, args.out, args.bootstrap, args.seed)
         return 0
     try:
@@ -218,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {sum(r['right'] for r in results[name])}/{len(qs)} right, {timing[name]} s", file=sys.stderr)
 
     report = {
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m kvzap_trt.kvcoe.selfeval " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "config": {**cfg.to_dict(), **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.selfeval", argv), {**cfg.to_dict(), **bench.options(args)}),
         "score": "kv_coe_c (kv_coe_score); higher: more likely right",
         "seconds": timing,
         "samples": [{**q, "prompt_tokens": len(p), "runs": {name: rows[i] for name, rows in results.items()}}
