@@ -36,7 +36,7 @@ from kvzap_trt.kvcoe.probe import Probe
 
 if TYPE_CHECKING:
     from kvzap_trt.cache.paged_cache import PagedKVCache
-    from kvzap_trt.runtime.engine import Request
+    from kvzap_trt.runtime.scheduler import Request
 
 
 

@@ -17,8 +17,9 @@ from kvzap_trt.executors import EXECUTORS, Executor
 from kvzap_trt.kvcoe.embedding import KVEmbedding
 from kvzap_trt.kvcoe.reasoning import FastSlow, Reasoning
 from kvzap_trt.models.loading import TORCH_DTYPES, LoadedModel, load_model, resolve_model_dir
-from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
+from kvzap_trt.runtime.engine import Engine, EvictionPolicy
 from kvzap_trt.runtime.sampler import SamplingParams
+from kvzap_trt.runtime.scheduler import Request
 from kvzap_trt.surrogate import Surrogate, load_surrogate
 
 

@@ -17,8 +17,9 @@ from typing import Callable
 
 from kvzap_trt.errors import INTERNAL_ERROR, KV_POOL_EXHAUSTED, CacheFullError, KvzapError, error_code
 from kvzap_trt.kvcoe.reasoning import Reasoning
-from kvzap_trt.runtime.engine import Engine, EvictionPolicy, Request
+from kvzap_trt.runtime.engine import Engine, EvictionPolicy
 from kvzap_trt.runtime.generate import Runtime
+from kvzap_trt.runtime.scheduler import Request
 from kvzap_trt.serve.protocol import BadRequest, GenerationParams
 
 log = logging.getLogger(__name__)
