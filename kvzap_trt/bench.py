@@ -6,8 +6,8 @@ the script's own keys. Its plot is the same path with .png. Both are written who
 (kvzap_trt/atomic.py). The scripts keep their cases, tables and plots; timing stays theirs too
 (CUDA events on a GPU, wall clocks of whole processes on a CPU).
 
-The research reports (kvzap_trt/kvcoe's under docs/kvcoe/, `kvzap-trt eval`'s) head themselves
-the same way (`report_head`), with their own file layout.
+The KV-CoE research reports (docs/kvcoe/) head themselves the same way (`report_head`), and
+`kvzap-trt eval`'s report carries the same `machine`; their file layouts are their own.
 """
 
 from __future__ import annotations

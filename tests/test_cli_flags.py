@@ -22,11 +22,46 @@ GIVEN = {"model": "smollm2-135m", "surrogate": "random:linear:1", "threshold": -
          "kv_cache_mb": 12.5, "max_num_tokens": 64, "probe": "/abs/probe.safetensors", "fast_max_new_tokens": 3}
 
 
+def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by its name: 'generate', 'probe train', ..."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[prefix + name] = sub
+                out.update(commands(sub, f"{prefix}{name} "))
+    return out
+
+
 def test_every_flag_field_has_a_value_here_and_a_command():
     assert set(GIVEN) == set(CONFIG_FIELDS)
     assert set(EVICTION + SAMPLING + SERVING + REASONING + ("tp",)) == set(CONFIG_FIELDS)
     defaults = RunConfig()
     assert all(GIVEN[k] != getattr(defaults, k) for k in GIVEN if k != "model")
+    taken = {f: [] for f in CONFIG_FIELDS}
+    for name, sub in commands(build_parser()).items():
+        options = {o for a in sub._actions for o in a.option_strings}
+        for f in sub.get_default("config_fields") or ():
+            assert flag_name(f) in options, (name, f)
+            taken[f].append(name)
+    assert all(taken.values()), {f: c for f, c in taken.items() if not c}  # each field is some command's flag
+    assert "generate" in taken["max_new_tokens"] and "serve" in taken["max_seqs"]
+
+
+def test_a_commands_own_flag_of_a_config_name_stays_its_own():
+    # probe train's --seed splits and initialises the probe; eval's --seed generates the tasks
+    for argv in (["probe", "train", "--data", "d.jsonl", "--out", "p.safetensors", "--seed", "5"],
+                 ["eval", "--seed", "5", "--window", "9"]):
+        args = build_parser().parse_args(argv)
+        assert args.seed == 5 and config_from_args(args).seed == RunConfig().seed
+    assert config_from_args(args).window == 9  # eval's --window is the config's
+
+
+def test_embed_offers_the_head_aggregations_the_embedding_knows():
+    from kvzap_trt.cli.embed import HEAD_AGGS
+    from kvzap_trt.kvcoe.embedding import HEAD_AGGS as KNOWN
+
+    assert HEAD_AGGS == KNOWN
 
 
 def test_each_flag_reaches_the_config():

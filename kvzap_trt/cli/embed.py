@@ -16,6 +16,10 @@ from typing import Any
 from kvzap_trt.cli.flags import EVICTION, add_config_flags, check_positive, config_from_args, read_text
 from kvzap_trt.errors import KvzapError
 
+# kvzap_trt/kvcoe/embedding.py's HEAD_AGGS (imported there with torch; tests/test_cli_flags.py
+# checks they are equal)
+HEAD_AGGS = ("mean", "flatten")
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -32,7 +36,7 @@ def add_parser(sub: Any) -> None:
     src.add_argument("--prompt-file", type=Path, help="file whose whole content is the text")
     src.add_argument("--jsonl", type=Path, help='file of lines {"text": ...} (blank lines skipped)')
     p.add_argument("--layers", type=int, default=4, help="last layers to use, 0: all (default: 4, as the paper)")
-    p.add_argument("--head-agg", default="mean",  # checked by KVEmbedding
+    p.add_argument("--head-agg", choices=HEAD_AGGS, default="mean",
                    help="mean (default, the paper's: 2 * head_dim values) or flatten (kv_heads * 2 * head_dim)")
     p.add_argument("--batch", type=int, default=16, help="texts per continuous batch (default: 16)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON lines here (default: stdout)")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvzap_trt.cli.flags import add_config_flags, check_positive
+from kvzap_trt.cli.flags import add_config_flags, check_positive, config_from_args
 from kvzap_trt.errors import KvzapError
 
 
@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvzap_trt import bench
-    from kvzap_trt.config import resolve_config
     from kvzap_trt.eval.report import kvzap_summary, write_report
     from kvzap_trt.eval.runner import Prompter
     from kvzap_trt.eval.suite import evaluate
@@ -72,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args, "samples", "batch")
     if not args.lengths or min(args.lengths) < 1:
         raise KvzapError(f"--lengths must be positive, got {args.lengths}")
-    cfg = resolve_config(args.model, window=args.window, device=args.device, dtype=args.dtype,
-                         max_num_tokens=args.max_num_tokens)
+    cfg = config_from_args(args)  # its --surrogate (repeatable) and --seed (the tasks') are its own
     specs = args.surrogate or ([cfg.surrogate] if cfg.surrogate and args.thresholds else [])
     if args.thresholds and not specs:
         raise KvzapError(f"--thresholds needs a surrogate: {cfg.preset or cfg.model} has none, pass --surrogate")

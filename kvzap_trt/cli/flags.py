@@ -45,7 +45,10 @@ def flag_name(name: str) -> str:
 
 def add_config_flags(p: argparse.ArgumentParser, names: tuple[str, ...] = EVICTION) -> None:
     """One flag per RunConfig field in `names`, default None (not given: the preset's value, then the
-    dataclass default): the third layer of the configuration."""
+    dataclass default): the third layer of the configuration. The parser remembers which fields it
+    took (`config_fields`), so a command's own flag of the same name (probe train's --seed)
+    never reaches the config."""
+    p.set_defaults(config_fields=(p.get_default("config_fields") or ()) + tuple(names))
     for name in names:
         meta = CONFIG_FIELDS[name].metadata
         if "switch" in meta:  # a bool that is on unless the flag is given
@@ -58,8 +61,9 @@ def add_config_flags(p: argparse.ArgumentParser, names: tuple[str, ...] = EVICTI
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The resolved RunConfig: defaults, the preset named by --model, then every config flag given."""
-    given = {k: getattr(args, k) for k in CONFIG_FIELDS if k != "model" and hasattr(args, k)}
-    return resolve_config(getattr(args, "model", None), **given)
+    fields = getattr(args, "config_fields", ())
+    given = {k: getattr(args, k) for k in fields if k != "model"}
+    return resolve_config(getattr(args, "model", None) if "model" in fields else None, **given)
 
 
 def config_argv(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:

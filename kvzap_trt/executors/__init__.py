@@ -1,7 +1,8 @@
 """Executors: one packed forward pass of the model over the KVzap cache, behind one interface.
 
-The engine (`runtime/engine.py`) schedules, builds a `StepInputs`, calls `forward`, samples and
-keeps the host-side bookkeeping (context lengths, kvpress decoding=False). An executor runs the
+The engine (`runtime/engine.py`; its scheduler, `runtime/scheduler.py`, picks the work) builds a
+`StepInputs`, calls `forward`, samples and keeps the host-side bookkeeping (context lengths,
+kvpress decoding=False). An executor runs the
 model's layers with their attention and eviction and leaves the cache tensors updated:
   - `TorchExecutor`: our PyTorch forward, ops from `ops.dispatch` (kernels, CPU fast path or the
     references);

@@ -76,8 +76,8 @@ class Engine:
         if max_num_tokens is not None and max_num_tokens < 1:
             raise KvzapError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
         limits = [n for n in (max_num_tokens, getattr(self.executor, "max_num_tokens", None)) if n is not None]
-        self.scheduler = Scheduler(cache, min(limits) if limits else None, policy.surrogate is not None, max_seq_len,
-                                   self.finish)
+        # max_seq_len, the policy's surrogate and the step limit are fixed from here on
+        self.scheduler = Scheduler(cache, min(limits) if limits else None, policy.surrogate is not None, max_seq_len)
         self._ids = itertools.count()
 
     @property
@@ -146,7 +146,7 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """One forward pass; returns the requests that finished in it (finish_reason "error" too)."""
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(self.finish)
         if not out.work:
             return out.failed
         logits = self._forward(out)

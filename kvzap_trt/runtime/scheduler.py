@@ -80,14 +80,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_tokens: int | None, evicts: bool, max_seq_len: int,
-                 finish: Callable[[Request, str], None]):
+    def __init__(self, cache: PagedKVCache, max_num_tokens: int | None, evicts: bool, max_seq_len: int):
         """max_num_tokens: the prompt chunk and the most prompt tokens a step packs (None: prompts
-        whole); evicts: a surrogate evicts (admission may then count a first chunk only); finish:
-        how a request that fails in `schedule` ends (the engine records its results, then calls
-        `release`)."""
+        whole); evicts: a surrogate evicts (admission may then count a first chunk only). All
+        three are fixed for the scheduler's life."""
         self.cache, self.max_num_tokens, self.evicts, self.max_seq_len = cache, max_num_tokens, evicts, max_seq_len
-        self.finish = finish
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -144,7 +141,7 @@ class Scheduler:
         self.waiting.appendleft(r)
 
     # -- one step ---------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, finish: Callable[[Request, str], None]) -> SchedulerOutput:
         """Choose this step's work: (request, new tokens) pairs that fit the free blocks and the
         step's prompt-token budget (max_num_tokens; decodes come on top of it).
 
@@ -156,6 +153,11 @@ class Scheduler:
         preemption at least what they held then). Without a budget every prompt is prefilled
         whole in the step that admits it. Two device reads (the running slots' kept lengths, the
         free count); a preemption or a failure adds a release's and a fresh free count.
+
+        finish: how a request the pool can never hold ends, here, before the requests behind it
+        are admitted (the engine's: it records the request's results, then calls `release`). Passed
+        per call, not kept, so the engine and its scheduler hold no reference cycle (a dropped
+        engine frees its KV pool at once, not at the next garbage collection).
         """
         failed: list[Request] = []
         kept = self.cache.read_kept([r.slot for r in self.running])  # [L, B, H]
@@ -185,7 +187,7 @@ class Scheduler:
             r.error = f"the KV pool ({self.cache.spec.num_blocks} blocks) cannot hold this request past {past}"
             r.error_code = KV_POOL_EXHAUSTED
             prompt_left += new.get(r.request_id, 0) if r.prefilling else 0
-            self.finish(r, "error")
+            finish(r, "error")
             failed.append(r)
             need.clear()
             new.clear()

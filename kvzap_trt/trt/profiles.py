@@ -17,7 +17,7 @@ The exported graph (`export/graph.py`) names its dynamic dimensions; each gets a
 
 S = max_seqs, T = max_num_tokens (prompt tokens of a step: a prefill chunk), P = the pool's blocks
 (kv_cache_mb's worth), C = max_seq_len. A step packs at most T prompt tokens and one token of every
-other running sequence (runtime/engine.py), hence T + S.
+other running sequence (runtime/scheduler.py), hence T + S.
 
 Why two profiles: the attention plugin sizes its workspace from the profile's largest N
 (plugins/trt/kvzapVarlenPagedAttentionPlugin/README.md: `4 * Hq * (D + 1) * max(256 * 4 / H,
