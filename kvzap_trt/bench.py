@@ -101,9 +101,10 @@ def write_result(record: dict, out_dir: Path, stem: str | None = None) -> Path:
     return path
 
 
-def save_plot(fig, path: Path) -> None:
-    """A benchmark's figure as PNG at `path` (written whole or not at all), then closed."""
+def save_plot(fig, path: Path, **savefig: Any) -> None:
+    """A figure as PNG at `path` (dpi 120 unless `savefig` says otherwise; written whole or not at
+    all), then closed."""
     import matplotlib.pyplot as plt
 
-    atomic_save_figure(fig, path, dpi=120)
+    atomic_save_figure(fig, path, **{"dpi": 120, **savefig})
     plt.close(fig)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from kvzap_trt import bench
-from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.kvcoe.baseline import mean_final_hidden
 from kvzap_trt.kvcoe.embedding import KVEmbedding
@@ -116,8 +116,7 @@ def plot(report: dict, path: Path) -> None:
            title=f"KV embedding vs hidden states, {report['documents']} documents ({report['date']})")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
-    plt.close(fig)
+    bench.save_plot(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

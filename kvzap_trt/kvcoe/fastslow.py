@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from kvzap_trt import bench
-from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.kvcoe.probe import ProbeConfig, model_shape
 from kvzap_trt.kvcoe.probe_train import accuracy, embed_prompts, fit
@@ -223,8 +223,7 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
-    plt.close(fig)
+    bench.save_plot(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from kvzap_trt import bench
-from kvzap_trt.atomic import atomic_save_figure, atomic_write_text
+from kvzap_trt.atomic import atomic_write_text
 from kvzap_trt.config import resolve_config
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.kvcoe.coe import FEATURES, coe_features
@@ -169,8 +169,7 @@ def plot(curves: dict[str, tuple[list[float], list[float], float]], path: Path, 
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate (wrong answers scored as right)", ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right")
-    atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    bench.save_plot(fig, path, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:
