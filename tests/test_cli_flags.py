@@ -124,3 +124,16 @@ def test_the_parser_is_built_without_torch():
             "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["generate", "score", "embed"])
+def test_an_empty_prompt_is_refused_before_the_model_loads(command, tmp_path, capsys):
+    from kvzap_trt.cli import main
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n")
+    for source in (["--prompt", "  "], ["--prompt-file", str(blank)]):
+        assert main([command, *source]) == 2
+        assert capsys.readouterr().err == "kvzap-trt: error: the prompt is empty\n"
+    assert main([command, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read prompt file" in capsys.readouterr().err

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvzap_trt.cli.flags import EVICTION, add_config_flags, check_positive, config_from_args, read_text
+from kvzap_trt.cli.flags import EVICTION, add_config_flags, add_prompt_flags, check_positive, config_from_args, \
+    prompt_text
 from kvzap_trt.errors import KvzapError
 
 # kvzap_trt/kvcoe/embedding.py's HEAD_AGGS (imported there with torch; tests/test_cli_flags.py
@@ -31,10 +32,7 @@ def add_parser(sub: Any) -> None:
         "(arXiv 2601.20326). Prints one JSON object per text, in input order.",
     )
     add_config_flags(p, EVICTION)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="the text")
-    src.add_argument("--prompt-file", type=Path, help="file whose whole content is the text")
-    src.add_argument("--jsonl", type=Path, help='file of lines {"text": ...} (blank lines skipped)')
+    add_prompt_flags(p, "the text").add_argument("--jsonl", type=Path, help='file of lines {"text": ...} (blank lines skipped)')
     p.add_argument("--layers", type=int, default=4, help="last layers to use, 0: all (default: 4, as the paper)")
     p.add_argument("--head-agg", choices=HEAD_AGGS, default="mean",
                    help="mean (default, the paper's: 2 * head_dim values) or flatten (kv_heads * 2 * head_dim)")
@@ -53,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jsonl is not None:
         texts = [obj["text"] for _, obj in read_jsonl(args.jsonl)]
     else:
-        texts = [args.prompt if args.prompt is not None else read_text(args.prompt_file)]
-        if not texts[0].strip():
-            raise KvzapError("the prompt is empty")
+        texts = [prompt_text(args)]
     rt = Runtime.from_config(config_from_args(args))
     ids = [rt.encode(t) for t in texts]
     for i, t in enumerate(ids):

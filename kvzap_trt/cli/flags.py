@@ -80,6 +80,23 @@ def config_argv(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     return argv
 
 
+def add_prompt_flags(p: argparse.ArgumentParser, what: str) -> argparse._MutuallyExclusiveGroup:
+    """--prompt TEXT | --prompt-file FILE, one of them required: `what` the text is ("the
+    prompt"). Returns the group, for a command's other sources (--prompt-ids-file, --jsonl)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help=what)
+    src.add_argument("--prompt-file", type=Path, help=f"file whose whole content is {what}")
+    return src
+
+
+def prompt_text(args: argparse.Namespace) -> str | None:
+    """The text of --prompt or --prompt-file (None: neither was given); an empty one is an error."""
+    text = args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else None
+    if text is not None and not text.strip():
+        raise KvzapError("the prompt is empty")
+    return text
+
+
 def read_prompt_ids(path: Path) -> list[int]:
     try:
         ids = json.loads(path.read_text())

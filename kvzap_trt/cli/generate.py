@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvzap_trt.cli.flags import EVICTION, REASONING, SAMPLING, add_config_flags, config_from_args, read_prompt_ids, read_text
+from kvzap_trt.cli.flags import EVICTION, REASONING, SAMPLING, add_config_flags, add_prompt_flags, config_from_args, \
+    prompt_text, read_prompt_ids
 from kvzap_trt.config import REASONING_MODES, preset_names
 from kvzap_trt.errors import KvzapError
 
@@ -22,10 +23,7 @@ def add_parser(sub: Any) -> None:
         f"Presets: {', '.join(preset_names())}.",
     )
     add_config_flags(p, EVICTION)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", type=Path, help="file whose whole content is the prompt")
-    src.add_argument("--prompt-ids-file", type=Path, help="file holding a JSON list of token ids")
+    add_prompt_flags(p, "the prompt").add_argument("--prompt-ids-file", type=Path, help="file holding a JSON list of token ids")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     add_config_flags(p, SAMPLING)
     p.add_argument("--json", action="store_true", help="print one JSON object (token ids, text, KV statistics)")
@@ -66,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.prompt_ids_file is not None:
         prompt_ids = read_prompt_ids(args.prompt_ids_file)
-    text = args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else None
-    if text is not None and not text.strip():
-        raise KvzapError("the prompt is empty")
+    text = prompt_text(args)
     check(args)
     rt = Runtime.from_config(cfg, executor=args.executor, onnx_model=args.onnx, engine_file=args.engine_file,
                              plugin_lib=args.plugin_lib)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from kvzap_trt.cli.flags import EVICTION, add_config_flags, config_from_args, read_text
+from kvzap_trt.cli.flags import EVICTION, add_config_flags, add_prompt_flags, config_from_args, prompt_text
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.oracle import ORACLES
 
@@ -22,9 +21,7 @@ def add_parser(sub: Any) -> None:
         "positions of the chat prefix score 0); without it, the surrogate's log-scores.",
     )
     add_config_flags(p, EVICTION)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text to score")
-    src.add_argument("--prompt-file", type=Path, help="file whose content is the text to score")
+    add_prompt_flags(p, "the text to score")
     p.add_argument("--oracle", action="store_true", help="KVzip+ oracle scores instead of the surrogate's")
     p.add_argument("--oracle-variant", choices=ORACLES, default=None,
                    help="with --oracle: press, kvpress's KVzipPress (default), or kvzap-data, NVIDIA's training collector "
@@ -42,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from kvzap_trt.runtime.generate import Runtime
 
     cfg = config_from_args(args)
-    text = args.prompt if args.prompt is not None else read_text(args.prompt_file)
-    if not text.strip():
-        raise KvzapError("the prompt is empty")
+    text = prompt_text(args)
     if args.chunk_size < 1:
         raise KvzapError(f"chunk size must be >= 1, got {args.chunk_size}")
     if args.oracle_variant is not None and not args.oracle:
