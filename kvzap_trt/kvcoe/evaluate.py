@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr)
     n, p = len(docs), args.pieces
     report = {
-        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.evaluate", argv), {**cfg.to_dict(), **bench.options(args)}),
+        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.evaluate", argv), {**cfg.to_dict(), **bench.options(args)},
+                            cfg.device),
         "documents": n, "modules": names, "document_tokens": [len(d) for d in docs],
         "chance": {"cluster_p_at_1": (p - 1) / (n - 1), "retrieval_top1": p / n},
         "results": results,

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_setting(rt, qs, train, test, args.short, args.long, args.batch, args.seed,
                                         args.epochs, Path(tmp), name.split(",")[0].replace(" ", "-"), args.resplits)
     report = {
-        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.fastslow", argv), {**cfg.to_dict(), **bench.options(args)}),
+        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.fastslow", argv), {**cfg.to_dict(), **bench.options(args)},
+                            cfg.device),
         "questions": len(qs), "train": len(train), "test": len(test),
         "categories": {c: sum(q.category == c for q in qs) for c in sorted({q.category for q in qs})},
         "results": results,

@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {sum(r['right'] for r in results[name])}/{len(qs)} right, {timing[name]} s", file=sys.stderr)
 
     report = {
-        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.selfeval", argv), {**cfg.to_dict(), **bench.options(args)}),
+        **bench.report_head(bench.module_command("kvzap_trt.kvcoe.selfeval", argv), {**cfg.to_dict(), **bench.options(args)},
+                            cfg.device),
         "score": "kv_coe_c (kv_coe_score); higher: more likely right",
         "seconds": timing,
         "samples": [{**q, "prompt_tokens": len(p), "runs": {name: rows[i] for name, rows in results.items()}}
