@@ -100,6 +100,7 @@ def test_train_refuses_bad_input_and_leaves_nothing(tmp_path, capsys, smollm2_di
         (["--corpus", str(empty)], "has no .txt files"),
         (["--corpus", str(short), "--dataset", str(tmp_path / "ds")], "no text of the corpus has 128 tokens"),
         (["--corpus", str(short), "--n-tokens", "0"], "--n-tokens must be >= 1"),
+        (["--corpus", str(short), "--max-texts", "0"], "--max-texts must be >= 1"),
     ]
     for extra, message in cases:
         code = main(["train", "--kind", "linear", "--out", str(tmp_path / "out"), *extra])
@@ -107,6 +108,21 @@ def test_train_refuses_bad_input_and_leaves_nothing(tmp_path, capsys, smollm2_di
         assert code == 2 and message in err, (extra, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "ds").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "short"]
+
+
+def test_max_texts_draws_a_seeded_subset_of_the_long_enough_texts_in_corpus_order(tiny_with_tokenizer, corpus):
+    tok = load_model(tiny_with_tokenizer).tokenizer
+    texts = read_corpus(corpus)
+    every = select_texts(tok, texts, 32, 64)
+    assert "short.txt" not in dict(every) and len(every) == 24
+    a, b, c = (select_texts(tok, texts, 32, 64, max_texts=10, seed=s) for s in (0, 0, 1))
+    assert len(a) == 10 and a == b and a != c
+    order = [name for name, _ in every]
+    for chosen in (a, c):
+        assert set(chosen) <= set(every)
+        names = [name for name, _ in chosen]
+        assert names == sorted(names, key=order.index)
+    assert select_texts(tok, texts, 32, 64, max_texts=100) == every
 
 
 @pytest.mark.slow
@@ -128,6 +144,9 @@ def test_calibrated_tau_gives_the_reported_compression_in_the_real_cache(tiny_wi
     assert result["compression_min"] <= result["compression_mean"] <= result["compression_max"]
     cfg = resolve_config("tiny", max_new_tokens=0)
     assert cfg.threshold == pytest.approx(result["threshold"], abs=1e-4) and "# tiny" in (tmp_path / "tiny.yaml").read_text()
+    assert main(["calibrate", "--model", "tiny", "--corpus", str(corpus), "--target", "0.4", "--max-tokens", "96",
+                 "--min-tokens", "32", "--max-texts", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompts"] == 5
 
     rt = Runtime.from_config(cfg)
     from kvzap_trt.oracle.kvzip import context_ids

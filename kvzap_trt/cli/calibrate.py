@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvzap_trt.cli.flags import EVICTION, add_config_flags, config_from_args
+from kvzap_trt.cli.flags import EVICTION, add_config_flags, check_positive, config_from_args
 from kvzap_trt.errors import KvzapError
 
 
@@ -25,6 +25,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--target", type=float, required=True, help="target compression ratio, e.g. 0.5")
     p.add_argument("--min-tokens", type=int, default=128, help="shorter texts are skipped, as in training (default 128)")
     p.add_argument("--max-tokens", type=int, default=512, help="texts are cut to this many tokens (default 512)")
+    p.add_argument("--max-texts", type=int, default=None,
+                   help="use at most this many of the long-enough texts, a fixed random choice (default: all)")
     p.add_argument("--write-preset", action="store_true", help="write tau into build_configs/<preset>.yaml")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from kvzap_trt.train.calibrate import calibrate, write_threshold
     from kvzap_trt.train.dataset import read_corpus, select_texts
 
+    check_positive(args, "min_tokens", "max_tokens", "max_texts")
     cfg = config_from_args(args)
     if args.write_preset and cfg.preset is None:
         raise KvzapError("--write-preset needs --model to name a preset")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     rt = Runtime.from_config(cfg)
     if rt.surrogate is None or rt.tokenizer is None:
         raise KvzapError("calibration needs a surrogate and a tokenizer")
-    texts = [t for _, t in select_texts(rt.tokenizer, corpus, args.min_tokens, args.max_tokens)]
+    texts = [t for _, t in select_texts(rt.tokenizer, corpus, args.min_tokens, args.max_tokens, args.max_texts)]
     result = calibrate(rt.loaded.model, rt.tokenizer, rt.surrogate, texts, args.target, cfg.window)
     result.update({"model": cfg.preset or cfg.model, "surrogate": cfg.surrogate, "corpus": str(args.corpus)})
     if args.write_preset:

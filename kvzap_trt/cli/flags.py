@@ -117,7 +117,7 @@ def read_text(path: Path) -> str:
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
-    """Each named integer option must be >= 1 (a KvzapError naming the flag otherwise)."""
+    """Each named integer option must be >= 1 or unset (a KvzapError naming the flag otherwise)."""
     for name in names:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise KvzapError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -35,6 +35,9 @@ def add_parser(sub: Any) -> None:
                    help="positions sampled per text (default 384: the oracle scores every position anyway)")
     p.add_argument("--min-tokens", type=int, default=128, help="shorter texts are skipped (default 128)")
     p.add_argument("--max-tokens", type=int, default=512, help="longer texts are cut (default 512)")
+    p.add_argument("--max-texts", type=int, default=None,
+                   help="score at most this many of the corpus's long-enough texts, a random choice by --seed "
+                   "(default: all; the oracle costs ~20 s a 1000-token text on one CPU thread for SmolLM2)")
     p.add_argument("--epochs", type=int, default=15, help="MLP epochs (default 15)")
     p.add_argument("--l2", type=float, default=1e-2, help="ridge penalty on standardised features (default 1e-2)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,28 +52,28 @@ def run(args: argparse.Namespace) -> int:
     from kvzap_trt.train.fit import train_surrogate
     from kvzap_trt.train.report import build_report, plot_report
 
-    check_positive(args, "n_tokens", "min_tokens", "max_tokens", "epochs")
+    check_positive(args, "n_tokens", "min_tokens", "max_tokens", "epochs", "max_texts")
     cfg = resolve_config(args.model)
     corpus = read_corpus(args.corpus)
     model_dir = resolve_model_dir(cfg.model)
     loaded = load_model(model_dir)
     wanted = {"model": str(model_dir), "n_tokens": args.n_tokens, "min_tokens": args.min_tokens,
-              "max_tokens": args.max_tokens, "oracle": args.oracle}
+              "max_tokens": args.max_tokens, "oracle": args.oracle, "max_texts": args.max_texts}
     oracle_suffix = "" if args.oracle == "press" else f"-{args.oracle}"  # each oracle its own default dataset
     ds_dir = args.dataset or Path("build") / "datasets" / f"{cfg.preset or model_dir.name}-{args.corpus.name}{oracle_suffix}"
     ds = Dataset.open(ds_dir) if (ds_dir / "meta.json").is_file() else None
     # a dataset written before there was a choice of oracle has no "oracle": it is the press's
     if ds is None or any(ds.meta.get(k, "press" if k == "oracle" else None) != v for k, v in wanted.items()):
         ds = build_dataset(loaded, corpus, ds_dir, args.n_tokens, args.min_tokens, args.max_tokens, args.seed,
-                           oracle=args.oracle)
+                           oracle=args.oracle, max_texts=args.max_texts)
     surrogate, fit = train_surrogate(ds, args.kind, l2=args.l2, epochs=args.epochs, seed=args.seed)
     surrogate.source = str(args.out)
     surrogate.validate(loaded.config, f"model {cfg.preset or cfg.model}")
     report = build_report(ds, surrogate, fit)
     report.update({"model": cfg.preset or cfg.model, "corpus": str(args.corpus), "dataset": str(ds_dir),
                    "texts": len(ds.meta["texts"]), "train_pairs": ds.meta["count"]["train"],
-                   "options": {k: getattr(args, k) for k in ("oracle", "n_tokens", "min_tokens", "max_tokens", "epochs", "l2",
-                                                              "seed")}})
+                   "options": {k: getattr(args, k) for k in ("oracle", "n_tokens", "min_tokens", "max_tokens", "max_texts",
+                                                              "epochs", "l2", "seed")}})
     try:
         with atomic_dir(args.out) as tmp:
             write_surrogate_files(surrogate, tmp)

@@ -73,8 +73,10 @@ class Dataset:
         return x, y
 
 
-def select_texts(tokenizer, corpus: list[tuple[str, str]], min_tokens: int, max_tokens: int) -> list[tuple[str, str]]:
-    """The (name, text) pairs of at least `min_tokens` tokens, each cut to `max_tokens` tokens."""
+def select_texts(tokenizer, corpus: list[tuple[str, str]], min_tokens: int, max_tokens: int,
+                 max_texts: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """The (name, text) pairs of at least `min_tokens` tokens, each cut to `max_tokens` tokens;
+    with `max_texts`, a random choice (by `seed`) of that many of them, in corpus order."""
     texts = []
     for name, text in corpus:
         ids = tokenizer.encode(text.strip(), add_special_tokens=False)
@@ -82,23 +84,28 @@ def select_texts(tokenizer, corpus: list[tuple[str, str]], min_tokens: int, max_
             texts.append((name, tokenizer.decode(ids[:max_tokens])))
     if not texts:
         raise KvzapError(f"no text of the corpus has {min_tokens} tokens or more ({len(corpus)} texts)")
+    if max_texts is not None and len(texts) > max_texts:
+        chosen = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:max_texts]
+        texts = [texts[i] for i in sorted(chosen.tolist())]
     return texts
 
 
 def build_dataset(loaded: LoadedModel, corpus: list[tuple[str, str]], out: Path, n_tokens: int = 384,
                   min_tokens: int = 128, max_tokens: int = 512, seed: int = 0, oracle: str = "press",
-                  scorer=None) -> Dataset:
+                  scorer=None, max_texts: int | None = None) -> Dataset:
     """`oracle`: one of oracle.ORACLES, whose scorer(model, tokenizer, ids, hidden=dict) gives the
-    scores [L, Hkv, T] and fills `hidden`; `scorer` replaces it (recorded as oracle "custom")."""
+    scores [L, Hkv, T] and fills `hidden`; `scorer` replaces it (recorded as oracle "custom").
+    `max_texts`: score only that many of the texts long enough, chosen at random by `seed`."""
     oracle = oracle if scorer is None else "custom"
     scorer = scorer or oracle_scorer(oracle)
     tok, m = loaded.tokenizer, loaded.config
     if tok is None:
         raise KvzapError(f"model {loaded.model_dir} has no tokenizer: the oracle needs one")
-    texts = select_texts(tok, corpus, min_tokens, max_tokens)
+    texts = select_texts(tok, corpus, min_tokens, max_tokens, max_texts, seed)
     g = torch.Generator().manual_seed(seed)
     meta = {"model": str(loaded.model_dir), "num_layers": m.num_layers, "hidden_size": m.hidden_size,
             "num_kv_heads": m.num_kv_heads, "n_tokens": n_tokens, "min_tokens": min_tokens, "max_tokens": max_tokens,
+            "max_texts": max_texts,
             "target": "log KVzip+ score", "oracle": oracle, "texts": [], "count": {"train": 0, "test": 0}}
     try:
         with atomic_dir(Path(out)) as tmp:
