@@ -419,3 +419,17 @@ def test_cuda_attention_rejects_an_inconsistent_argument(argument, change, match
     mutate(args, argument, change)
     with pytest.raises((RuntimeError, KvzapError), match=match):  # torch op checks, or the wrapper's batch checks
         cuda_kernels.paged_attention(**args)
+
+
+@pytest.mark.gpu
+def test_cuda_attention_refuses_more_splits_than_a_grid_holds():
+    """Splits are the launch grid's z (at most 65535): a split size that would need more is refused
+    with a message, not launched into "invalid configuration"."""
+    from kvzap_trt.ops import cuda_kernels
+
+    cache, seqs = decode_cache_for_validation()
+    args = attention_args(cache, seqs, G=1)
+    assert not cuda_kernels.paged_attention(**args, split_size=1).isnan().any()  # 11 splits: launched
+    args["ctx_lens"] = torch.full_like(args["ctx_lens"], 70000)  # a bound of 70001 keys; refused before any launch
+    with pytest.raises(RuntimeError, match="more than 65535 splits"):
+        cuda_kernels.paged_attention(**args, split_size=1)

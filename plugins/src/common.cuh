@@ -9,6 +9,9 @@
 
 namespace kvzap {
 
+// A launch grid's y and z dimensions hold at most this many blocks; the launchers refuse more.
+constexpr int kMaxGridYZ = 65535;
+
 // VEC elements of T in one 16-byte access.
 template <typename T>
 struct Vec16 {

@@ -224,6 +224,8 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Ten
     TORCH_CHECK(split_size > 0 && split_size <= 4096, op, ": split_size must be in [1, 4096] (see attention_split), got ",
                 split_size);
     TORCH_CHECK(max_keys >= 0 && max_keys <= INT_MAX, op, ": max_keys out of range: ", max_keys);
+    TORCH_CHECK((max_keys + split_size - 1) / split_size <= 65535, op, ": ", max_keys, " keys in splits of ", split_size,
+                " are more than 65535 splits (the launch grid's z); take attention_split's split size");
     TORCH_CHECK(workspace.numel() >= attention_workspace_floats(N, Hq, D, max_keys, split_size), op, ": workspace has ",
                 workspace.numel(), " floats, needs ", attention_workspace_floats(N, Hq, D, max_keys, split_size));
 

@@ -196,7 +196,8 @@ protected:
     // phase (createPlugin(kRUNTIME) at deserialization), and a single-tactic plugin has nothing
     // to tune. Then throws unless every aliased output is its input's memory: the kernels update
     // the cache through the inputs, so an output elsewhere (aliasing off: the engine was built
-    // without the ALIASED_PLUGIN_IO_10_03 preview feature) would hand on a stale cache.
+    // without the ALIASED_PLUGIN_IO_10_03 preview feature) would hand on a stale cache; and unless
+    // every K/V-typed tensor is 16-byte aligned (the torch ops check the same).
     bool readyToLaunch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs,
                        void* const* outputs) const {
         if (mDtype < 0 || static_cast<int32_t>(inputDesc[Traits::kDtypeInput].type) != mDtype)
@@ -204,7 +205,8 @@ protected:
         if (mPhase == nvinfer1::TensorRTPhase::kBUILD) return false;
         Shape shapes[Traits::kNbInputs];
         for (int32_t i = 0; i < Traits::kNbInputs; ++i) shapes[i] = toShape(inputDesc[i].dims);
-        std::string const problem = aliasingProblem(Traits::io(), shapes, inputs, outputs);
+        std::string problem = aliasingProblem(Traits::io(), shapes, inputs, outputs);
+        if (problem.empty()) problem = alignmentProblem(Traits::io(), shapes, inputs, outputs);
         if (!problem.empty()) throw InvalidArgument(problem);
         return true;
     }

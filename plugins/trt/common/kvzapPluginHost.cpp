@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <sstream>
 
@@ -293,6 +294,27 @@ std::string aliasingProblem(PluginIo const& io, Shape const* inputShapes, void c
                ": aliased plugin I/O is off (build the engine with the ALIASED_PLUGIN_IO_10_03 preview feature), "
                "so the cache updates would be lost";
     }
+    return "";
+}
+
+std::string alignmentProblem(PluginIo const& io, Shape const* inputShapes, void const* const* inputs,
+                             void* const* outputs) {
+    auto empty = [&](int32_t input) {
+        Shape const& s = inputShapes[input];
+        for (int32_t i = 0; i < s.nbDims; ++i)
+            if (s.d[i] == 0) return true;
+        return false;
+    };
+    auto misaligned = [](void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
+    auto message = [](char const* what, char const* name) {
+        return std::string(what) + " " + name + " is not 16-byte aligned: the kernels move K/V-typed tensors 16 bytes at a time";
+    };
+    for (size_t i = 0; i < io.inputs.size(); ++i)
+        if (io.inputs[i].kind == Kind::kDATA && !empty(static_cast<int32_t>(i)) && misaligned(inputs[i]))
+            return message("input", io.inputs[i].name);
+    for (size_t o = 0; o < io.outputs.size(); ++o)
+        if (io.outputs[o].kind == Kind::kDATA && !empty(io.outputs[o].followsInput) && misaligned(outputs[o]))
+            return message("output", io.outputs[o].name);
     return "";
 }
 

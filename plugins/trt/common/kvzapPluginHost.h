@@ -109,6 +109,12 @@ struct Shape {
 std::string aliasingProblem(PluginIo const& io, Shape const* inputShapes, void const* const* inputs,
                             void* const* outputs);
 
+// enqueue's alignment check without TensorRT: "" when every K/V-typed (Kind::kDATA) input and
+// output with elements starts on a 16-byte boundary (the kernels move them 16 bytes at a time; a
+// misaligned one would fault on the device), else a message naming the first that does not.
+std::string alignmentProblem(PluginIo const& io, Shape const* inputShapes, void const* const* inputs,
+                             void* const* outputs);
+
 // The dimensions of one call, resolved from the input shapes.
 struct CallDims {
     int64_t N = 0;   // packed rows (new tokens of the batch)

@@ -209,6 +209,22 @@ void testIo() {
     for (int32_t o = 0; o < attn::kNB_OUTPUTS; ++o)
         aouts[o] = a.outputs[o].aliasedInput < 0 ? &elsewhere : const_cast<void*>(ains[a.outputs[o].aliasedInput]);
     CHECK(aliasingProblem(a, ashapes.data(), ains.data(), aouts.data()).empty(), "attention's out is not aliased");
+
+    // enqueue's alignment check: K/V-typed tensors with elements on 16-byte boundaries, others anywhere.
+    alignas(16) static char pool[16 * (attn::kNB_INPUTS + 1)];
+    for (int32_t i = 0; i < attn::kNB_INPUTS; ++i) ains[i] = pool + 16 * i + (a.inputs[i].kind == Kind::kDATA ? 0 : 4);
+    aouts[attn::kOUT] = pool + 16 * attn::kNB_INPUTS;
+    for (int32_t o = 1; o < attn::kNB_OUTPUTS; ++o) aouts[o] = const_cast<void*>(ains[a.outputs[o].aliasedInput]);
+    CHECK(alignmentProblem(a, ashapes.data(), ains.data(), aouts.data()).empty(), "int32 inputs need no alignment");
+    ains[attn::kV_POOL] = pool + 16 * attn::kV_POOL + 2;
+    for (int32_t o = 1; o < attn::kNB_OUTPUTS; ++o) aouts[o] = const_cast<void*>(ains[a.outputs[o].aliasedInput]);
+    std::string const misaligned = alignmentProblem(a, ashapes.data(), ains.data(), aouts.data());
+    CHECK(contains(misaligned, "input v_pool is not 16-byte aligned"), "%s", misaligned.c_str());
+    ashapes[attn::kV_POOL].d[0] = 0;  // an empty pool: its address is never read
+    CHECK(alignmentProblem(a, ashapes.data(), ains.data(), aouts.data()).empty(), "empty tensor refused");
+    aouts[attn::kOUT] = pool + 16 * attn::kNB_INPUTS + 8;
+    std::string const out = alignmentProblem(a, ashapes.data(), ains.data(), aouts.data());
+    CHECK(contains(out, "output out is not 16-byte aligned"), "%s", out.c_str());
 }
 
 // ---------------------------------------------------------------- shapes
