@@ -7,7 +7,9 @@ Qwen3-8B shapes (32 query / 8 kv heads, head_dim 128, bf16, 16-token pages, wind
     uncompressed cache (FlashInfer's paged decode if its wheel runs here, else PyTorch SDPA);
     launched as the engine launches it (splits from the step plan's key bound, kept + window + 1),
     and again with splits from the uncompressed context (what the bound buys);
-  - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers;
+  - decode evict/append (kvzapEvict) at batch 64, per layer and in one launch over 36 layers, with
+    every head popping a page off the free stack at once (the worst case for its counter), 2% of
+    them (a steady state) and none (what the pops cost);
   - prefill evict/append of a 32k prompt against the dense causal prefill attention of that layer;
   - chunked prefill attention (--chunks): a C-token chunk of one sequence over its compressed
     cache, by the kernel's packed launch (16 / G tokens per block: what a TensorRT engine runs)
@@ -179,13 +181,16 @@ def hold_full_windows(cache: PagedKVCache, batch: int) -> None:
     cache.ring_table[:, :batch] = pop_blocks(a.free_stack, a.num_free_t, L * batch * H * R).view(L, batch, H, R)
 
 
-def time_evict_us(cache: PagedKVCache, args: tuple, reps: int) -> float:
-    """Each call appends, so the cache is reset before it (kept lengths, free count); the reset's
-    own time is measured alone and taken off."""
+def time_evict_us(cache: PagedKVCache, args: tuple, reps: int, kept_len: torch.Tensor | None = None) -> float:
+    """Each call appends, so the cache is reset before it (kept lengths to `kept_len`, else 0; the
+    free count); the reset's own time is measured alone and taken off."""
     num_free = cache.allocator.num_free
 
     def reset():
-        cache.kept_len.zero_()
+        if kept_len is None:
+            cache.kept_len.zero_()
+        else:
+            cache.kept_len.copy_(kept_len)
         cache.allocator.num_free_t.fill_(num_free)
 
     def run():
@@ -199,14 +204,26 @@ def time_evict_us(cache: PagedKVCache, args: tuple, reps: int) -> float:
     return t
 
 
-def bench_decode_evict(batch: int, layered: bool) -> dict:
-    """One decode token per sequence at context 2048: a token leaves the window of every head."""
+def bench_decode_evict(batch: int, layered: bool, pop_share: float = 1.0) -> dict:
+    """One decode token per sequence at context 2048: a token leaves the window of every head and
+    is kept. A `pop_share` of the heads (chosen at random) start the step with a full kept page, so
+    they pop a new one from the free stack; the others add to a page they hold. 1.0, every head
+    pops at once: the most work and the most contention on the stack's counter; ~0.02, a steady
+    state (30% of leavers kept into 16-token pages); 0, what the pops cost by difference."""
     layers = LAYERS if layered else 1
-    cache = PagedKVCache(CacheSpec(layers, H, D, W, BS, layers * batch * H * (1 + R), batch, 4096, DTYPE), "cuda")
+    cache = PagedKVCache(CacheSpec(layers, H, D, W, BS, layers * batch * H * (2 + R), batch, 4096, DTYPE), "cuda")
     hold_full_windows(cache, batch)
-    t = time_evict_us(cache, evict_args(cache, layered, batch, 1, 2048), reps=50)
-    return {"kernel": "evict_decode" + ("_36_layers" if layered else ""), "batch": batch, "kv_len": 2048,
-            "kept_fraction": 1.0, "time_us": t, "time_us_per_layer": t / layers}
+    kept_len = None
+    if pop_share < 1.0:  # a kept page for every head: kept_len BS (full: the next row pops) or 1 (room)
+        a = cache.allocator
+        cache.block_table[:, :batch, :, 0] = pop_blocks(a.free_stack, a.num_free_t, layers * batch * H).view(layers, batch, H)
+        pops = torch.rand(layers, batch, H, generator=torch.Generator().manual_seed(0)) < pop_share
+        kept_len = torch.ones_like(cache.kept_len)
+        kept_len[:, :batch] = torch.where(pops, BS, 1).to(kept_len.device, kept_len.dtype)
+    t = time_evict_us(cache, evict_args(cache, layered, batch, 1, 2048), reps=50, kept_len=kept_len)
+    share = "" if pop_share == 1.0 else "_no_pop" if pop_share == 0 else f"_pop_{pop_share:.0%}"
+    return {"kernel": "evict_decode" + ("_36_layers" if layered else "") + share, "batch": batch, "kv_len": 2048,
+            "kept_fraction": 1.0, "pop_share": pop_share, "time_us": t, "time_us_per_layer": t / layers}
 
 
 def bench_prefill_evict(prompt: int) -> dict:
@@ -299,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     grid += [(max(args.batches), max(args.contexts), f, BS, True) for f in args.kept]
     for b, c, f, *layout in tqdm(grid, desc="decode attention", file=sys.stderr):
         cases.append(bench_decode_attention(b, c, f, dense_fn, *layout))
-    cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True), bench_prefill_evict(32768)]
+    cases += [bench_decode_evict(64, layered=False), bench_decode_evict(64, layered=True),
+              bench_decode_evict(64, layered=True, pop_share=0.02), bench_decode_evict(64, layered=True, pop_share=0.0),
+              bench_prefill_evict(32768)]
     chunk_grid = [(c, max(args.contexts), f) for c in args.chunks for f in args.kept]
     cases += [bench_chunk_attention(*g) for g in tqdm(chunk_grid, desc="chunk attention", file=sys.stderr)]
     cases += [bench_fresh_prompt_attention(n) for n in tqdm(args.prompts, desc="fresh prompts", file=sys.stderr)]
