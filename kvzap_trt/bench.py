@@ -85,8 +85,11 @@ def report_head(command: str, config: dict[str, Any] | None = None, device: str 
 
 
 def options(args: Any) -> dict[str, Any]:
-    """An argparse namespace as JSON-ready options (paths as strings)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    """An argparse namespace as JSON-ready options (paths, and lists of them, as strings)."""
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
+
+    return {k: plain(v) for k, v in vars(args).items()}
 
 
 def result(benchmark: str, script: str, argv: list[str] | None, machine: dict[str, Any], **fields: Any) -> dict:

@@ -13,14 +13,21 @@ from kvzap_trt.train.dataset import Dataset
 TARGETS = (0.5, 0.75)  # compressions at which keep-sets are compared with the oracle's
 
 
-def held_out(ds: Dataset, s: Surrogate) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and oracle log-scores on the test split: [L, N, Hkv] each."""
+def held_out(ds: Dataset, s: Surrogate, splits: tuple[str, ...] = ("test",)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and oracle log-scores on the test split (or on `splits` joined): [L, N, Hkv] each."""
     preds, ys = [], []
     for layer in range(ds.meta["num_layers"]):
-        x, y = ds.layer("test", layer)
-        preds.append(s.score(layer, torch.from_numpy(np.asarray(x, dtype=np.float32))))
-        ys.append(torch.from_numpy(np.asarray(y, dtype=np.float32)))
+        xy = [ds.layer(split, layer) for split in splits]
+        x = np.concatenate([np.asarray(x, dtype=np.float32) for x, _ in xy])
+        preds.append(s.score(layer, torch.from_numpy(x)))
+        ys.append(torch.from_numpy(np.concatenate([np.asarray(y, dtype=np.float32) for _, y in xy])))
     return torch.stack(preds), torch.stack(ys)
+
+
+def r2_per_head(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[L, Hkv] coefficient of determination of `pred` for `y` ([L, N, Hkv] each), in float64."""
+    pred, y = pred.double(), y.double()
+    return 1 - ((pred - y) ** 2).sum(1) / ((y - y.mean(1, keepdim=True)) ** 2).sum(1)
 
 
 def overlap_with_oracle(pred: torch.Tensor, y: torch.Tensor, compression: float) -> float:
