@@ -41,6 +41,22 @@ def test_allocator_random_pops_and_pushes(seed):
         check_allocator(a, live)
 
 
+def test_a_count_below_zero_reads_as_none_free_and_pushes_count_from_zero():
+    """The decode evict kernel's pop_one leaves the device count below zero, by one per head that
+    found no id: that count means none free, for every reader (the kernel's own pops, the
+    scheduler through num_free, push, the reference's pop_blocks)."""
+    a = BlockAllocator(6)
+    ids = pop_blocks(a.free_stack, a.num_free_t, 6)  # every id handed out
+    a.num_free_t.fill_(-3)  # three heads of a launch found none
+    assert a.num_free == 0 and a.num_used == 6
+    with pytest.raises(CacheFullError, match="1 blocks needed, 0 free"):
+        pop_blocks(a.free_stack, a.num_free_t, 1)
+    assert pop_blocks(a.free_stack, a.num_free_t, 0).numel() == 0
+    a.push(ids[:2])
+    assert int(a.num_free_t) == 2 and a.free_stack[:2].tolist() == ids[:2].tolist()
+    check_allocator(a, set(ids[2:].tolist()))
+
+
 def test_pushing_more_than_the_pool_is_refused():
     a = BlockAllocator(4)
     ids = pop_blocks(a.free_stack, a.num_free_t, 2)

@@ -7,9 +7,13 @@ heads in every order (issue 10, defect 1):
 
   cas_pop  (plugins/src/evict_append.cu pop_free)  read; while top >= need: CAS(top -> top - need)
   sub_pop  (the protocol it replaced)               atomicSub; on failure atomicAdd it back
+  decode_pop (evict_decode_kernel)                  need 1: atomicSub, never given back (pop_one);
+                                                    more: pop_free's CAS loop
 
 The CAS loop keeps the allocator exact in every interleaving; the old protocol reaches the
-issue's state where a head's ids are counted free again and others are lost.
+issue's state where a head's ids are counted free again and others are lost. The decode pop may
+leave the counter below zero, which every reader takes as none free: with that reading it is
+exact in every interleaving too, beside CAS pops, and serves every head that some id was left for.
 """
 
 from __future__ import annotations
@@ -60,6 +64,15 @@ def sub_pop(mem: Counter, head: int, need: int):
         mem.add(head, need)  # give the decrement back
         return -1
     return top - need
+
+
+def decode_pop(mem: Counter, head: int, need: int):
+    """-> first index of the ids taken, or -1 (the decode kernel: pop_one for one id, else pop_free)."""
+    if need != 1:
+        return (yield from cas_pop(mem, head, need))
+    yield
+    top = mem.add(head, -1)  # atomicSub(num_free, 1), never given back
+    return top - 1 if top >= 1 else -1
 
 
 def reachable(protocol, initial: int, needs: list[int]):
@@ -159,3 +172,25 @@ def test_sub_pop_is_exact_with_two_heads_and_breaks_with_more():
     broken = [(initial, needs) for initial, needs in RANDOM
               if not all(allocator_exact(m, initial, r, needs) for m, r in finals(sub_pop, initial, needs))]
     assert broken
+
+
+@pytest.mark.parametrize("initial,needs", [(3, [1, 1, 1, 1, 1]), (2, [1, 2, 1, 1]), (0, [1, 1]), (4, [3, 1, 1, 2])]
+                         + RANDOM)
+def test_decode_pop_is_exact_in_every_interleaving_when_below_zero_reads_as_none(initial, needs):
+    states = list(reachable(decode_pop, initial, needs))
+    for mem, results in states:
+        assert allocator_exact(mem, initial, results, needs), (mem.log, results)  # max(counter, 0) free
+        for head, (first, need) in enumerate(zip(results, needs)):
+            ops = [(read, new) for h, read, new in mem.log if h == head]
+            if first == -1 and need == 1:
+                assert ops[-1][0] <= 0  # a one-id head fails only where none was free
+            if first == -1 and need > 1:
+                assert all(read == new for read, new in ops)  # a CAS head that fails never writes
+    ends = [(mem, results) for mem, results in states if None not in results]
+    for mem, results in ends:
+        served = sum(n for r, n in zip(results, needs) if r >= 0)
+        assert max(mem.value, 0) == initial - served
+        if all(n == 1 for n in needs):
+            assert served == min(initial, len(needs))  # every head some id was left for got one
+    if all(n == 1 for n in needs):  # below zero exactly when more heads than ids
+        assert any(mem.value < 0 for mem, _ in states) == (len(needs) > initial)

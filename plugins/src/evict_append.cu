@@ -92,9 +92,10 @@ struct Head {
 };
 
 // Takes `need` ids off the free stack: returns the index of the first, free_stack[first, first +
-// need), or -1 when fewer are free. The counter never goes below zero and a head that fails never
-// writes it, so one head's failure cannot make another's ids look free (an atomicSub that is
-// given back on failure can: tests/test_free_stack_protocol.py models both protocols).
+// need), or -1 when fewer are free. This loop never takes the counter below zero and a head that
+// fails never writes it, so one head's failure cannot make another's ids look free (an atomicSub
+// that is given back on failure can: tests/test_free_stack_protocol.py models the protocols). A
+// negative count (pop_one's, below) reads as none free.
 __device__ int pop_free(int* num_free, int need) {
     int top = atomicAdd(num_free, 0);
     while (top >= need) {
@@ -103,6 +104,18 @@ __device__ int pop_free(int* num_free, int need) {
         top = seen;
     }
     return -1;
+}
+
+// Takes one id (every pop at decode): the index of free_stack[index], or -1 when none is free. One
+// fetch-and-subtract per head, where pop_free's loop lets one contending head through per L2
+// round trip (thousands of decode heads pop at once at a window page boundary). A head that finds
+// none leaves the counter one lower, below zero, and writes nothing; nothing is ever given back, so
+// no id is counted free twice, and every reader takes a negative count for what it is, none free
+// (the ids below a count that went through zero were all handed out): pop_free's loop, and
+// BlockAllocator.num_free / push on the host.
+__device__ int pop_one(int* num_free) {
+    const int top = atomicSub(num_free, 1);
+    return top >= 1 ? top - 1 : -1;
 }
 
 // Kept leavers among positions [from, to), summed over the block (every thread gets it).
@@ -295,8 +308,8 @@ __global__ void __launch_bounds__(kThreads) evict_decode_kernel(const kvzapEvict
         if (keep && dst.column >= v.M) {
             atomicOr(p.error, KVZAP_ERR_BLOCK_TABLE_FULL);
             ok = 0;
-        } else if (kept_need + ring_need > 0) {
-            top = pop_free(p.num_free, kept_need + ring_need);
+        } else if (kept_need + ring_need > 0) {  // one page (never both: kept needs c >= W, window c < W)
+            top = kept_need + ring_need == 1 ? pop_one(p.num_free) : pop_free(p.num_free, kept_need + ring_need);
             if (top < 0) {  // not enough: report, touch nothing
                 atomicOr(p.error, KVZAP_ERR_POOL_EXHAUSTED);
                 ok = 0;
