@@ -92,38 +92,43 @@ def test_a_failed_write_leaves_a_partly_filled_page_untouched(impl, prompt):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("free", [0, 5, 23])
-def test_decode_pops_serve_exactly_the_free_ids_when_too_many_heads_need_one(impl, free):
-    """A decode step where every head's leaver is kept into a new page (24 heads: 4 sequences x 6
-    heads, each with a full window and an empty kept list) and only `free` ids are left: on the
+@pytest.mark.parametrize("page", ["kept", "window"])
+def test_decode_pops_serve_exactly_the_free_ids_when_too_many_heads_need_one(impl, free, page):
+    """A decode step where every head needs one new page (24 heads: 4 sequences x 6 heads) and
+    only `free` ids are left. page "kept": a full window and an empty kept list, every leaver
+    kept; "window": 4 tokens written of an 8-token window, the 5th opens its second page. On the
     GPU one launch pops with a fetch-and-subtract per head (pop_one) that may take the counter
-    below zero. CacheFullError; the heads served got a page and kept their row, the others wrote
-    nothing; every id is free or held once, and the count says what is left. The kernel serves
-    every head it can (exactly `free`); the reference takes a sequence's heads together and the
-    CPU fast path the batch's, so they serve fewer (which heads fail is the implementation's)."""
+    below zero. CacheFullError; the heads served got their page and wrote their row, the others
+    wrote nothing; every id is free or held once, and the count says what is left. The kernel
+    serves every head it can (exactly `free`); the reference takes a sequence's heads together and
+    the CPU fast path the batch's, so they serve fewer (which heads fail is the implementation's)."""
     ops, device = impl
-    H, W, bs, S = 6, 4, 4, 4
+    H, bs, S = 6, 4, 4
+    W, first = (4, 4) if page == "kept" else (8, 4)
     cache = make_cache(H=H, W=W, bs=bs, num_blocks=S * H + free, max_seqs=S, max_seq_len=64, device=device)
     g = torch.Generator().manual_seed(free)
-    seqs = [random_seq(cache, W + 1, g) for _ in range(S)]
+    seqs = [random_seq(cache, first + 1, g) for _ in range(S)]
     for s in seqs:
         s.scores.fill_(1.0)  # every leaver kept
-    write_chunk(cache, seqs, [W] * S, tau=0.0, ops=ops)  # W tokens each: the window, one page per head
+    write_chunk(cache, seqs, [first] * S, tau=0.0, ops=ops)  # one window page per head, nothing kept
     assert cache.allocator.num_free == free and int(cache.kept_len.sum()) == 0
     with pytest.raises(CacheFullError, match="exhausted"):
-        write_chunk(cache, seqs, [1] * S, tau=0.0, ops=ops)  # one token each: every head needs a kept page
+        write_chunk(cache, seqs, [1] * S, tau=0.0, ops=ops)  # one token each: every head needs a page
     table, kept_len, ring = cache.block_table.cpu(), cache.kept_len.cpu(), cache.ring_table.cpu()
-    served = int((kept_len == 1).sum())
-    assert bool(((kept_len == 0) | (kept_len == 1)).all()) and served <= free
-    if device == "cuda":
-        assert served == free
-    assert torch.equal((table >= 0).sum(-1), kept_len)  # a page exactly where a row was kept
+    got = kept_len == 1 if page == "kept" else ring[..., 1] >= 0  # [1, S, H]: the heads served
+    served = int(got.sum())
+    assert served <= free and (free if device == "cuda" else served) == served
+    assert torch.equal((table >= 0).sum(-1), kept_len) and bool((kept_len <= int(page == "kept")).all())
     assert cache.allocator.num_free == free - served
     held = torch.cat([table[table >= 0], ring[ring >= 0]]).tolist()
     free_ids = cache.allocator.free_stack.cpu()[: cache.allocator.num_free].tolist()
     assert sorted(held + free_ids) == list(range(S * H + free))  # none lost, none held twice
+    # What each served head wrote to its new page's first row: the leaver (position 0) it kept, or
+    # the new token (position 4); an unserved head's window page 1 stays unheld.
     pos = cache.pos_pool.cpu()
-    kept_rows = [int(pos[int(table[0, s.slot, h, 0]), 0]) for s in seqs for h in range(H) if kept_len[0, s.slot, h]]
-    assert kept_rows == [0] * served  # the leaver, position 0, is what each served head kept
+    new_page = table[..., 0] if page == "kept" else ring[..., 1]
+    assert [int(pos[int(new_page[0, s.slot, h]), 0]) for s in seqs for h in range(H) if got[0, s.slot, h]] == \
+        [0 if page == "kept" else first] * served
     for s in seqs:  # after a release every id comes back, whatever the counter went through
         cache.release(s.slot)
     assert cache.allocator.num_free == S * H + free

@@ -411,13 +411,13 @@ __global__ void __launch_bounds__(kThreads, 8) evict_commit_kernel(const kvzapEv
 template <typename T>
 cudaError_t launch(const kvzapEvictParams& p, cudaStream_t stream) {
     if (p.head_dim % Vec16<T>::VEC) return cudaErrorInvalidValue;
-    if (p.batch > kMaxGridYZ || p.num_layers > kMaxGridYZ) return cudaErrorInvalidValue;  // the grid's y and z
-    const dim3 grid(p.num_kv_heads, p.batch, p.num_layers);
-    if (p.max_new_tokens == 1 && p.head_dim <= kDecodeVecs * 32 * Vec16<T>::VEC) {  // decode
+    if (p.max_new_tokens == 1 && p.head_dim <= kDecodeVecs * 32 * Vec16<T>::VEC) {  // decode: a 1-D grid
         const int64_t heads = (int64_t)p.num_layers * p.batch * p.num_kv_heads;
         evict_decode_kernel<T><<<(unsigned)((heads + kWarpsPerBlock - 1) / kWarpsPerBlock), kThreads, 0, stream>>>(p);
         return cudaGetLastError();
     }
+    if (p.batch > kMaxGridYZ || p.num_layers > kMaxGridYZ) return cudaErrorInvalidValue;  // the grid's y and z
+    const dim3 grid(p.num_kv_heads, p.batch, p.num_layers);
     if (p.max_new_tokens < kChunkedFrom) {
         evict_fused_kernel<T><<<grid, kThreads, 0, stream>>>(p);
         return cudaGetLastError();

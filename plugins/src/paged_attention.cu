@@ -764,10 +764,10 @@ extern "C" cudaError_t kvzapVarlenPagedAttention(const kvzapAttentionParams* p, 
     if (p->num_kv_heads <= 0 || p->num_q_heads % p->num_kv_heads || split_size <= 0 || split_size > kvzap::kMaxSplit)
         return cudaErrorInvalidValue;
     if (kvzap::num_splits(p->max_keys, split_size) > 1 && p->workspace == nullptr) return cudaErrorInvalidValue;
-    // Splits and kv heads are the grid's z and y, at most 65535 each (the split heuristic never
-    // comes near: 256-key splits reach it at 16.7 M keys).
-    if (kvzap::num_splits(p->max_keys, split_size) > kvzap::kMaxGridYZ || p->num_kv_heads > kvzap::kMaxGridYZ)
-        return cudaErrorInvalidValue;
+    // Splits and kv heads are the grid's z and y, query heads the merge's y, at most 65535 each (the
+    // split heuristic never comes near: 256-key splits reach it at 16.7 M keys).
+    if (kvzap::num_splits(p->max_keys, split_size) > kvzap::kMaxGridYZ || p->num_q_heads > kvzap::kMaxGridYZ)
+        return cudaErrorInvalidValue;  // (num_kv_heads divides num_q_heads: no larger)
     if (p->error == nullptr) return cudaErrorInvalidValue;
     switch (p->dtype) {
         case KVZAP_FLOAT32: return kvzap::dispatch_dim<float>(*p, split_size, stream);
