@@ -8,13 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from kvzap_trt.models.loading import load_model
 from kvzap_trt.surrogate import random_surrogate, save_surrogate
-from kvzap_trt.train.dataset import build_dataset, read_corpus
 from kvzap_trt.train.fit import train_surrogate
-from tests.test_train import corpus, planted_scorer, tiny_with_tokenizer  # noqa: F401 - fixtures
+from tests.test_train import corpus, planted_dataset, tiny_with_tokenizer  # noqa: F401 - fixtures
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_surrogates.py"
 
@@ -28,13 +25,8 @@ def load_script():
 
 @pytest.mark.slow  # a tiny model's dataset of 24 texts and a ridge fit: seconds
 def test_the_surrogate_that_learnt_the_scores_ranks_first(tiny_with_tokenizer, corpus, tmp_path, capsys):  # noqa: F811
-    loaded = load_model(tiny_with_tokenizer)
+    loaded, ds = planted_dataset(tiny_with_tokenizer, corpus, tmp_path / "ds")
     m = loaded.config
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(m.num_layers, m.num_kv_heads, m.hidden_size, generator=g) * 0.3
-    b = torch.randn(m.num_layers, m.num_kv_heads, generator=g)
-    ds = build_dataset(loaded, read_corpus(corpus), tmp_path / "ds", n_tokens=48, min_tokens=32, max_tokens=96,
-                       scorer=planted_scorer(w, b))
     fitted, _ = train_surrogate(ds, "linear", l2=1e-6)
     save_surrogate(fitted, tmp_path / "fitted")
     save_surrogate(random_surrogate("linear", m.num_layers, m.hidden_size, m.num_kv_heads, seed=3), tmp_path / "random")

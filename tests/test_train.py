@@ -50,15 +50,22 @@ def planted_scorer(w: torch.Tensor, b: torch.Tensor):
     return scorer
 
 
-@pytest.mark.slow
-def test_fits_recover_a_planted_score_function(tiny_with_tokenizer, corpus, tmp_path):
-    loaded = load_model(tiny_with_tokenizer)
+def planted_dataset(model_dir, corpus, out) -> tuple:
+    """A dataset of `corpus` whose log-scores are a random linear function of the hidden states
+    (planted_scorer) -> (the loaded model, the dataset)."""
+    loaded = load_model(model_dir)
     m = loaded.config
     g = torch.Generator().manual_seed(0)
     w = torch.randn(m.num_layers, m.num_kv_heads, m.hidden_size, generator=g) * 0.3
     b = torch.randn(m.num_layers, m.num_kv_heads, generator=g)
-    ds = build_dataset(loaded, read_corpus(corpus), tmp_path / "ds", n_tokens=48, min_tokens=32, max_tokens=96,
-                       scorer=planted_scorer(w, b))
+    return loaded, build_dataset(loaded, read_corpus(corpus), out, n_tokens=48, min_tokens=32, max_tokens=96,
+                                 scorer=planted_scorer(w, b))
+
+
+@pytest.mark.slow
+def test_fits_recover_a_planted_score_function(tiny_with_tokenizer, corpus, tmp_path):
+    loaded, ds = planted_dataset(tiny_with_tokenizer, corpus, tmp_path / "ds")
+    m = loaded.config
     assert ds.meta["count"]["test"] > 0 and ds.meta["count"]["train"] > 10 * m.hidden_size
     assert "short.txt" not in [t["file"] for t in ds.meta["texts"]]
     x, y = ds.layer("train", 1)
