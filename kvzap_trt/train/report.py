@@ -24,12 +24,6 @@ def held_out(ds: Dataset, s: Surrogate, splits: tuple[str, ...] = ("test",)) -> 
     return torch.stack(preds), torch.stack(ys)
 
 
-def r2_per_head(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[L, Hkv] coefficient of determination of `pred` for `y` ([L, N, Hkv] each), in float64."""
-    pred, y = pred.double(), y.double()
-    return 1 - ((pred - y) ** 2).sum(1) / ((y - y.mean(1, keepdim=True)) ** 2).sum(1)
-
-
 def overlap_with_oracle(pred: torch.Tensor, y: torch.Tensor, compression: float) -> float:
     """Fraction of the oracle's kept pairs that the surrogate also keeps, evicting the same number
     (the lowest-scoring `compression` of all pairs, over all layers as KVzap's one tau does).

@@ -281,15 +281,18 @@ bool supportsDtype(PluginIo const& io, int32_t pos, int32_t dtype, int32_t dataD
     return false;
 }
 
+// A tensor of this shape has no elements: its address means nothing.
+static bool noElements(Shape const& s) {
+    for (int32_t i = 0; i < s.nbDims; ++i)
+        if (s.d[i] == 0) return true;
+    return false;
+}
+
 std::string aliasingProblem(PluginIo const& io, Shape const* inputShapes, void const* const* inputs,
                             void* const* outputs) {
     for (size_t o = 0; o < io.outputs.size(); ++o) {
         int32_t const a = io.outputs[o].aliasedInput;
-        if (a < 0 || outputs[o] == inputs[a]) continue;
-        Shape const& s = inputShapes[a];
-        int64_t volume = 1;
-        for (int32_t i = 0; i < s.nbDims; ++i) volume *= s.d[i];
-        if (volume == 0) continue;
+        if (a < 0 || outputs[o] == inputs[a] || noElements(inputShapes[a])) continue;
         return std::string("output ") + io.outputs[o].name + " is not the memory of its input " + io.inputs[a].name +
                ": aliased plugin I/O is off (build the engine with the ALIASED_PLUGIN_IO_10_03 preview feature), "
                "so the cache updates would be lost";
@@ -299,21 +302,16 @@ std::string aliasingProblem(PluginIo const& io, Shape const* inputShapes, void c
 
 std::string alignmentProblem(PluginIo const& io, Shape const* inputShapes, void const* const* inputs,
                              void* const* outputs) {
-    auto empty = [&](int32_t input) {
-        Shape const& s = inputShapes[input];
-        for (int32_t i = 0; i < s.nbDims; ++i)
-            if (s.d[i] == 0) return true;
-        return false;
-    };
     auto misaligned = [](void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
     auto message = [](char const* what, char const* name) {
         return std::string(what) + " " + name + " is not 16-byte aligned: the kernels move K/V-typed tensors 16 bytes at a time";
     };
     for (size_t i = 0; i < io.inputs.size(); ++i)
-        if (io.inputs[i].kind == Kind::kDATA && !empty(static_cast<int32_t>(i)) && misaligned(inputs[i]))
+        if (io.inputs[i].kind == Kind::kDATA && !noElements(inputShapes[i]) && misaligned(inputs[i]))
             return message("input", io.inputs[i].name);
     for (size_t o = 0; o < io.outputs.size(); ++o)
-        if (io.outputs[o].kind == Kind::kDATA && !empty(io.outputs[o].followsInput) && misaligned(outputs[o]))
+        if (io.outputs[o].kind == Kind::kDATA && !noElements(inputShapes[io.outputs[o].followsInput]) &&
+            misaligned(outputs[o]))
             return message("output", io.outputs[o].name);
     return "";
 }
