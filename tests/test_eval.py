@@ -19,7 +19,8 @@ from kvzap_trt.config import resolve_config
 from kvzap_trt.errors import KvzapError
 from kvzap_trt.eval.baselines import RandomEviction, WindowOnly, leave_rates, matched_window
 from kvzap_trt.eval.haystack import NOISE
-from kvzap_trt.eval.report import write_report
+from kvzap_trt.eval.report import main as report_main
+from kvzap_trt.eval.report import paired_difference, paired_summary, write_report
 from kvzap_trt.eval.runner import Method, run_method, summarise
 from kvzap_trt.eval.sample import score
 from kvzap_trt.eval.suite import evaluate
@@ -220,6 +221,7 @@ def test_report_files_are_written_and_valid(tiny_rt, tmp_path):
     assert len(back["runs"]) == len(runs) and back["runs"][1]["records"][0]["answers"]
     md = (out / "report.md").read_text()
     assert "| qa | 0.0 |" in md and "| kvzap rand tau=0 | 1 |" in md
+    assert "| kvzap rand tau=0 | 2 | " in md  # the paired table: 2 samples against full, window, random
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -233,6 +235,66 @@ def test_report_write_is_all_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         report_mod.write_report({"meta": {"model": "m"}, "config": {}, "runs": []}, out)
     assert [p.name for p in out.iterdir()] == ["report.md"] and (out / "report.md").read_text() == "previous"
+
+
+def test_paired_difference_is_exact_where_every_pair_agrees_and_refuses_unpaired_lists():
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
+    assert paired_difference([0.75, 0.5, 1.0], [0.25, 0.0, 0.5]) == (0.5, 0.5, 0.5)  # the same gain on every sample
+    mean, low, high = paired_difference([1] * 8 + [0] * 2, [1] * 10)
+    assert mean == pytest.approx(-0.2) and low < mean and high == 0.0  # no sample gained: never above zero
+    assert paired_difference([1, 0, 0, 1], [0, 0, 1, 1], seed=3) == paired_difference([1, 0, 0, 1], [0, 0, 1, 1], seed=3)
+    for a, b in (([1, 0], [1]), ([], [])):
+        with pytest.raises(ValueError, match="equally long, non-empty"):
+            paired_difference(a, b)
+
+
+def test_paired_interval_covers_the_true_difference_about_95_percent_of_the_time():
+    # Samples where method A is right with p 0.8 and B with p 0.6, correlated through shared
+    # difficulty: the true mean difference is 0.2; a 95% interval should miss it ~5% of the time.
+    rng = torch.Generator().manual_seed(0)
+    covered, trials = 0, 300
+    for t in range(trials):
+        u = torch.rand(60, generator=rng)  # a sample's difficulty, shared by both methods
+        a, b = (u < 0.8).double().tolist(), (u < 0.6).double().tolist()
+        _, low, high = paired_difference(a, b, resamples=2000, seed=t)
+        covered += low <= 0.2 <= high
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def planted_runs(kvzap_scores, full_scores, random_scores, indices=None):
+    """Runs as suite.evaluate returns them, with what the report reads: one group of samples."""
+    def run(method, key, scores, matched_to=None, idx=None):
+        recs = [{"index": i, "score": x} for i, x in zip(idx or range(len(scores)), scores)]
+        return {"method": method, "key": key, "matched_to": matched_to, "task": "niah", "length": 64,
+                "records": recs, "accuracy": 100 * sum(scores) / len(scores), "surrogate": "s",
+                "compression": 0.0 if method == "full" else 0.5, "bytes_allocated": 1.0, "bytes_dense": 2.0,
+                "prompt_tokens": 64.0}
+    return [run("full", "full", full_scores), run("kvzap", "kvzap s tau=0", kvzap_scores),
+            run("random", "random ~ kvzap s tau=0", random_scores, "kvzap s tau=0", indices)]
+
+
+def test_paired_summary_pairs_samples_by_index_against_full_and_baselines():
+    (row,) = paired_summary(planted_runs([1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 0, 0]))
+    assert row["config"] == "kvzap s tau=0" and row["samples"] == 4 and "window" not in row
+    assert (row["full"]["delta"], row["full"]["lower"], row["full"]["higher"]) == (0.0, 1, 1)
+    assert (row["random"]["delta"], row["random"]["lower"], row["random"]["higher"]) == (50.0, 0, 2)
+    assert row["random"]["low"] <= 50.0 <= row["random"]["high"]
+    with pytest.raises(ValueError, match="its random run hold different samples"):
+        paired_summary(planted_runs([1, 1], [1, 1], [0, 1], indices=[0, 5]))
+
+
+def test_report_module_rewrites_tables_from_report_json(tmp_path, capsys):
+    out = tmp_path / "r"
+    report = {"meta": {"model": "m"}, "config": {}, "runs": planted_runs([1, 0, 1], [1, 1, 1], [0, 0, 1])}
+    write_report(report, out)
+    (out / "report.md").write_text("an older table")
+    (out / "report.png").unlink()
+    before = (out / "report.json").read_bytes()
+    assert report_main([str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| kvzap s tau=0 | 3 | -33.3 [" in md and "; 1 lower / 0 higher |" in md
+    assert (out / "report.json").read_bytes() == before and (out / "report.png").is_file()
+    assert report_main([str(tmp_path / "missing")]) == 2 and "no report.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

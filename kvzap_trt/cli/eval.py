@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvzap_trt import bench
-    from kvzap_trt.eval.report import kvzap_summary, write_report
+    from kvzap_trt.eval.report import kvzap_summary, paired_summary, write_report
     from kvzap_trt.eval.runner import Prompter
     from kvzap_trt.eval.suite import evaluate
     from kvzap_trt.eval.tasks import task_names
@@ -105,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
     runs = evaluate(rt, prompter.ids, prompter.text, prompter.count(), tasks, args.lengths, args.samples, args.seed,
                     surrogates, args.thresholds, args.min_full_accuracy, args.batch, lambda r: write(r, False))
     write(runs, True)
+    paired = {p["config"]: p["full"] for p in paired_summary(runs)}
     for s in kvzap_summary(runs):
+        d = paired[s["config"]]
         print(f"{s['config']}: compression {s['compression']:.1%}, accuracy {s['accuracy']:.1f} "
-              f"(full {s['full']:.1f}, window {s['window']:.1f}, random {s['random']:.1f}) over {s['groups']} groups")
+              f"(full {s['full']:.1f}, window {s['window']:.1f}, random {s['random']:.1f}) over {s['groups']} groups; "
+              f"against the full cache {d['delta']:+.1f} points, 95% interval [{d['low']:+.1f}, {d['high']:+.1f}]")
     print(out)
     return 0

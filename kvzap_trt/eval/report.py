@@ -1,10 +1,14 @@
 """The report of an evaluation: report.json (everything, per-sample records included), report.md
 (tables) and report.png (accuracy against compression, one panel per task), written together into
-one directory atomically."""
+one directory atomically.
+
+`python -m kvzap_trt.eval.report DIR...` rewrites report.md and report.png from DIR/report.json
+(a report written before a table was added gains it; the data are not touched)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,60 @@ def kvzap_summary(runs: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_difference(a: list[float], b: list[float], resamples: int = 10_000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean of a - b, 2.5th and 97.5th percentile of that mean over `resamples` bootstrap draws of
+    the pairs), in the scores' units. a[i] and b[i] are one sample's scores under two methods;
+    resampling pairs keeps what the two share (a sample hard for both stays hard for both)."""
+    import numpy as np
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference needs two equally long, non-empty score lists, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    means = d[draws].mean(axis=1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def sample_scores(run: dict) -> dict[tuple[str, int, int], float]:
+    """{(task, length, sample index): score} of one run."""
+    return {(run["task"], run["length"], rec["index"]): rec["score"] for rec in run["records"]}
+
+
+def paired_summary(runs: list[dict]) -> list[dict[str, Any]]:
+    """Per KVzap configuration, its samples paired with the same samples under the full cache and
+    under each baseline matched to it (pooled over the groups it ran on): the mean difference in
+    points with a 95% bootstrap interval, and how many samples scored lower / higher than the other
+    method. The means of kvzap_summary average groups; these average samples (equal when every
+    group has as many samples)."""
+    full = {(r["task"], r["length"]): r for r in runs if r["method"] == "full"}
+    kvzap: dict[str, list[dict]] = defaultdict(list)
+    others: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        if r["method"] == "kvzap":
+            kvzap[r["key"]].append(r)
+            others[(r["key"], "full")].append(full[(r["task"], r["length"])])
+        elif r["matched_to"]:
+            others[(r["matched_to"], r["method"])].append(r)
+    out = []
+    for key, mine in kvzap.items():
+        ours = {k: v for r in mine for k, v in sample_scores(r).items()}
+        row: dict[str, Any] = {"config": key, "samples": len(ours)}
+        for name in ("full", "window", "random"):
+            theirs = {k: v for r in others.get((key, name), []) for k, v in sample_scores(r).items()}
+            if not theirs:
+                continue
+            if theirs.keys() != ours.keys():
+                raise ValueError(f"{key} and its {name} run hold different samples: they cannot be paired")
+            keys = sorted(ours)
+            a, b = [ours[k] for k in keys], [theirs[k] for k in keys]
+            mean, lo, hi = paired_difference(a, b)
+            row[name] = {"delta": 100 * mean, "low": 100 * lo, "high": 100 * hi,
+                         "lower": sum(x < y for x, y in zip(a, b)), "higher": sum(x > y for x, y in zip(a, b))}
+        out.append(row)
+    return out
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -66,6 +124,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {s['config']} | {s['groups']} | {s['compression']:.1%} | {s['accuracy']:.1f} | {s['full']:.1f} "
                   f"| {s['delta_vs_full']:+.1f} | {_f(s['window'], '.1f')} ({_f(s['window_compression'], '.1%')}) "
                   f"| {_f(s['random'], '.1f')} ({_f(s['random_compression'], '.1%')}) |" for s in summary]
+        lines += ["", "## KVzap against the same samples under the other methods (pooled over its groups)", "",
+                  "Difference in points with a 95% bootstrap interval over the paired samples, then how many samples "
+                  "KVzap scored lower / higher than the other method (the rest: equal).", "",
+                  "| config | samples | KVzap - full | KVzap - window | KVzap - random |", "| --- | --- | --- | --- | --- |"]
+        cell = lambda d: "-" if d is None else (  # noqa: E731
+            f"{d['delta']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]; {d['lower']} lower / {d['higher']} higher")
+        lines += [f"| {p['config']} | {p['samples']} | {cell(p.get('full'))} | {cell(p.get('window'))} "
+                  f"| {cell(p.get('random'))} |" for p in paired_summary(runs)]
     lines += ["", "## Every run", "", "| task | length | method | compression | accuracy % | vs full | KV MiB "
               "(dense) | prompt tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
@@ -123,3 +189,21 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         (tmp / "report.md").write_text(markdown(report))
         plot(report, tmp / "report.png")
     return Path(out)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or any(a.startswith("-") for a in argv):
+        print("usage: python -m kvzap_trt.eval.report DIR... (rewrites DIR/report.md and report.png from "
+              "DIR/report.json)", file=sys.stderr)
+        return 2
+    for d in map(Path, argv):
+        if not (d / "report.json").is_file():
+            print(f"{d}: no report.json", file=sys.stderr)
+            return 2
+    for d in map(Path, argv):
+        print(write_report(json.loads((d / "report.json").read_text()), d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
