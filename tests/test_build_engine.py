@@ -115,3 +115,19 @@ def test_repository_names_the_executor_for_the_core_model(tmp_path):
         "executor": "tensorrt", "engine_file": "/e/model.plan", "plugin_lib": "/p/libkvzap_trt_plugins.so"}
     assert executor_from_model_args({"model_config": json.dumps({"parameters": {}})}) == {}
     assert "kvzap_executor" not in (write_repository(cfg, tmp_path / "r2", "m") / "m_stream" / "config.pbtxt").read_text()
+
+
+def test_an_onnx_tensorrts_parser_would_refuse_stops_the_build_before_the_engine(tiny_dirs, tmp_path, capsys,
+                                                                                monkeypatch):
+    import kvzap_trt.export.trt_support as support
+
+    monkeypatch.delitem(support.SUPPORTED, "MatMul")  # as if the graph had gained an op the parser lacks
+    out = tmp_path / "tiny"
+    argv = ["build", "--model", str(tiny_dirs["llama"]), "--window", "8", "--block-size", "4", "--engine", "tensorrt",
+            "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"kvzap-trt: error: {out}/onnx/model.onnx: TensorRT's ONNX parser would "
+                                               "refuse ")
+    assert "(MatMul): op not in TensorRT's ONNX parser support table" in err[0] and "more" in err[0]
+    assert not (out / "build.json").exists()  # the engine step, which reads it, cannot start

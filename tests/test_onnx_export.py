@@ -19,6 +19,7 @@ from kvzap_trt.config import RunConfig
 from kvzap_trt.errors import CacheFullError, KvzapError
 from kvzap_trt.executors import StepInputs
 from kvzap_trt.export.plugins import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS
+from kvzap_trt.export.trt_support import element_types, parser_problems
 from kvzap_trt.runtime.generate import Runtime
 from tests.tiny_models import random_prompts
 
@@ -188,6 +189,52 @@ def test_nodes_carry_the_plugins_inputs_outputs_and_fields(tiny_dirs, tmp_path):
             if name in spec_b.inputs:
                 assert b.input[spec_b.inputs.index(name)] == a.output[out_idx]
     assert [o.name for o in m.graph.output][1:] == list(nodes[-1].output)
+
+
+@pytest.mark.parametrize("family,surrogate,dtype", [("qwen3", "mlp", "bfloat16"), ("llama", "linear", "float16"),
+                                                    ("qwen2", "linear", "float32"), ("llama", None, "bfloat16")])
+def test_exported_graph_stays_within_tensorrts_onnx_parser_support(tiny_dirs, tmp_path, family, surrogate, dtype):
+    cfg = RunConfig(model=str(tiny_dirs[family]), surrogate=surrogate and f"random:{surrogate}:3", threshold=0.25,
+                    window=6, block_size=4, dtype=dtype).validate()
+    rt = Runtime.from_config(cfg)
+    assert rt.loaded.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    m = onnx.load(str(rt.export_onnx(tmp_path / "x")))
+    assert parser_problems(m) == []
+    types = element_types(m)
+    assert all(o in types for n in m.graph.node for o in n.output)  # past the plugins too (their value_info)
+    T = {"bfloat16": "BFLOAT16", "float16": "FLOAT16", "float32": "FLOAT"}[dtype]
+    want = {"T": T, "int32": "INT32", "float32": "FLOAT"}
+    for node in (n for n in m.graph.node if n.domain == DOMAIN):
+        rows = readme_table(READMES[node.op_type].read_text(), "Inputs")
+        # The dtypes each plugin's README states for its inputs (T: the model's), as the export feeds them.
+        assert [types[x] for x in node.input] == [want[r[3].split()[0]] for r in rows], node.name
+        spec = PLUGINS[node.op_type]
+        assert [types[x] for x in node.output] == [types[node.input[spec.aliased.get(o, 0)]] for o in
+                                                   range(len(node.output))]
+
+
+def test_parser_problems_name_what_tensorrt_would_refuse():
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Add", ["d", "d"], ["d2"], name="add_double"),  # DOUBLE: not a parser type
+             helper.make_node("Shape", ["x"], ["axes"], name="shape"),
+             helper.make_node("ReduceMean", ["x", "axes"], ["m"], name="mean_axes_computed"),
+             helper.make_node("BitShift", ["u", "u"], ["u2"], name="shift", direction="LEFT"),  # not supported
+             helper.make_node("Mul", ["x", "x"], ["x2"], name="fine")]
+    graph = helper.make_graph(nodes, "g", [vi("d", TensorProto.DOUBLE, [2]), vi("x", TensorProto.FLOAT, [2]),
+                                           vi("u", TensorProto.UINT32, [2])],
+                              [vi(n, t, None) for n, t in (("d2", TensorProto.DOUBLE), ("m", TensorProto.FLOAT),
+                                                          ("u2", TensorProto.UINT32), ("x2", TensorProto.FLOAT))])
+    problems = parser_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert len(problems) == 3, problems  # one line for the Add's input used twice
+    assert problems[0] == "add_double (Add): 'd' is DOUBLE; the parser takes BFLOAT16, FLOAT, FLOAT16, INT32, INT64"
+    assert problems[1] == "mean_axes_computed (ReduceMean): input 1 ('axes') must be a constant for TensorRT's parser"
+    assert problems[2].startswith("shift (BitShift): op not in TensorRT's ONNX parser support table")
+    later = helper.make_model(helper.make_graph(nodes[-1:], "g", [vi("x", TensorProto.FLOAT, [2])],
+                                                [vi("x2", TensorProto.FLOAT, [2])]),
+                              opset_imports=[helper.make_opsetid("", 23)])
+    assert parser_problems(later) == ["opset 23: TensorRT's parser reads opsets 9-20"]
 
 
 def test_full_pool_raises_after_the_step(tiny_dirs):

@@ -176,6 +176,10 @@ def build_graph(model: "Transformer", surrogate: "Surrogate | None", window: int
     inf = g.const(float("inf"), torch.float32)
 
     cache = {n: n for n in CACHE_TENSORS}  # current value name of each cache tensor
+    # Types and shapes of the plugins' outputs, which ONNX shape inference cannot know (each has
+    # those of the input it follows, as the plugins' getOutputDataTypes): so the types downstream
+    # are inferred too (export/trt_support.py reads them).
+    typed = []
     batch = {n: n for n in BATCH_TENSORS}
     scale = D**-0.5
     for i in range(L):
@@ -211,6 +215,9 @@ def build_graph(model: "Transformer", surrogate: "Surrogate | None", window: int
         evict_out = [f"{n}_out" if last else f"{n}.evict_{i}" for n in EVICT.handed_on]
         outs_e = g.plugin(EVICT, {**ins, **cache}, evict_out, i, {"window": window, "threshold": threshold})
         cache.update(zip(EVICT.handed_on, outs_e))
+        typed += [vi(attn_out[0], g.T, ["num_tokens", Hq, D])]
+        typed += [vi(o, *cache_shapes[n]) for n, o in (*zip(ATTENTION.handed_on, outs[1:]),
+                                                        *zip(EVICT.handed_on, [] if last else outs_e))]
 
         o = g.op1("Reshape", attn_out[0], g.const([-1, Hq * D], torch.int64))
         h = g.op1("Add", h, g.linear(o, f"{p}.self_attn.o_proj", sd[f"{p}.self_attn.o_proj.weight"]))
@@ -230,7 +237,8 @@ def build_graph(model: "Transformer", surrogate: "Surrogate | None", window: int
          **({} if dtype == torch.float32 else {"to": f32}))
 
     outputs = [vi("logits", f32, ["batch", V])] + [vi(f"{n}_out", *cache_shapes[n]) for n in CACHE_TENSORS]
-    graph = helper.make_graph(g.nodes, "kvzap_forward", inputs, outputs, initializer=g.initializers)
+    graph = helper.make_graph(g.nodes, "kvzap_forward", inputs, outputs, initializer=g.initializers,
+                              value_info=typed)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                 helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
                           producer_name="kvzap-trt")

@@ -197,8 +197,10 @@ def run(b: EngineBuild, say: Callable[[str], None], dry_run: bool = False) -> Pa
 
             convert(b.cfg, b.checkpoint, 1, b.cfg.dtype)
         elif s.name == "onnx":
+            from kvzap_trt.export.trt_support import check_for_parser
+
             rt = Runtime.from_config(export_cfg)
-            rt.export_onnx(b.onnx_dir)
+            check_for_parser(rt.export_onnx(b.onnx_dir))  # before a container is started for the engine
             m = rt.loaded.config
             elem = {"float32": 4, "bfloat16": 2, "float16": 2}[b.cfg.dtype]
             limits = engine_limits(b, m.head_dim, elem, m.max_position_embeddings)
