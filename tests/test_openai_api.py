@@ -76,6 +76,17 @@ def test_models_and_greedy_chat_equal_generate(client, runtime, served):
     assert wait_idle(served[0]) and served[0].engine.cache.allocator.num_used == 0
 
 
+def test_evict_false_keeps_every_token_of_that_request(client, runtime):
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    ids = chat_ids(runtime, PROMPTS[1])
+    (want,) = Runtime(runtime.cfg, runtime.loaded, None).generate([ids], runtime.sampling(max_new_tokens=8))
+    kept, pruned = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                   extra_body=extra) for extra in ({"evict": False}, {}))
+    assert kept.choices[0].message.content == want.text
+    assert kept.usage.model_extra["kv_bytes"] == want.kv["bytes_allocated"]
+    assert kept.usage.model_extra["kv_compression_ratio"] == 0 < pruned.usage.model_extra["kv_compression_ratio"]
+
+
 def test_stream_deltas_join_to_the_unstreamed_text(client):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three fruits."}]
     full = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=20, temperature=0)
@@ -185,6 +196,7 @@ BAD = [
     ("completions", {"model": MODEL, "prompt": PROMPTS[2] * 40, "max_tokens": 4}, 400, "KV blocks; the pool has",
      "prompt", "kv_pool_exhausted"),
     ("completions", {"prompt": "hi"}, 400, "model: ", "model", None),
+    ("completions", {"model": MODEL, "prompt": "hi", "evict": "no"}, 400, "evict: ", "evict", None),
     ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "seed: ", "seed", None),  # torch's range
 ]
 

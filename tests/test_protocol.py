@@ -37,14 +37,14 @@ def test_full_request():
 def test_defaults_are_greedy_and_unstreamed():
     p = parse_request(request(text_input="x", max_tokens=1))
     assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop_words, p.stream) == (0.0, 1.0, 0, 0, [], False)
-    assert (p.kv_coe, p.reasoning) == (False, None)
+    assert (p.kv_coe, p.reasoning, p.evict) == (False, None, True)
 
 
 def test_kv_coe_and_reasoning_inputs_and_outputs():
     """kvzap-trt's own inputs (kv_coe, reasoning) parse; their outputs are in a response only when
     given (JSON has no NaN)."""
-    p = parse_request(request(text_input="x", max_tokens=1, kv_coe=True, reasoning="slow"))
-    assert (p.kv_coe, p.reasoning) == (True, "slow")
+    p = parse_request(request(text_input="x", max_tokens=1, kv_coe=True, reasoning="slow", evict=False))
+    assert (p.kv_coe, p.reasoning, p.evict) == (True, "slow", False)
     asked = output_arrays("a", 0.5, 10, kv_coe_score=0.25, reasoning_used="fast")
     assert set(asked) == set(OUTPUTS)
     assert (asked["kv_coe_score"][0, 0], asked["reasoning_used"][0, 0]) == (np.float32(0.25), b"fast")

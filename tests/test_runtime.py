@@ -204,3 +204,27 @@ def test_abort_returns_blocks(runtime):
     assert a.finish_reason == c.finish_reason == "cancelled" and c not in engine.waiting
     engine.run()
     assert b.finish_reason == "length" and cache.allocator.num_free == 500
+
+
+@pytest.mark.parametrize("choice", ["reference", "auto"])  # the references, and the CPU fast path
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_a_request_that_opts_out_keeps_every_token_beside_evicting_ones(tiny_dirs, monkeypatch, choice, chunk):
+    # evict=False: that request's cache is what a dense runtime gives it; the others' what they
+    # get without it beside them, evictions included.
+    monkeypatch.setenv("KVZAP_TRT_OPS", choice)
+    cfg = RunConfig(model=str(tiny_dirs["llama"]), surrogate="random:mlp:3", threshold=0.0, window=8,
+                    block_size=4, max_num_tokens=chunk).validate()
+    rt = Runtime.from_config(cfg)
+    dense = Runtime(cfg, rt.loaded, None)
+    ps = prompts([60, 45, 30], seed=5)
+    sp = rt.sampling(max_new_tokens=12, stop_token_ids=())
+    engine, reqs = rt.start(ps, sp, positions=True, evict=[True, False, True])
+    assert engine.ops.name == ("reference" if choice == "reference" else "cpu")
+    engine.run()
+    got = [rt.result(r) for r in reqs]
+    (want_dense,) = dense.generate([ps[1]], sp, positions=True)
+    assert (got[1].token_ids, got[1].kv) == (want_dense.token_ids, want_dense.kv)
+    assert got[1].kv["compression_ratio"] == 0
+    others = rt.generate([ps[0], ps[2]], sp, positions=True)
+    for g, w in zip([got[0], got[2]], others):
+        assert (g.token_ids, g.kv) == (w.token_ids, w.kv) and g.kv["compression_ratio"] > 0

@@ -75,11 +75,14 @@ def test_admission_counts_the_first_chunk_only_when_a_surrogate_evicts():
     spec = CacheSpec(2, 2, 4, 4, 4, 1, 1, 64)
     pool = spec.prefill_blocks(16)
     assert spec.prefill_blocks(48) > pool
-    for evicts, admitted in ((True, True), (False, False)):
+    # A request that opts out of eviction (evict=False) counts as without a surrogate.
+    for evicts, opt_out, admitted in ((True, False, True), (False, False, False), (True, True, False)):
         sched, finish, _ = make(max_num_tokens=16, evicts=evicts, num_blocks=pool)
-        sched.add(request(48, 0))
+        r = request(48, 0)
+        r.evict = not opt_out
+        sched.add(r)
         assert bool(sched.schedule(finish).work) == admitted
-        assert sched.first_step_tokens(48) == (16 if evicts else 48)
+        assert sched.first_step_tokens(48, r.evict) == (16 if admitted else 48)
 
 
 def test_update_appends_tokens_and_applies_the_stop_rules():

@@ -151,6 +151,14 @@ def test_kv_coe_score_and_reasoning_over_triton(server, smollm2_dir):
         assert r.status_code == 400 and message in r.text, (mode, r.text)
 
 
+def test_evict_false_keeps_every_token_of_that_request_over_triton(server, smollm2_dir):
+    rt = Runtime.from_config(resolve_config("smollm2-135m", window=8))
+    (want,) = Runtime(rt.cfg, rt.loaded, None).generate([rt.encode(PROMPTS[1])], rt.sampling(max_new_tokens=6))
+    kept, pruned = (generate(server, PROMPTS[1], 6, **extra).json() for extra in ({"evict": False}, {}))
+    assert kept["text_output"] == want.text and kept["kv_bytes"] == want.kv["bytes_allocated"]
+    assert kept["kv_compression_ratio"] == 0 < pruned["kv_compression_ratio"]
+
+
 def test_32_concurrent_clients(server, expected):
     time.sleep(1.5)  # gauges are published every 0.5 s: let the previous test's requests show as done
     assert metric(server, "kvzap_kv_blocks_used") == 0

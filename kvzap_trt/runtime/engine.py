@@ -104,20 +104,23 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, embed: bool = False,
-               kv_coe: bool = False, reasoning: Reasoning | None = None) -> Request:
+               kv_coe: bool = False, reasoning: Reasoning | None = None, evict: bool = True) -> Request:
         """Queue a request; errors that no amount of waiting would cure are raised here.
         embed: record its KV embedding (`prefill_embedding`, `embedding`); kv_coe: its KV-CoE score.
-        reasoning: fast/slow (or the probe's choice), applied after its prefill (`Runtime.reasoning`)."""
-        self.validate_prompt(prompt_ids)
+        reasoning: fast/slow (or the probe's choice), applied after its prefill (`Runtime.reasoning`).
+        evict: False keeps every token of this request (a dense cache; `Request.evict`)."""
+        self.validate_prompt(prompt_ids, evict)
         if kv_coe:
             check_layers(self.cache.spec.num_layers)
-        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed, kv_coe=kv_coe, reasoning=reasoning)
+        req = Request(list(prompt_ids), sampling, next(self._ids), embed=embed, kv_coe=kv_coe, reasoning=reasoning,
+                      evict=evict)
         req.generator.manual_seed(sampling.seed)
         self.scheduler.add(req)
         return req
 
-    def validate_prompt(self, prompt_ids: list[int]) -> None:
-        """KvzapError if this prompt can never run here (reads only constant engine state)."""
+    def validate_prompt(self, prompt_ids: list[int], evict: bool = True) -> None:
+        """KvzapError if this prompt can never run here (reads only constant engine state); evict
+        False: as a request that keeps every token."""
         if not prompt_ids:
             raise KvzapError("the prompt is empty")
         if len(prompt_ids) > self.max_seq_len:
@@ -126,7 +129,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise KvzapError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        first = self.scheduler.first_step_tokens(len(prompt_ids))
+        first = self.scheduler.first_step_tokens(len(prompt_ids), evict)
         need = self.cache.spec.prefill_blocks(first)
         if need > self.cache.spec.num_blocks:
             what = f"a {len(prompt_ids)}-token prompt" if first == len(prompt_ids) else f"the first {first} tokens of the prompt"
@@ -212,9 +215,11 @@ class Engine:
         ctx = [cache.ctx_len[r.slot] for r in batch]
         # cu, slots, ctx_t: host tensors built from lists (the ops read them without a device read)
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
-        # Sequences whose tokens are never evicted: all without a surrogate; decoding ones when
-        # decoding is not compressed (kvpress decoding=False). Known here, so no layer asks the device.
-        never_seq = [policy.surrogate is None or (d and not policy.compress_decoding) for d in is_decode]
+        # Sequences whose tokens are never evicted: all without a surrogate; those that opted out
+        # (evict False); decoding ones when decoding is not compressed (kvpress decoding=False).
+        # Known here, so no layer asks the device.
+        never_seq = [policy.surrogate is None or not r.evict or (d and not policy.compress_decoding)
+                     for r, d in zip(batch, is_decode)]
         step = StepInputs(
             tokens=torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=dev),
             positions=torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, lens)]).to(dev),

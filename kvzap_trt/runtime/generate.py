@@ -169,8 +169,10 @@ class Runtime:
 
     def start(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
               positions: bool = False, embedding: bool | KVEmbedding = False,
-              kv_coe: bool = False, reasoning: str | None = None) -> tuple[Engine, list[Request]]:
+              kv_coe: bool = False, reasoning: str | None = None,
+              evict: list[bool] | None = None) -> tuple[Engine, list[Request]]:
         """An engine holding `prompts`, not yet stepped, in a pool that holds them all uncompressed.
+        evict: per prompt, False keeps every token of it (`Request.evict`); default all True.
 
         `generate` runs it to the end; a caller that times steps (scripts/bench_cpu.py: time to
         first token) calls `engine.step()` itself, then `result(r)` for each request.
@@ -194,7 +196,10 @@ class Runtime:
                         executor=executor, record_embedding=embedding, record_kv_coe=kv_coe,
                         max_num_tokens=self.cfg.max_num_tokens)
         plan = self.reasoning(reasoning)
-        return engine, [engine.submit(p, sampling, reasoning=plan) for p in prompts]
+        if evict is not None and len(evict) != len(prompts):
+            raise KvzapError(f"evict has {len(evict)} entries for {len(prompts)} prompts")
+        return engine, [engine.submit(p, sampling, reasoning=plan, evict=True if evict is None else evict[i])
+                        for i, p in enumerate(prompts)]
 
     def result(self, r: Request) -> GenerationResult:
         return GenerationResult(r.output_ids, self.decode(r.output_ids), len(r.prompt_ids), r.finish_reason, r.kv,

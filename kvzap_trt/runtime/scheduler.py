@@ -45,6 +45,9 @@ class Request:
     prefill_embedding: torch.Tensor | None = None  # [E] host: the KV embedding right after prefill
     embedding: torch.Tensor | None = None  # [E] host: the KV embedding when it finished
     kv_coe: bool = False  # score the answer with KV-CoE (kvzap_trt/kvcoe/coe.py) whatever the engine's setting
+    # KVzap may evict this request's tokens; False keeps every one (its cache is dense: its rows go
+    # to the kernels as never_evict, scores +inf), whatever the engine's surrogate.
+    evict: bool = True
     kv_coe_score: float | None = None  # its CoE-C when it finished (None: not asked, or undefined)
     kv_coe_features: dict[str, float | None] | None = None  # mag, ang, coe_r, coe_c
     # The `reasoning` option (kvzap_trt/kvcoe/reasoning.py), applied right after prefill; None: off.
@@ -110,11 +113,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- what fits --------------------------------------------------------------------------
-    def first_step_tokens(self, prompt_tokens: int) -> int:
+    def first_step_tokens(self, prompt_tokens: int, evict: bool = True) -> int:
         """Prompt tokens whose worst case admitting a prompt must cover: its first chunk's with
         eviction (a prompt whose uncompressed cache exceeds the pool may still fit), the whole
-        prompt's without (exact: nothing will make room)."""
-        if self.max_num_tokens is None or not self.evicts:
+        prompt's without (exact: nothing will make room), as for a request that opts out (evict False)."""
+        if self.max_num_tokens is None or not (self.evicts and evict):
             return prompt_tokens
         return min(prompt_tokens, self.max_num_tokens)
 
@@ -198,7 +201,7 @@ class Scheduler:
             req = self.waiting[0]
             n = self.chunk(req)
             # After a preemption, at least what it held then (capped at the pool).
-            cost = self.cache.spec.prefill_blocks(self.first_step_tokens(len(req.prompt_ids)))
+            cost = self.cache.spec.prefill_blocks(self.first_step_tokens(len(req.prompt_ids), req.evict))
             cost = max(cost, min(req.restart_blocks, self.cache.spec.num_blocks))
             if n > prompt_left or cost > budget:
                 break

@@ -126,7 +126,7 @@ class EngineLoop:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit of {limit}",
                 code="context_length_exceeded")
         try:
-            self.engine.validate_prompt(ids)
+            self.engine.validate_prompt(ids, params.evict)
         except CacheFullError as e:  # the whole pool cannot take the prompt's first chunk
             raise BadRequest(str(e), code=KV_POOL_EXHAUSTED) from None
         except KvzapError as e:
@@ -175,7 +175,7 @@ class EngineLoop:
                                              top_p=p.top_p, top_k=p.top_k, seed=p.seed)
             try:
                 job.request = self.engine.submit(job.prompt_ids, sampling, embed=job.embed, kv_coe=job.params.kv_coe,
-                                                 reasoning=job.reasoning)
+                                                 reasoning=job.reasoning, evict=job.params.evict)
                 self.jobs.append(job)
             except Exception as e:  # noqa: BLE001 - a bug in one request's admission fails that request only
                 code = error_code(e)

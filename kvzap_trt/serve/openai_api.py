@@ -28,6 +28,9 @@ What is served (FastAPI, uvicorn, sse-starlette):
   each choice carries `kv_coe_score`, the answer's KV-CoE self-evaluation (kvzap_trt/kvcoe/coe.py;
   higher: more likely right; null where undefined), in the last chunk's choice when streaming.
   Clients ignore the unknown field; the official Python client exposes it as `choice.kv_coe_score`.
+- `"evict": false` (an extra body field, kvzap-trt's) on chat/completions: KVzap evicts nothing of
+  this request (its cache is dense, `usage.kv_compression_ratio` 0), for a request that needs every
+  token; the others in the batch are evicted as always. Default true.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class _Sampling(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     kv_coe: StrictBool | None = False  # kvzap-trt's: return each choice's kv_coe_score
+    evict: StrictBool | None = True  # kvzap-trt's: false keeps every token of this request
     reasoning: Literal[REASONING_MODES] | None = None  # kvzap-trt's fast/slow switch (kvzap_trt/kvcoe/reasoning.py)
 
 
@@ -219,7 +223,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed if req.seed is not None else secrets.randbits(63),
             stop_words=_stop_words(req.stop), stream=bool(req.stream), kv_coe=bool(req.kv_coe),
-            reasoning=req.reasoning)
+            reasoning=req.reasoning, evict=req.evict is not False)
 
     def reasoning_of(req: _Sampling) -> Reasoning | None:
         try:

@@ -35,6 +35,7 @@ INPUTS: dict[str, tuple[str, list[int], bool]] = {
     # kvzap-trt's (kvzap_trt/kvcoe): the answer's KV-CoE self-evaluation; fast/slow switching
     "kv_coe": ("TYPE_BOOL", [1], False),
     "reasoning": ("TYPE_STRING", [1], False),  # "auto" | "fast" | "slow"
+    "evict": ("TYPE_BOOL", [1], False),  # false: KVzap evicts nothing of this request (default true)
     # TensorRT-LLM llmapi names (tensorrtllm_backend's `llmapi` model), see ALIASES
     "streaming": ("TYPE_BOOL", [1], False),
     "sampling_param_max_tokens": ("TYPE_INT32", [1], False),
@@ -87,6 +88,7 @@ class GenerationParams:
     stream: bool = False
     kv_coe: bool = False  # return the answer's KV-CoE score (kvzap_trt/kvcoe/coe.py)
     reasoning: str | None = None  # fast/slow switching (kvzap_trt/kvcoe/reasoning.py); None: off
+    evict: bool = True  # False: keep every token of this request (runtime/scheduler.py Request.evict)
 
 
 def _words(arr: np.ndarray | None) -> list[str]:
@@ -152,6 +154,8 @@ def parse_request(get: Callable[[str], np.ndarray | None]) -> GenerationParams:
         p.stream = bool(scalar("stream"))
     if scalar("kv_coe") is not None:
         p.kv_coe = bool(scalar("kv_coe"))
+    if scalar("evict") is not None:
+        p.evict = bool(scalar("evict"))
     if scalar("reasoning") is not None:
         raw = scalar("reasoning")
         p.reasoning = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
