@@ -225,6 +225,20 @@ def test_report_files_are_written_and_valid(tiny_rt, tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_baselines_run_only_where_asked_and_the_report_marks_the_missing(tiny_rt, tmp_path):
+    surrogate = random_surrogate("linear", 3, 64, tiny_rt.loaded.config.num_kv_heads, seed=1)
+    for baselines, methods in ((("random",), ["full", "kvzap", "random"]), ((), ["full", "kvzap"])):
+        runs = evaluate(tiny_rt, ids, text, count, ["qa"], [900], 2, 0, {"rand": surrogate}, [0.0], batch=2,
+                        baselines=baselines)
+        assert [r["method"] for r in runs] == methods
+    write_report({"meta": {"model": "tiny"}, "config": {}, "runs": runs}, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| - (-) | - (-) |" in md  # window and random of the summary table: not run
+    assert re.search(r"\| kvzap rand tau=0 \| 2 \| [^|]+ \| - \| - \|", md)  # the paired table
+    with pytest.raises(ValueError, match="unknown baseline 'streaming'"):
+        evaluate(tiny_rt, ids, text, count, ["qa"], [900], 2, 0, {"rand": surrogate}, [0.0], baselines=("streaming",))
+
+
 def test_report_write_is_all_or_nothing(tmp_path, monkeypatch):
     import kvzap_trt.eval.report as report_mod
 
@@ -303,6 +317,7 @@ def test_report_module_rewrites_tables_from_report_json(tmp_path, capsys):
     (["--thresholds", "x"], "comma-separated list of float"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--lengths", "0"], "--lengths must be positive"),
+    (["--baselines", "window,sink"], "--baselines takes window, random or none, got window,sink"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
     try:

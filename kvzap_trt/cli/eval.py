@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
         help="accuracy against compression on generated long-context tasks (RULER-style)",
         description="Generate long-context tasks locally (deterministic per seed, scored exactly), run them "
         "with the full cache, then per surrogate and threshold with KVzap and with two baselines at the same "
-        "compression (window only; random eviction at KVzap's per-head rate). Writes OUT/report.json, "
+        "compression (window only; random eviction at KVzap's per-head rate; --baselines). Writes OUT/report.json, "
         f"report.md and report.png atomically. Tasks: {', '.join(TASKS)}.",
     )
     add_config_flags(p, ("model",))
@@ -49,6 +49,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--min-full-accuracy", type=float, default=0.0,
                    help="run KVzap and baselines only where the full cache scores at least this %% (default: 0)")
     p.add_argument("--batch", type=int, default=8, help="samples per continuous batch (default: 8)")
+    p.add_argument("--baselines", type=_list(str, "--baselines"), default=["window", "random"],
+                   help="comma-separated baselines beside each KVzap run, window and/or random, or none "
+                   "(each costs what the KVzap run costs; default: window,random)")
     add_config_flags(p, ("max_num_tokens", "device", "dtype"))
     p.add_argument("--out", type=Path, default=None, help="report directory (default: build/eval/<model>)")
     p.set_defaults(func=run)
@@ -60,12 +63,15 @@ def run(args: argparse.Namespace) -> int:
     from kvzap_trt import bench
     from kvzap_trt.eval.report import kvzap_summary, paired_summary, write_report
     from kvzap_trt.eval.runner import Prompter
-    from kvzap_trt.eval.suite import evaluate
+    from kvzap_trt.eval.suite import BASELINES, evaluate
     from kvzap_trt.eval.tasks import task_names
     from kvzap_trt.runtime.generate import Runtime
     from kvzap_trt.surrogate import load_surrogate
 
     tasks = task_names(args.tasks)
+    baselines = () if args.baselines == ["none"] else tuple(args.baselines)
+    if any(b not in BASELINES for b in baselines):
+        raise KvzapError(f"--baselines takes {', '.join(BASELINES)} or none, got {','.join(args.baselines)}")
     if not all(math.isfinite(t) for t in args.thresholds):
         raise KvzapError(f"--thresholds must be finite, got {args.thresholds}")
     check_positive(args, "samples", "batch")
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": bench.machine_info(cfg.device, threads=torch.get_num_threads()),
         "command": "kvzap-trt " + shlex.join(sys.argv[1:]),
         "surrogates": specs, "thresholds": args.thresholds, "tasks": tasks, "lengths": args.lengths,
-        "samples": args.samples, "seed": args.seed, "window": cfg.window,
+        "samples": args.samples, "seed": args.seed, "window": cfg.window, "baselines": list(baselines),
         "min_full_accuracy": args.min_full_accuracy, "decoding": "compressed (kvpress decoding=True)",
         "question": "fed after the context's prefill, over the compressed cache",
         "prefill": "whole" if cfg.max_num_tokens is None else f"in chunks of {cfg.max_num_tokens} tokens",
@@ -103,13 +109,15 @@ def run(args: argparse.Namespace) -> int:
         write_report({"meta": {**meta, "complete": complete}, "config": cfg.to_dict(), "runs": runs}, out)
 
     runs = evaluate(rt, prompter.ids, prompter.text, prompter.count(), tasks, args.lengths, args.samples, args.seed,
-                    surrogates, args.thresholds, args.min_full_accuracy, args.batch, lambda r: write(r, False))
+                    surrogates, args.thresholds, args.min_full_accuracy, args.batch, lambda r: write(r, False),
+                    baselines)
     write(runs, True)
     paired = {p["config"]: p["full"] for p in paired_summary(runs)}
     for s in kvzap_summary(runs):
         d = paired[s["config"]]
+        beside = "".join(f", {b} {s[b]:.1f}" for b in BASELINES if s[b] is not None)
         print(f"{s['config']}: compression {s['compression']:.1%}, accuracy {s['accuracy']:.1f} "
-              f"(full {s['full']:.1f}, window {s['window']:.1f}, random {s['random']:.1f}) over {s['groups']} groups; "
+              f"(full {s['full']:.1f}{beside}) over {s['groups']} groups; "
               f"against the full cache {d['delta']:+.1f} points, 95% interval [{d['low']:+.1f}, {d['high']:+.1f}]")
     print(out)
     return 0

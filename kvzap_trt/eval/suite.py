@@ -1,6 +1,7 @@
 """The evaluation: the full cache on every task and length, then per surrogate and threshold
-KVzap and its two baselines matched to it (baselines.py), on the groups (task, length) where the
-full cache reaches `min_full_accuracy`. Returns the report's data (report.py writes it)."""
+KVzap and its baselines matched to it (baselines.py: window-only and random, or those asked), on
+the groups (task, length) where the full cache reaches `min_full_accuracy`. Returns the report's
+data (report.py writes it)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ from kvzap_trt.eval.sample import Sample
 from kvzap_trt.eval.tasks import make_samples
 from kvzap_trt.runtime.generate import Runtime
 
+BASELINES = ("window", "random")
+
 
 def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[list[int]], str],
              count: Callable[[str], int], tasks: list[str], lengths: list[int], samples: int, seed: int,
              surrogates: dict[str, Any], thresholds: list[float], min_full_accuracy: float = 0.0,
-             batch: int = 8, on_group: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:
+             batch: int = 8, on_group: Callable[[list[dict]], None] | None = None,
+             baselines: tuple[str, ...] = BASELINES) -> list[dict[str, Any]]:
     """One entry per (method, task, length): the method's settings, summary and per-sample records.
-    on_group(runs so far) is called after each (task, length) group (a partial report)."""
+    on_group(runs so far) is called after each (task, length) group (a partial report). baselines:
+    which of BASELINES run beside each KVzap run (each costs what KVzap's run costs)."""
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline {unknown[0]!r}: the baselines are {', '.join(BASELINES)}")
     runs: list[dict[str, Any]] = []
     window = rt.cfg.window
 
@@ -49,9 +57,11 @@ def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[li
                     recs = run_method(rt, kvzap, group, ids, text, batch, f"{task} {length} {kvzap.key()}")
                     record(kvzap, task, length, recs)
                     kvs = [r["kv"] for r in recs]
-                    for base in (Method("window", WindowOnly(heads), 0.0, matched_window(kvs), matched_to=kvzap.key()),
-                                 Method("random", RandomEviction(leave_rates(kvs, window), seed), 0.0, window,
-                                        matched_to=kvzap.key())):
+                    matched = {"window": lambda: Method("window", WindowOnly(heads), 0.0, matched_window(kvs),
+                                                        matched_to=kvzap.key()),
+                               "random": lambda: Method("random", RandomEviction(leave_rates(kvs, window), seed), 0.0,
+                                                        window, matched_to=kvzap.key())}
+                    for base in (matched[b]() for b in BASELINES if b in baselines):
                         record(base, task, length, run_method(rt, base, group, ids, text, batch,
                                                               f"{task} {length} {base.name}"))
             if on_group:
