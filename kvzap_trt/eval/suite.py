@@ -18,6 +18,14 @@ from kvzap_trt.runtime.generate import Runtime
 BASELINES = ("window", "random")
 
 
+def baseline(name: str, kvs: list[dict], heads: int, window: int, seed: int, kvzap_key: str) -> Method:
+    """The baseline `name` matched to a KVzap run whose requests' `kv` reports are `kvs`: window-only
+    at its mean kept tokens per head, or random eviction at its per-head rate."""
+    if name == "window":
+        return Method("window", WindowOnly(heads), 0.0, matched_window(kvs), matched_to=kvzap_key)
+    return Method("random", RandomEviction(leave_rates(kvs, window), seed), 0.0, window, matched_to=kvzap_key)
+
+
 def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[list[int]], str],
              count: Callable[[str], int], tasks: list[str], lengths: list[int], samples: int, seed: int,
              surrogates: dict[str, Any], thresholds: list[float], min_full_accuracy: float = 0.0,
@@ -57,11 +65,8 @@ def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[li
                     recs = run_method(rt, kvzap, group, ids, text, batch, f"{task} {length} {kvzap.key()}")
                     record(kvzap, task, length, recs)
                     kvs = [r["kv"] for r in recs]
-                    matched = {"window": lambda: Method("window", WindowOnly(heads), 0.0, matched_window(kvs),
-                                                        matched_to=kvzap.key()),
-                               "random": lambda: Method("random", RandomEviction(leave_rates(kvs, window), seed), 0.0,
-                                                        window, matched_to=kvzap.key())}
-                    for base in (matched[b]() for b in BASELINES if b in baselines):
+                    for base in (baseline(b, kvs, heads, window, seed, kvzap.key()) for b in BASELINES
+                                 if b in baselines):
                         record(base, task, length, run_method(rt, base, group, ids, text, batch,
                                                               f"{task} {length} {base.name}"))
             if on_group:
