@@ -73,6 +73,19 @@ def test_onnx_executor_equals_torch_executor(tiny_dirs, family, surrogate, windo
         assert evicted_later == (surrogate is not None and compress and tokens - window > len(p))
 
 
+def test_onnx_executor_keeps_every_token_of_a_request_that_opts_out(tiny_dirs):
+    # evict=False reaches the graph as its never_evict input: the same kv reports as the torch executor's.
+    torch_rt, onnx_rt = runtimes(tiny_dirs, "llama", "mlp", 8, 4, 0.0, True)
+    ps, sampling = prompts((60, 45, 30), seed=5), torch_rt.sampling(max_new_tokens=12, stop_token_ids=())
+    got = []
+    for rt in (torch_rt, onnx_rt):
+        engine, reqs = rt.start(ps, sampling, positions=True, evict=[True, False, True])
+        engine.run()
+        got.append([rt.result(r) for r in reqs])
+    assert [(g.token_ids, g.kv) for g in got[1]] == [(g.token_ids, g.kv) for g in got[0]]
+    assert [g.kv["compression_ratio"] > 0 for g in got[1]] == [True, False, True]
+
+
 def test_onnx_executor_equals_torch_executor_in_chunks(tiny_dirs):
     # Prompts prefilled in 5-token chunks (max_num_tokens): rows of several new tokens over a
     # compressed cache, beside decode rows, through the graph a TensorRT engine is built from.
