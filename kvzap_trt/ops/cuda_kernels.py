@@ -15,8 +15,8 @@ workspace, made once per step), so the dispatch can swap them. Differences a cal
     pool loses are the same;
   - errors: the kernels cannot raise; they OR a flag, which is read back and turned into the
     reference's CacheFullError (or KernelBoundError when a host bound was wrong): after each call
-    (one device sync), or once at the end of a `deferred_errors()` block, which the engine wraps
-    around a whole forward step. The cache is invalid after it; the runtime's exact block bounds
+    (one device sync), or once at the end of a `deferred_errors()` block, which the torch
+    executor wraps around a whole forward step. The cache is invalid after it; the runtime's exact block bounds
     make it unreachable in serving.
 Streams: every buffer an op writes (workspace, error flag) and the plan's device copies are
 made on the stream the op runs on, the current one; the plan keeps its copies and workspace per

@@ -20,9 +20,9 @@ S = max_seqs, T = max_num_tokens (prompt tokens of a step: a prefill chunk), P =
 other running sequence (runtime/scheduler.py), hence T + S.
 
 Why two profiles: the attention plugin sizes its workspace from the profile's largest N
-(plugins/trt/kvzapVarlenPagedAttentionPlugin/README.md: `4 * Hq * (D + 1) * max(256 * 4 / H,
-N * ceil(max_keys / 4096))` bytes, max_keys = M * bs + W + N). For Qwen3-8B (Hq 32, D 128, H 8,
-C 40960, W 128) that is ~6 MB at N = 32 and ~1.6 GB at N = 8192; a decode step runs on the decode
+(plugins/trt/kvzapVarlenPagedAttentionPlugin/README.md: `4 * (D + 1) * max(256 * 4 * max(16,
+ceil(Hq / H)), N * Hq * ceil(max_keys / 4096))` bytes, max_keys = M * bs + W + N). For Qwen3-8B
+(Hq 32, D 128, H 8, C 40960, W 128) that is ~8.5 MB at N = 32 and ~1.8 GB at N = 8192; a decode step runs on the decode
 profile's execution context, whose device memory is sized for N <= S only, and TensorRT tunes
 its GEMMs for each profile's opt (a full decode batch; a 2k-token prefill chunk). The engine's
 scheduler takes T from the engine's profiles (`prompt_tokens_per_step`): longer prompts are
