@@ -128,6 +128,6 @@ def test_an_onnx_tensorrts_parser_would_refuse_stops_the_build_before_the_engine
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"kvzap-trt: error: {out}/onnx/model.onnx: TensorRT's ONNX parser would "
-                                               "refuse ")
+                                               "refuse it (")
     assert "(MatMul): op not in TensorRT's ONNX parser support table" in err[0] and "more" in err[0]
     assert not (out / "build.json").exists()  # the engine step, which reads it, cannot start

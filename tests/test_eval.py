@@ -235,7 +235,7 @@ def test_baselines_run_only_where_asked_and_the_report_marks_the_missing(tiny_rt
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| - (-) | - (-) |" in md  # window and random of the summary table: not run
     assert re.search(r"\| kvzap rand tau=0 \| 2 \| [^|]+ \| - \| - \|", md)  # the paired table
-    with pytest.raises(ValueError, match="unknown baseline 'streaming'"):
+    with pytest.raises(KvzapError, match="unknown baseline 'streaming'"):
         evaluate(tiny_rt, ids, text, count, ["qa"], [900], 2, 0, {"rand": surrogate}, [0.0], baselines=("streaming",))
 
 
@@ -251,28 +251,40 @@ def test_report_write_is_all_or_nothing(tmp_path, monkeypatch):
     assert [p.name for p in out.iterdir()] == ["report.md"] and (out / "report.md").read_text() == "previous"
 
 
-def test_paired_difference_is_exact_where_every_pair_agrees_and_refuses_unpaired_lists():
-    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
-    assert paired_difference([0.75, 0.5, 1.0], [0.25, 0.0, 0.5]) == (0.5, 0.5, 0.5)  # the same gain on every sample
-    mean, low, high = paired_difference([1] * 8 + [0] * 2, [1] * 10)
-    assert mean == pytest.approx(-0.2) and low < mean and high == 0.0  # no sample gained: never above zero
-    assert paired_difference([1, 0, 0, 1], [0, 0, 1, 1], seed=3) == paired_difference([1, 0, 0, 1], [0, 0, 1, 1], seed=3)
+def test_paired_difference_counts_the_split_and_its_sign_test():
+    d = paired_difference([1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0])
+    assert (d["delta"], d["lower"], d["higher"]) == (0.5, 0, 3)
+    assert d["p"] == 0.25  # 3 of 3 differing samples one way: 2 * (1/2)^3
+    assert paired_difference([0] * 6 + [1] * 3, [1] * 6 + [1] * 3)["p"] == 2 / 64
+    assert paired_difference([1, 0], [1, 0])["p"] == 1.0  # nothing differs
+    frac = paired_difference([0.5, 1.0], [0.25, 1.0])  # fractional scores: no interval, the test still
+    assert (frac["delta"], frac["low"], frac["high"], frac["higher"]) == (0.125, None, None, 1)
     for a, b in (([1, 0], [1]), ([], [])):
         with pytest.raises(ValueError, match="equally long, non-empty"):
             paired_difference(a, b)
 
 
-def test_paired_interval_covers_the_true_difference_about_95_percent_of_the_time():
-    # Samples where method A is right with p 0.8 and B with p 0.6, correlated through shared
-    # difficulty: the true mean difference is 0.2; a 95% interval should miss it ~5% of the time.
-    rng = torch.Generator().manual_seed(0)
-    covered, trials = 0, 300
-    for t in range(trials):
-        u = torch.rand(60, generator=rng)  # a sample's difficulty, shared by both methods
-        a, b = (u < 0.8).double().tolist(), (u < 0.6).double().tolist()
-        _, low, high = paired_difference(a, b, resamples=2000, seed=t)
-        covered += low <= 0.2 <= high
-    assert 0.88 <= covered / trials <= 0.99
+def test_paired_interval_where_every_pair_agrees_is_what_the_sample_size_allows():
+    # 6 samples all right under both: no difference seen, but with 6 samples the rate of either
+    # could be as low as Wilson's lower bound for 6/6, n / (n + z^2): the interval is +-(1 - that).
+    d = paired_difference([1] * 6, [1] * 6)
+    z2 = 1.959963984540054 ** 2
+    assert d["delta"] == 0 and d["high"] == pytest.approx(1 - 6 / (6 + z2)) and d["low"] == pytest.approx(-d["high"])
+    more = paired_difference([1] * 60, [1] * 60)
+    assert 0 < more["high"] < d["high"] / 4  # narrows with the samples
+
+
+@pytest.mark.parametrize("n", [12, 60])
+def test_paired_interval_covers_the_true_difference_about_95_percent_of_the_time(n):
+    # Method A right with p 0.8, B with p 0.6, through a shared difficulty (B's right answers are a
+    # subset of A's: the most correlated pairs); the true difference is 0.2.
+    rng = torch.Generator().manual_seed(n)
+    covered, trials = 0, 400
+    for _ in range(trials):
+        u = torch.rand(n, generator=rng)
+        d = paired_difference((u < 0.8).int().tolist(), (u < 0.6).int().tolist())
+        covered += d["low"] - 1e-9 <= 0.2 <= d["high"] + 1e-9
+    assert 0.9 <= covered / trials <= 0.995
 
 
 def planted_runs(kvzap_scores, full_scores, random_scores, indices=None):
@@ -292,7 +304,7 @@ def test_paired_summary_pairs_samples_by_index_against_full_and_baselines():
     assert row["config"] == "kvzap s tau=0" and row["samples"] == 4 and "window" not in row
     assert (row["full"]["delta"], row["full"]["lower"], row["full"]["higher"]) == (0.0, 1, 1)
     assert (row["random"]["delta"], row["random"]["lower"], row["random"]["higher"]) == (50.0, 0, 2)
-    assert row["random"]["low"] <= 50.0 <= row["random"]["high"]
+    assert row["random"]["low"] < 50.0 < row["random"]["high"] <= 100.0  # in points, as delta
     with pytest.raises(ValueError, match="its random run hold different samples"):
         paired_summary(planted_runs([1, 1], [1, 1], [0, 1], indices=[0, 5]))
 
@@ -303,12 +315,18 @@ def test_report_module_rewrites_tables_from_report_json(tmp_path, capsys):
     write_report(report, out)
     (out / "report.md").write_text("an older table")
     (out / "report.png").unlink()
+    (out / "notes.txt").write_text("mine")
     before = (out / "report.json").read_bytes()
     assert report_main([str(out)]) == 0
     md = (out / "report.md").read_text()
-    assert "| kvzap s tau=0 | 3 | -33.3 [" in md and "; 1 lower / 0 higher |" in md
+    assert "| kvzap s tau=0 | 3 | -33.3 [" in md and "; 1 lower / 0 higher; p 1 |" in md
     assert (out / "report.json").read_bytes() == before and (out / "report.png").is_file()
-    assert report_main([str(tmp_path / "missing")]) == 2 and "no report.json" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"  # only the two rendered files are rewritten
+    assert report_main([str(tmp_path / "missing")]) == 2 and "cannot read report.json" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "report.json").write_text('{"kind": "mlp"}')  # a surrogate's report, say
+    assert report_main([str(tmp_path / "other")]) == 2
+    assert "is not a `kvzap-trt eval` report" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -317,7 +335,7 @@ def test_report_module_rewrites_tables_from_report_json(tmp_path, capsys):
     (["--thresholds", "x"], "comma-separated list of float"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--lengths", "0"], "--lengths must be positive"),
-    (["--baselines", "window,sink"], "--baselines takes window, random or none, got window,sink"),
+    (["--baselines", "window, sink"], "unknown baseline 'sink': the baselines are window, random (or none)"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
     try:

@@ -234,16 +234,24 @@ def test_parser_problems_name_what_tensorrt_would_refuse():
              helper.make_node("Shape", ["x"], ["axes"], name="shape"),
              helper.make_node("ReduceMean", ["x", "axes"], ["m"], name="mean_axes_computed"),
              helper.make_node("BitShift", ["u", "u"], ["u2"], name="shift", direction="LEFT"),  # not supported
+             helper.make_node("FusedMatMul", ["x", "x"], ["y"], name="ms", domain="com.microsoft"),  # not ONNX's
+             helper.make_node("ConstantOfShape", ["axes"], ["z"], name="zeros_double",
+                              value=helper.make_tensor("v", TensorProto.DOUBLE, [1], [0.0])),
              helper.make_node("Mul", ["x", "x"], ["x2"], name="fine")]
     graph = helper.make_graph(nodes, "g", [vi("d", TensorProto.DOUBLE, [2]), vi("x", TensorProto.FLOAT, [2]),
                                            vi("u", TensorProto.UINT32, [2])],
                               [vi(n, t, None) for n, t in (("d2", TensorProto.DOUBLE), ("m", TensorProto.FLOAT),
-                                                          ("u2", TensorProto.UINT32), ("x2", TensorProto.FLOAT))])
-    problems = parser_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    assert len(problems) == 3, problems  # one line for the Add's input used twice
+                                                          ("u2", TensorProto.UINT32), ("y", TensorProto.FLOAT),
+                                                          ("z", TensorProto.DOUBLE), ("x2", TensorProto.FLOAT))])
+    problems = parser_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                                        helper.make_opsetid("com.microsoft", 1)]))
+    assert len(problems) == 5, problems  # one line for the Add's input used twice
     assert problems[0] == "add_double (Add): 'd' is DOUBLE; the parser takes BFLOAT16, FLOAT, FLOAT16, INT32, INT64"
     assert problems[1] == "mean_axes_computed (ReduceMean): input 1 ('axes') must be a constant for TensorRT's parser"
     assert problems[2].startswith("shift (BitShift): op not in TensorRT's ONNX parser support table")
+    assert problems[3] == "ms (FusedMatMul): domain 'com.microsoft' is not ONNX's: TensorRT's parser would need a " \
+        "plugin named FusedMatMul"
+    assert problems[4].startswith("zeros_double (ConstantOfShape): 'z' is DOUBLE")
     later = helper.make_model(helper.make_graph(nodes[-1:], "g", [vi("x", TensorProto.FLOAT, [2])],
                                                 [vi("x2", TensorProto.FLOAT, [2])]),
                               opset_imports=[helper.make_opsetid("", 23)])

@@ -18,7 +18,7 @@ from kvzap_trt.errors import KvzapError
 def _list(kind: type, flag: str):
     def parse(text: str) -> list:
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of {kind.__name__}, got {text!r}") from None
     return parse
@@ -63,15 +63,13 @@ def run(args: argparse.Namespace) -> int:
     from kvzap_trt import bench
     from kvzap_trt.eval.report import kvzap_summary, paired_summary, write_report
     from kvzap_trt.eval.runner import Prompter
-    from kvzap_trt.eval.suite import BASELINES, evaluate
+    from kvzap_trt.eval.suite import BASELINES, check_baselines, evaluate
     from kvzap_trt.eval.tasks import task_names
     from kvzap_trt.runtime.generate import Runtime
     from kvzap_trt.surrogate import load_surrogate
 
     tasks = task_names(args.tasks)
-    baselines = () if args.baselines == ["none"] else tuple(args.baselines)
-    if any(b not in BASELINES for b in baselines):
-        raise KvzapError(f"--baselines takes {', '.join(BASELINES)} or none, got {','.join(args.baselines)}")
+    baselines = check_baselines(args.baselines)
     if not all(math.isfinite(t) for t in args.thresholds):
         raise KvzapError(f"--thresholds must be finite, got {args.thresholds}")
     check_positive(args, "samples", "batch")
@@ -118,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         beside = "".join(f", {b} {s[b]:.1f}" for b in BASELINES if s[b] is not None)
         print(f"{s['config']}: compression {s['compression']:.1%}, accuracy {s['accuracy']:.1f} "
               f"(full {s['full']:.1f}{beside}) over {s['groups']} groups; "
-              f"against the full cache {d['delta']:+.1f} points, 95% interval [{d['low']:+.1f}, {d['high']:+.1f}]")
+              f"against the full cache {d['delta']:+.1f} points"
+              + ("" if d["low"] is None else f", 95% interval [{d['low']:+.1f}, {d['high']:+.1f}]")
+              + f", sign test p {d['p']:.2g}")
     print(out)
     return 0

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from kvzap_trt.errors import KvzapError
 from kvzap_trt.eval.baselines import RandomEviction, WindowOnly, leave_rates, matched_window
 from kvzap_trt.eval.runner import Method, run_method, summarise
 from kvzap_trt.eval.sample import Sample
@@ -16,6 +17,16 @@ from kvzap_trt.eval.tasks import make_samples
 from kvzap_trt.runtime.generate import Runtime
 
 BASELINES = ("window", "random")
+
+
+def check_baselines(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The baselines asked for (["none"]: none), or KvzapError naming the unknown one."""
+    if list(names) == ["none"]:
+        return ()
+    for b in names:
+        if b not in BASELINES:
+            raise KvzapError(f"unknown baseline {b!r}: the baselines are {', '.join(BASELINES)} (or none)")
+    return tuple(names)
 
 
 def baseline(name: str, kvs: list[dict], heads: int, window: int, seed: int, kvzap_key: str) -> Method:
@@ -34,9 +45,7 @@ def evaluate(rt: Runtime, ids: Callable[[Sample], list[int]], text: Callable[[li
     """One entry per (method, task, length): the method's settings, summary and per-sample records.
     on_group(runs so far) is called after each (task, length) group (a partial report). baselines:
     which of BASELINES run beside each KVzap run (each costs what KVzap's run costs)."""
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise ValueError(f"unknown baseline {unknown[0]!r}: the baselines are {', '.join(BASELINES)}")
+    baselines = check_baselines(baselines)
     runs: list[dict[str, Any]] = []
     window = rt.cfg.window
 

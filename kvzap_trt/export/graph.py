@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from kvzap_trt.models.transformer import Transformer
     from kvzap_trt.surrogate import Surrogate
 
-OPSET = 20  # Gelu (approximate="none") is an opset-20 op; TensorRT 10.x parses opsets up to 22
+OPSET = 20  # Gelu (approximate="none") is an opset-20 op; TensorRT parses opset 20 from 10.1 on (export/trt_support.py)
 
 
 def onnx_dtype(dtype: torch.dtype) -> int:

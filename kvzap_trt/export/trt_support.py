@@ -20,7 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
-PARSER_OPSETS = (9, 20)  # "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20"
+from kvzap_trt.export.plugins import DOMAIN
+
+# The range TensorRT 10.1's matrix states ("opset 9 to opset 20"): conservative, as later releases
+# read more (11.x up to 25, NVIDIA's ONNX opset guide); the export writes opset 20.
+PARSER_OPSETS = (9, 20)
 
 _F = frozenset({"FLOAT", "FLOAT16", "BFLOAT16"})
 _FI = _F | {"INT32", "INT64"}
@@ -36,8 +40,9 @@ SUPPORTED: dict[str, frozenset[str]] = {
                            "Split", "Squeeze", "Tile", "Transpose", "Unsqueeze", "Where")},
     "Cast": _FIB | {"UINT8"},
     "Not": frozenset({"BOOL"}),
-    "ConstantOfShape": frozenset({"FLOAT"}),
+    "ConstantOfShape": _FIB,  # the type of its `value`, checked on its output
 }
+OUTPUTS_CHECKED = ("Cast", "ConstantOfShape")  # ops whose output type is the one the matrix lists
 # Inputs that are indices, shapes, axes or conditions, not data: their types are ONNX's business.
 NOT_DATA = {"Gather": (1,), "GatherElements": (1,), "ScatterND": (1,), "Where": (0,), "Reshape": (1,),
             "Expand": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "Split": (1,), "Slice": (1, 2, 3, 4), "Tile": (1,),
@@ -63,9 +68,11 @@ def element_types(model: Any) -> dict[str, str]:
     return types
 
 
-def parser_problems(model: Any) -> list[str]:
+def parser_problems(model: Any, plugin_domain: str = DOMAIN) -> list[str]:
     """One line per thing TensorRT's ONNX parser would refuse in `model` (an onnx.ModelProto; its
-    external weights need not be loaded). Empty: nothing this table knows of."""
+    external weights need not be loaded). Nodes of `plugin_domain` are our plugins (their own host
+    checks, plugins/trt); a node of any other non-standard domain is a problem: the parser would
+    look for a plugin of that name. Empty: nothing this table knows of."""
     problems = []
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx") and not PARSER_OPSETS[0] <= op.version <= PARSER_OPSETS[1]:
@@ -74,15 +81,19 @@ def parser_problems(model: Any) -> list[str]:
     constants = {t.name for t in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     for n in model.graph.node:
-        if n.domain not in ("", "ai.onnx") or n.op_type == "Constant":
-            continue  # plugin nodes: the plugins' own checks (plugins/trt)
         where = f"{n.name or n.output[0]} ({n.op_type})"
+        if n.domain == plugin_domain or n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            continue
+        if n.domain not in ("", "ai.onnx"):
+            problems.append(f"{where}: domain {n.domain!r} is not ONNX's: TensorRT's parser would need a plugin "
+                            f"named {n.op_type}")
+            continue
         if n.op_type not in SUPPORTED:
             problems.append(f"{where}: op not in TensorRT's ONNX parser support table (export/trt_support.py)")
             continue
         skip = NOT_DATA.get(n.op_type, ())
         data = dict.fromkeys([x for i, x in enumerate(n.input) if x and i not in skip]
-                             + (list(n.output) if n.op_type == "Cast" else []))
+                             + (list(n.output) if n.op_type in OUTPUTS_CHECKED else []))
         for x in data:
             t = types.get(x)
             if t is None:
@@ -105,4 +116,4 @@ def check_for_parser(path) -> None:
     problems = parser_problems(onnx.load(str(path), load_external_data=False))
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise KvzapError(f"{path}: TensorRT's ONNX parser would refuse {len(problems)} node(s): {shown}")
+        raise KvzapError(f"{path}: TensorRT's ONNX parser would refuse it ({len(problems)} problem(s)): {shown}")

@@ -177,6 +177,8 @@ class Runtime:
         `generate` runs it to the end; a caller that times steps (scripts/bench_cpu.py: time to
         first token) calls `engine.step()` itself, then `result(r)` for each request.
         """
+        if evict is not None and len(evict) != len(prompts):
+            raise KvzapError(f"evict has {len(evict)} entries for {len(prompts)} prompts")
         sampling = sampling or self.sampling()
         m = self.loaded.config
         max_seq_len, why = self.context_limit()
@@ -196,8 +198,6 @@ class Runtime:
                         executor=executor, record_embedding=embedding, record_kv_coe=kv_coe,
                         max_num_tokens=self.cfg.max_num_tokens)
         plan = self.reasoning(reasoning)
-        if evict is not None and len(evict) != len(prompts):
-            raise KvzapError(f"evict has {len(evict)} entries for {len(prompts)} prompts")
         return engine, [engine.submit(p, sampling, reasoning=plan, evict=True if evict is None else evict[i])
                         for i, p in enumerate(prompts)]
 
