@@ -315,3 +315,10 @@ def test_cli_needs_a_tokenizer_and_a_surrogate(tiny_dirs, capsys):
     assert "has no tokenizer" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_dirs["llama"]), "--thresholds", "0"]) == 2
     assert "needs a surrogate" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_length_that_leaves_no_room_for_the_answer(smollm2_dir, capsys):
+    # SmolLM2's context is 8192 positions (its config.json); a needle's answer may take 16 tokens.
+    assert main(["eval", "--lengths", "8192", "--tasks", "niah_single_text", "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--lengths 8192 leaves no room for the answer" in err and "use --lengths up to 8176" in err

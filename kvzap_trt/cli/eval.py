@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from kvzap_trt.eval.report import kvzap_summary, paired_summary, write_report
     from kvzap_trt.eval.runner import Prompter
     from kvzap_trt.eval.suite import BASELINES, check_baselines, evaluate
-    from kvzap_trt.eval.tasks import task_names
+    from kvzap_trt.eval.tasks import TASKS, task_names
     from kvzap_trt.runtime.generate import Runtime
     from kvzap_trt.surrogate import load_surrogate
 
@@ -83,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     if rt.tokenizer is None:
         raise KvzapError(f"model {cfg.model} has no tokenizer: eval writes its prompts as text")
     limit = rt.loaded.config.max_position_embeddings
-    if max(args.lengths) > limit:
-        raise KvzapError(f"--lengths {max(args.lengths)} exceeds the model's context of {limit} tokens"
-                         f"{rt.loaded.config.context_note}")
+    answer = max(TASKS[t][2] for t in tasks)  # the longest answer a task asks for, in tokens
+    if max(args.lengths) + answer > limit:
+        raise KvzapError(f"--lengths {max(args.lengths)} leaves no room for the answer: the model's context is "
+                         f"{limit} tokens{rt.loaded.config.context_note} and {', '.join(tasks)} may answer in "
+                         f"{answer} tokens; use --lengths up to {limit - answer}")
     name = cfg.preset or Path(cfg.model).name
     surrogates = {Path(s).name if Path(s).expanduser().is_dir() else s: load_surrogate(s, rt.loaded.config, name)
                   for s in specs}
