@@ -244,6 +244,12 @@ def test_v1_embeddings_answers_in_the_openai_shape(smol):
                                     ({"model": "smollm2-135m", "input": "x", "dimensions": 7}, 400, "dimensions")]:
             resp = httpx.post(f"{server.url}/embeddings", json=body, timeout=60)
             assert resp.status_code == status and resp.json()["error"]["param"] == param, resp.text
+        # "evict": false embeds the whole cache: what a runtime without a surrogate gives
+        dense = Runtime(smol.cfg, smol.loaded, None).embed([smol.encode(TEXTS[2])])[0]
+        whole = httpx.post(f"{server.url}/embeddings", json={"model": "smollm2-135m", "input": TEXTS[2], "evict": False,
+                                                             "encoding_format": "float"}, timeout=120).json()
+        np.testing.assert_allclose(whole["data"][0]["embedding"], dense.embedding.numpy(), atol=1e-5)
+        assert whole["usage"]["kv_compression_ratio"] == 0 and np.abs(dense.embedding.numpy() - want[2]).max() > 1e-3
         assert loop.engine.cache.allocator.num_used == 0
     finally:
         server.stop()

@@ -112,6 +112,7 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    evict: StrictBool | None = True  # kvzap-trt's: false embeds the uncompressed cache
 
 
 UNSUPPORTED = {  # field: value that means "not used"
@@ -286,7 +287,8 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request):
         """KV embeddings (kvzap_trt/kvcoe) read from the engine's cache after each input's prefill,
-        under the served eviction policy; `usage` adds the mean kv_compression_ratio."""
+        under the served eviction policy (`"evict": false`: of the whole cache); `usage` adds the mean
+        kv_compression_ratio."""
         check_model(req)
         inputs = req.input if isinstance(req.input, list) and req.input and not isinstance(req.input[0], int) \
             else [req.input]
@@ -297,7 +299,7 @@ def create_app(loop: EngineLoop, model_id: str) -> FastAPI:
             raise OpenAIError(400, f"dimensions: this model's KV embedding has {dim}", "dimensions")
         pendings, tokens = [], 0
         for x in inputs:
-            params = GenerationParams(prompt=x if isinstance(x, str) else "", max_tokens=0)
+            params = GenerationParams(prompt=x if isinstance(x, str) else "", max_tokens=0, evict=req.evict is not False)
             ids = prepared(params, None if isinstance(x, str) else list(x), 0, 0, "input")
             pending = _Pending()
             job = Job(params, ids, emit=pending.emit, is_cancelled=pending.cancelled.is_set, embed=True)
