@@ -109,7 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "and the exact sign test's two-sided p of that split.", "",
                   "| config | samples | KVzap - full | KVzap - window | KVzap - random |", "| --- | --- | --- | --- | --- |"]
         cell = lambda d: "-" if d is None else (  # noqa: E731
-            f"{d['delta']:+.1f} " + ("" if d["low"] is None else f"[{d['low']:+.1f}, {d['high']:+.1f}]")
+            f"{d['delta']:+.1f}" + ("" if d["low"] is None else f" [{d['low']:+.1f}, {d['high']:+.1f}]")
             + f"; {d['lower']} lower / {d['higher']} higher; p {d['p']:.2g}")
         lines += [f"| {p['config']} | {p['samples']} | {cell(p.get('full'))} | {cell(p.get('window'))} "
                   f"| {cell(p.get('random'))} |" for p in paired_summary(runs)]
