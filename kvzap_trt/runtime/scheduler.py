@@ -41,13 +41,13 @@ class Request:
     # as if sampled (a question asked after its context was prefilled); stop tokens among them do
     # not end the request. They count toward max_new_tokens.
     forced_ids: list[int] = field(default_factory=list)
+    # KVzap may evict this request's tokens; False keeps every one (its cache is dense: its rows go
+    # to the kernels as never_evict, scores +inf), whatever the engine's surrogate.
+    evict: bool = True
     embed: bool = False  # record the KV embedding (kvzap_trt/kvcoe) whatever the engine's setting
     prefill_embedding: torch.Tensor | None = None  # [E] host: the KV embedding right after prefill
     embedding: torch.Tensor | None = None  # [E] host: the KV embedding when it finished
     kv_coe: bool = False  # score the answer with KV-CoE (kvzap_trt/kvcoe/coe.py) whatever the engine's setting
-    # KVzap may evict this request's tokens; False keeps every one (its cache is dense: its rows go
-    # to the kernels as never_evict, scores +inf), whatever the engine's surrogate.
-    evict: bool = True
     kv_coe_score: float | None = None  # its CoE-C when it finished (None: not asked, or undefined)
     kv_coe_features: dict[str, float | None] | None = None  # mag, ang, coe_r, coe_c
     # The `reasoning` option (kvzap_trt/kvcoe/reasoning.py), applied right after prefill; None: off.
